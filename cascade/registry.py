@@ -1,0 +1,44 @@
+"""Stages by name. A stage module registers its class here; the engine and pipeline look it up.
+
+Stages import only this module (never the orchestrator), so the arrows stay one way.
+"""
+from __future__ import annotations
+
+import importlib
+
+from cascade.errors import UserError
+
+_STAGES: dict[str, type] = {}
+
+# Where each built-in stage lives; importing the module registers it.
+_BUILTIN = {
+    "clip": "cascade.clip_stage",
+    "prior": "prior",
+    "decoder": "decoder",
+    "sr256": "superres",
+    "sr1024": "superres",
+}
+
+
+def register_stage(name: str):
+    """Class decorator: make a stage class available as `name`."""
+
+    def wrap(cls):
+        cls.name = name
+        _STAGES[name] = cls
+        return cls
+
+    return wrap
+
+
+def stage_names() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_STAGES))
+
+
+def get_stage(name: str) -> type:
+    """The stage class registered as `name`; a UserError listing the known names otherwise."""
+    if name not in _STAGES and name in _BUILTIN:
+        importlib.import_module(_BUILTIN[name])
+    if name not in _STAGES:
+        raise UserError(f"unknown stage '{name}'; known stages: {', '.join(stage_names())}")
+    return _STAGES[name]
