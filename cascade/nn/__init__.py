@@ -1,0 +1,19 @@
+"""Layers shared by the cascade's networks (prior transformer, decoder and super-resolution U-Nets).
+
+- `timestep_embedding(t, dim)`, `TimestepEmbedding(emb_dim)`: sinusoidal features + MLP (embeddings.py)
+- `ResBlock(in_ch, out_ch, emb_dim, dropout, up=, down=)`: ADM block with adaptive group norm (resblock.py)
+- `SelfAttention2d(channels, head_dim, context_dim)`: attention over a feature map, optionally also to
+  context tokens with a key mask (GLIDE); `CrossAttention(dim, context_dim)` (attention.py)
+- `TransformerBlock(dim, head_dim, mlp_ratio, causal=, context_dim=)`: pre-norm block (transformer.py)
+
+Masks are bool with True meaning "may attend". Every attention runs F.scaled_dot_product_attention.
+"""
+from cascade.nn.attention import CrossAttention, SelfAttention2d
+from cascade.nn.embeddings import TimestepEmbedding, timestep_embedding
+from cascade.nn.resblock import ResBlock, group_norm, resample, zero_module
+from cascade.nn.transformer import SelfAttention, TransformerBlock
+
+__all__ = [
+    "CrossAttention", "ResBlock", "SelfAttention", "SelfAttention2d", "TimestepEmbedding", "TransformerBlock",
+    "group_norm", "resample", "timestep_embedding", "zero_module",
+]

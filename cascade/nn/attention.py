@@ -1,0 +1,84 @@
+"""Multi-head attention layers on F.scaled_dot_product_attention (Vaswani et al. 2017, eq. 1).
+
+`SelfAttention2d` is ADM's attention block over the H*W positions of a feature map; given a context
+(text token states, image-embedding tokens) it also attends to them by concatenating their keys and
+values to the image's own, as GLIDE (Nichol et al. 2021, section 2.3) does. `CrossAttention` attends
+from a token sequence to a context sequence only. Key masks are bool, True = may attend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from cascade.nn.resblock import group_norm, zero_module
+
+
+def _key_mask(mask: torch.Tensor | None, n_self: int = 0) -> torch.Tensor | None:
+    """(B, L) key mask -> (B, 1, 1, n_self + L) for SDPA; the first n_self keys are always visible."""
+    if mask is None:
+        return None
+    if n_self:
+        mask = torch.cat([mask.new_ones(mask.shape[0], n_self), mask], dim=1)
+    return mask[:, None, None, :]
+
+
+def _heads(channels: int, head_dim: int) -> int:
+    if channels % head_dim:
+        raise ValueError(f"channels {channels} are not a multiple of head_dim {head_dim}")
+    return channels // head_dim
+
+
+class SelfAttention2d(nn.Module):
+    """GN -> qkv (1x1) -> attention over positions [+ context tokens] -> proj (zero init), residual.
+
+    x: (B, C, H, W); context: (B, L, context_dim) or None; context_mask: (B, L) bool or None.
+    Returns (B, C, H, W). The residual branch starts at zero, so a new block is the identity.
+    """
+
+    def __init__(self, channels: int, head_dim: int = 64, context_dim: int | None = None, max_groups: int = 32):
+        super().__init__()
+        self.heads = _heads(channels, head_dim)
+        self.norm = group_norm(channels, max_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
+        self.proj = zero_module(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        mask = None
+        if context is not None and self.context_kv is not None:
+            ck, cv = rearrange(self.context_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+            k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)  # (B, heads, HW + L, d)
+            mask = _key_mask(context_mask, n_self=h * w)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class CrossAttention(nn.Module):
+    """Attention from tokens x to a context sequence (no residual, no norm: the caller's block adds them).
+
+    x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = may attend -> (B, N, dim).
+    A query whose keys are all masked gets a zero output rather than SDPA's NaN.
+    """
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = _heads(dim, head_dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=_key_mask(mask))
+        out = rearrange(out, "b h n d -> b n (h d)")
+        if mask is not None:
+            out = out.masked_fill(~mask.any(dim=1)[:, None, None], 0.0)
+        return self.proj(out)

@@ -1,0 +1,131 @@
+"""Shared layers: closed-form embeddings, identity at initialisation, masks that hide what they mask."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascade.nn import (CrossAttention, ResBlock, SelfAttention, SelfAttention2d, TimestepEmbedding,
+                        TransformerBlock, timestep_embedding)
+
+
+def test_timestep_embedding_closed_form():
+    t = torch.tensor([0.0, 1.0, 37.5])
+    emb = timestep_embedding(t, 8, max_period=10000.0)
+    freqs = [10000 ** (-i / 4) for i in range(4)]
+    expected = torch.tensor([[math.cos(tt * f) for f in freqs] + [math.sin(tt * f) for f in freqs] for tt in t.tolist()])
+    torch.testing.assert_close(emb, expected)
+    assert timestep_embedding(t, 7).shape == (3, 7) and torch.all(timestep_embedding(t, 7)[:, -1] == 0)
+
+
+def test_timestep_embedding_mlp_shape():
+    assert TimestepEmbedding(32, freq_dim=16)(torch.arange(5)).shape == (5, 32)
+
+
+@pytest.mark.parametrize("up,down,out_hw", [(False, False, 8), (True, False, 16), (False, True, 4)])
+def test_resblock_is_resampled_skip_at_init(up, down, out_hw):
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    same = ResBlock(16, 16, 24, up=up, down=down)
+    y = same(x, emb)
+    assert y.shape == (2, 16, out_hw, out_hw)
+    # The zero-initialised output conv makes the block its skip path: x itself, resampled.
+    expected = F.interpolate(x, scale_factor=2.0) if up else F.avg_pool2d(x, 2) if down else x
+    torch.testing.assert_close(y, expected)
+    assert ResBlock(16, 32, 24, up=up, down=down)(x, emb).shape == (2, 32, out_hw, out_hw)
+
+
+def test_resblock_adaptive_norm_uses_embedding():
+    torch.manual_seed(0)
+    block = ResBlock(8, 8, 4)
+    torch.nn.init.normal_(block.conv2.weight)
+    x = torch.randn(2, 8, 6, 6)
+    e1, e2 = torch.randn(1, 4).expand(2, 4), torch.randn(1, 4).expand(2, 4)
+    assert not torch.allclose(block(x, e1), block(x, e2))
+    # AdaGN with zero embedding projection is plain GroupNorm: (1 + 0) * GN(h) + 0.
+    torch.nn.init.zeros_(block.emb.weight)
+    torch.nn.init.zeros_(block.emb.bias)
+    torch.testing.assert_close(block(x, e1), block(x, e2))
+
+
+def _reference_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_cross_attention_matches_softmax_formula_and_ignores_masked_tokens():
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 12, head_dim=16)
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 12)
+    mask = torch.tensor([[True] * 4 + [False] * 3, [True] * 7])
+    out = attn(x, ctx, mask)
+    q = attn.q(x).view(2, 5, 2, 16).transpose(1, 2)
+    k, v = attn.kv(ctx).view(2, 7, 2, 2, 16).permute(2, 0, 3, 1, 4)
+    ref = _reference_attention(q, k, v, mask[:, None, None, :]).transpose(1, 2).reshape(2, 5, 32)
+    torch.testing.assert_close(out, attn.proj(ref), rtol=1e-4, atol=1e-5)
+    ctx2 = ctx.clone()
+    ctx2[0, 4:] = 100 * torch.randn(3, 12)
+    torch.testing.assert_close(attn(x, ctx2, mask)[0], out[0])
+    assert not torch.allclose(attn(x, ctx2, mask=None)[0], attn(x, ctx, mask=None)[0])
+
+
+def test_cross_attention_all_masked_is_zero_not_nan():
+    attn = CrossAttention(16, 8, head_dim=8)
+    out = attn(torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.bool))
+    torch.testing.assert_close(out, attn.proj.bias.expand(2, 3, 16))
+
+
+def test_self_attention_2d_identity_at_init_and_context_mask():
+    torch.manual_seed(0)
+    attn = SelfAttention2d(32, head_dim=16, context_dim=10)
+    x, ctx = torch.randn(2, 32, 4, 4), torch.randn(2, 6, 10)
+    mask = torch.tensor([[True, True, False, False, False, False]] * 2)
+    torch.testing.assert_close(attn(x, ctx, mask), x)
+    torch.nn.init.normal_(attn.proj.weight)
+    out = attn(x, ctx, mask)
+    ctx2 = ctx.clone()
+    ctx2[:, 2:] = torch.randn(2, 4, 10)
+    torch.testing.assert_close(attn(x, ctx2, mask), out)
+    ctx2[:, 0] = torch.randn(2, 10)
+    assert not torch.allclose(attn(x, ctx2, mask), out)
+
+
+def test_transformer_block_causal_ignores_future():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, head_dim=16, causal=True).eval()
+    x = torch.randn(2, 6, 32)
+    y = block(x)
+    x2 = x.clone()
+    x2[:, 4:] = torch.randn(2, 2, 32)
+    y2 = block(x2)
+    torch.testing.assert_close(y2[:, :4], y[:, :4])
+    assert not torch.allclose(y2[:, 4:], y[:, 4:])
+    # With a key mask the causal structure still holds, and no row is NaN even if token 0 is masked.
+    mask = torch.tensor([[False, True, True, True, True, True]] * 2)
+    ym, ym2 = block(x, mask), block(x2, mask)
+    assert torch.isfinite(ym).all()
+    torch.testing.assert_close(ym2[:, :4], ym[:, :4])
+
+
+def test_transformer_block_cross_attention_and_mask():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, head_dim=16, context_dim=8).eval()
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 3, 8)
+    cmask = torch.tensor([[True, False, False]] * 2)
+    y = block(x, context=ctx, context_mask=cmask)
+    ctx2 = ctx.clone()
+    ctx2[:, 1:] = torch.randn(2, 2, 8)
+    torch.testing.assert_close(block(x, context=ctx2, context_mask=cmask), y)
+    assert not torch.allclose(block(x, context=ctx), y)
+
+
+def test_self_attention_key_mask():
+    torch.manual_seed(0)
+    attn = SelfAttention(16, head_dim=8)
+    x = torch.randn(1, 4, 16)
+    mask = torch.tensor([[True, True, True, False]])
+    x2 = x.clone()
+    x2[:, 3] = torch.randn(16)
+    torch.testing.assert_close(attn(x2, mask)[:, :3], attn(x, mask)[:, :3])
