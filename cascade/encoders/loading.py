@@ -1,0 +1,67 @@
+"""Load a `ClipEncoder` from a CLIP stage folder of a model bundle, or from an open_clip name.
+
+A stage folder holds `config.json` (the stage's model config, either flat or under "model") and
+`model.safetensors` (the stage's weights, whose keys start with "encoder."). Loading never unpickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from cascade.encoders.clip_model import ClipEncoder, ClipEncoderConfig
+from cascade.errors import UserError
+
+STAGE_PREFIX = "encoder."  # the CLIP stage keeps its ClipEncoder as `self.encoder`
+
+
+def _stage_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder}: not a CLIP stage folder (no config.json)")
+    data = json.loads(config_path.read_text())
+    if "model" in data and isinstance(data["model"], dict):
+        if data.get("stage", "clip") != "clip":
+            raise UserError(f"{folder}: a '{data['stage']}' stage, not a CLIP stage")
+        data = data["model"]
+    return {k: v for k, v in data.items() if k in ClipEncoderConfig.model_fields}
+
+
+def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> ClipEncoder:
+    """A ClipEncoder in eval mode from a stage folder, or from "open_clip_name[:tag_or_file]"."""
+    folder = Path(source)
+    if folder.is_dir():
+        fields = _stage_config(folder)
+        # The folder's weights replace everything, so skip loading the packaged or pretrained ones.
+        config = ClipEncoderConfig(**{**fields, "pretrained_towers": False, "open_clip_pretrained": None})
+        weights_path = folder / "model.safetensors"
+        if not weights_path.is_file():
+            raise UserError(f"{folder}: no model.safetensors")
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights_path))
+        state = {k[len(STAGE_PREFIX):] if k.startswith(STAGE_PREFIX) else k: v for k, v in state.items()}
+        encoder = ClipEncoder(config)
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"{weights_path}: weights do not match its config.json "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        encoder.identity = encoder_identity(folder)
+    else:
+        name, _, pretrained = str(source).partition(":")
+        config = ClipEncoderConfig(open_clip_model=name, open_clip_pretrained=pretrained or None)
+        encoder = ClipEncoder(config)
+        encoder.identity = f"open_clip:{source}"
+    return encoder.to(device).eval()
+
+
+def encoder_identity(folder: str | Path) -> str:
+    """A stable id of a stage folder's CLIP: a hash of its config and weights files."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(Path(folder) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
