@@ -1,0 +1,55 @@
+"""The `cascade data` subcommands: build, inspect (and embed, registered by its own module)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build, inspect and embed datasets (webdataset shards)")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    build = data_sub.add_parser("build", help="write train/val shards from a source of captioned images")
+    build.add_argument("--source", required=True,
+                       help="shapes | emoji[:fluent|openmoji] | folder:PATH (images beside .txt captions, "
+                            "or .tar shards with jpg/png + txt)")
+    build.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
+    build.add_argument("--sizes", default="64", help="comma-separated square sizes, e.g. 64,256,1024")
+    build.add_argument("--count", type=int, default=None,
+                       help="number of samples (shapes: default 1000; others: cap, default all)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--val-fraction", type=float, default=0.05)
+    build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    build.add_argument("--cache", default=None,
+                       help="download cache for emoji packages (default $CASCADE_CACHE or ~/.cache/cascade/npm)")
+    build.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    build.set_defaults(func=_build)
+
+    inspect = data_sub.add_parser("inspect", help="counts, sizes and a contact sheet of a built set")
+    inspect.add_argument("dir", help="a directory made by `cascade data build`")
+    inspect.add_argument("--out", default=None, help="where to write the contact sheet (default DIR/contact_sheet.png)")
+    inspect.add_argument("--n", type=int, default=32, help="samples on the contact sheet")
+    inspect.add_argument("--score", action="store_true",
+                         help="run the shapes scorer on the set's own 64px images (shapes sets only)")
+    inspect.set_defaults(func=_inspect)
+
+    # The lead registers `cascade data embed` here:
+    #     from cascade.data import embed
+    #     embed.add_parser(data_sub)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from cascade.data.build import build, parse_sizes
+
+    sizes = parse_sizes(args.sizes)
+    counts = build(args.source, args.out, sizes=sizes, count=args.count, seed=args.seed,
+                   val_fraction=args.val_fraction, shard_size=args.shard_size, overwrite=args.overwrite,
+                   cache=args.cache)
+    print(f"wrote {counts['train']} train and {counts['val']} val samples at sizes "
+          f"{','.join(map(str, sizes))} to {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from cascade.data.inspect_set import inspect_set
+
+    return inspect_set(args.dir, out=args.out, n=args.n, score=args.score)
