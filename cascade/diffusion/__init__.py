@@ -1,0 +1,86 @@
+"""cascade.diffusion: Gaussian diffusion maths and samplers, torch only.
+
+Knows nothing about U-Nets, text or files. Stages build on these names:
+
+Schedules (`noise_schedule`)
+    NoiseSchedule.from_name(name, timesteps=1000), name in "linear" (Ho et al. 2020), "cosine"
+    (Nichol & Dhariwal 2021), "angle" (AngleSchedule() discretised). Attributes are float64 (T,)
+    tensors where index t holds step t+1: betas, alphas_cumprod, alphas_cumprod_prev, signal_rates,
+    noise_rates, posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1/2;
+    schedule.timesteps is T. schedule.respace(k) -> (NoiseSchedule over k steps with the same
+    alpha_bar at the kept steps, LongTensor of the original timesteps kept). AngleSchedule(s_min,
+    s_max) is the continuous cosine-by-angle schedule; .discretize(N) gives a NoiseSchedule.
+Forward process (`forward_process`)
+    q_sample(schedule, x0, t, noise); q_mean_variance(schedule, x0, t);
+    q_posterior_mean_variance(schedule, x0, x_t, t) -> (mean, variance, log_variance).
+Parameterisations (`parameterization`)
+    Prediction.EPS / X0 / V; eps_to_x0, x0_to_eps, x0_eps_to_v, v_to_x0, v_to_eps;
+    model_output_to_eps / model_output_to_x0(schedule, prediction, out, x_t, t);
+    prediction_target(schedule, prediction, x0, noise, t).
+Losses (`losses`, `likelihood`, `learned_variance`)
+    diffusion_loss(schedule, model_fn, x0, t, noise, prediction=Prediction.EPS, *,
+    learned_variance=False, vlb_weight=1e-3) -> scalar; loss_terms(...) -> per-sample dict;
+    sample_timesteps; vlb_term_bpd (bits/dim); normal_kl; discretized_gaussian_log_likelihood;
+    interpolated_log_variance.
+Guidance and thresholding (`guidance`, `thresholding`)
+    combine_guidance(eps_c, eps_u, w); static_threshold; dynamic_threshold(x0, p); apply_threshold.
+Samplers, one per module: sample_ddpm (`ddpm`), sample_ddim (`ddim`), sample_dpmpp_2m (`dpm_solver`).
+
+The sampling contract
+---------------------
+    sample(denoise, shape, *, schedule, sampler, steps, eta=0.0, guidance=None, threshold=None,
+           generator=None, x_T=None, callback=None, progress=False) -> x_0 of `shape`
+
+* sampler: "ddpm" (ancestral, sigma^2 = beta~; variance="large" for beta), "ddim" (eta = 0
+  deterministic, Song et al. eq. 12) or "dpmpp" (DPM-Solver++(2M), Lu et al. Algorithm 2).
+* steps <= schedule.timesteps; the schedule is respaced to `steps` steps inside.
+* denoise(x_t, t) receives x_t (B, ...) and a LongTensor t of shape (B,) holding ORIGINAL
+  timesteps in [0, schedule.timesteps), also when respaced, and returns eps (B, ...). A network
+  with learned variance returns a tuple (eps, v), v its raw variance output (see
+  `learned_variance`: Sigma = exp(f log beta + (1 - f) log beta~), f = (v + 1) / 2); the ddpm
+  sampler uses v, the others ignore it. Networks predicting x0 or v wrap their output with
+  model_output_to_eps(schedule, prediction, out, x_t, t) using the ORIGINAL schedule.
+* guidance: None or 1.0 calls denoise(x, t). Any other float w calls, once per step,
+  denoise(torch.cat([x, x]), torch.cat([t, t]), cond_mask=m) with m a (2B,) bool tensor, True for
+  the first B rows (conditional) and False for the last B (unconditional: the network must drop
+  its conditioning there), and uses eps_u + w (eps_c - eps_u). w = 0 is the unconditional model.
+* threshold: None, "static" (clip x0_hat to [-1, 1]) or a float p in (0, 1): Imagen's dynamic
+  thresholding at percentile p. eps is recomputed from the thresholded x0_hat.
+* generator: seeds all noise (x_T when not given, ddpm and eta > 0 noise); the same seed gives
+  identical output. x_T: the starting noise, held fixed by callers (e.g. for interpolation).
+* callback({"x", "i", "x0"}) after every step (i the respaced index, descending);
+  progress=True shows a tqdm bar.
+"""
+from cascade.diffusion.ddim import sample_ddim
+from cascade.diffusion.ddpm import sample_ddpm
+from cascade.diffusion.denoiser import Denoiser, DenoiserOutput
+from cascade.diffusion.dpm_solver import sample_dpmpp_2m
+from cascade.diffusion.forward_process import q_mean_variance, q_posterior_mean_variance, q_sample
+from cascade.diffusion.guidance import combine_guidance, guided_denoise
+from cascade.diffusion.learned_variance import fixed_large_log_variance, interpolated_log_variance
+from cascade.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl, vlb_term_bpd
+from cascade.diffusion.losses import diffusion_loss, loss_terms, sample_timesteps
+from cascade.diffusion.noise_schedule import AngleSchedule, NoiseSchedule, broadcast_at
+from cascade.diffusion.parameterization import (
+    Prediction,
+    eps_to_x0,
+    model_output_to_eps,
+    model_output_to_x0,
+    prediction_target,
+    v_to_eps,
+    v_to_x0,
+    x0_eps_to_v,
+    x0_to_eps,
+)
+from cascade.diffusion.sampling import SAMPLERS, sample
+from cascade.diffusion.thresholding import apply_threshold, dynamic_threshold, static_threshold
+
+__all__ = [
+    "AngleSchedule", "Denoiser", "DenoiserOutput", "NoiseSchedule", "Prediction", "SAMPLERS",
+    "apply_threshold", "broadcast_at", "combine_guidance", "diffusion_loss", "discretized_gaussian_log_likelihood",
+    "dynamic_threshold", "eps_to_x0", "fixed_large_log_variance", "guided_denoise", "interpolated_log_variance",
+    "loss_terms", "mean_flat", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
+    "q_mean_variance", "q_posterior_mean_variance", "q_sample", "sample", "sample_ddim", "sample_ddpm",
+    "sample_dpmpp_2m", "sample_timesteps", "static_threshold", "v_to_eps", "v_to_x0", "vlb_term_bpd",
+    "x0_eps_to_v", "x0_to_eps",
+]

@@ -1,0 +1,149 @@
+"""Discrete variance-preserving noise schedules and their respacing.
+
+A `NoiseSchedule` holds the betas of a T-step forward process and everything derived from them.
+Index t of every array describes diffusion step t+1 (Ho et al. 2020 count steps from 1), so
+``alphas_cumprod[0]`` is the first, nearly noiseless step and ``alphas_cumprod[T-1]`` the last.
+
+Schedules:
+  * "linear": Ho et al. 2020, Sec. 4, beta from 1e-4 to 0.02 over 1000 steps, both ends scaled by
+    1000/T for other T (as improved-diffusion does, so the total noise stays comparable);
+  * "cosine": Nichol & Dhariwal 2021, eq. 17, alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) * pi/2),
+    s = 0.008, betas clipped at 0.999;
+  * `AngleSchedule`: the continuous cosine schedule written as an angle, signal rate cos(theta(t)),
+    noise rate sin(theta(t)), theta linear in t in [0, 1] from arccos(s_max) to arccos(s_min).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cascade.errors import UserError
+
+
+def broadcast_at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] shaped (B, 1, ..., 1) to broadcast against `like` (B, ...), in like's dtype."""
+    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    return out.reshape(out.shape + (1,) * (like.ndim - 1))
+
+
+def linear_betas(timesteps: int) -> torch.Tensor:
+    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02, scaled by 1000/T (improved-diffusion)."""
+    scale = 1000.0 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: betas from alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+class NoiseSchedule:
+    """A T-step Gaussian forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I).
+
+    Every attribute is a float64 1-D tensor of length T; index t holds the value for step t+1.
+      betas, alphas = 1 - betas, alphas_cumprod (alpha_bar_t), alphas_cumprod_prev (alpha_bar_{t-1},
+      1 at t=0), signal_rates (sqrt(alpha_bar_t)), noise_rates (sqrt(1 - alpha_bar_t)),
+      posterior_variance (beta~_t, Ho et al. eq. 7), posterior_log_variance_clipped (log beta~ with
+      the t=0 value, which is 0, replaced by t=1's, as improved-diffusion does),
+      posterior_mean_coef1 / posterior_mean_coef2 (the x0 and x_t weights of mu~_t, eq. 7).
+    """
+
+    def __init__(self, betas: torch.Tensor):
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if betas.numel() == 0 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a non-empty 1-D tensor with values in (0, 1]")
+        self.timesteps = int(betas.numel())
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.signal_rates = self.alphas_cumprod.sqrt()  # alpha_t = sqrt(alpha_bar_t)
+        self.noise_rates = (1.0 - self.alphas_cumprod).sqrt()  # sigma_t = sqrt(1 - alpha_bar_t)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta~ is 0 at the first step; its log is needed by the vlb and by learned variances there.
+        first = self.posterior_variance[1:2] if self.timesteps > 1 else betas[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def from_name(cls, name: str, timesteps: int = 1000) -> "NoiseSchedule":
+        """"linear" (Ho et al.), "cosine" (Nichol & Dhariwal) or "angle" (`AngleSchedule()` defaults)."""
+        if int(timesteps) < 1:
+            raise UserError(f"timesteps must be >= 1, got {timesteps}")
+        if name == "linear":
+            return cls(linear_betas(int(timesteps)))
+        if name == "cosine":
+            return cls(cosine_betas(int(timesteps)))
+        if name == "angle":
+            return AngleSchedule().discretize(int(timesteps))
+        raise UserError(f"unknown noise schedule '{name}' (choose linear, cosine or angle)")
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "NoiseSchedule":
+        """The schedule whose betas reproduce a given decreasing alpha_bar sequence exactly."""
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        return cls(1.0 - ab / prev)
+
+    def respace(self, steps: int) -> tuple["NoiseSchedule", torch.Tensor]:
+        """Keep `steps` evenly spaced timesteps (improved-diffusion's respace, Nichol & Dhariwal Sec. 4).
+
+        Returns the new schedule, whose betas are 1 - alpha_bar_{kept t} / alpha_bar_{previous kept t}
+        so that its alphas_cumprod equal the original ones at the kept steps, and the LongTensor of
+        the original timesteps it uses (index i of the new schedule is original step timesteps[i]).
+        Kept steps always include the first and the last step; a single step keeps the last.
+        """
+        steps = int(steps)
+        if not 1 <= steps <= self.timesteps:
+            raise UserError(f"steps must be in [1, {self.timesteps}], got {steps}")
+        if steps == 1:
+            kept = torch.tensor([self.timesteps - 1])
+        else:
+            kept = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept]), kept
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule(timesteps={self.timesteps}, alpha_bar[0]={self.alphas_cumprod[0]:.6g}, "
+                f"alpha_bar[-1]={self.alphas_cumprod[-1]:.3g})")
+
+
+class AngleSchedule:
+    """Continuous VP schedule by angle: x_t = cos(theta(t)) x0 + sin(theta(t)) eps, t in [0, 1].
+
+    theta(t) = theta_min + t (theta_max - theta_min), theta_min = arccos(s_max), theta_max =
+    arccos(s_min). This is Nichol & Dhariwal's cosine schedule read as an angle (without the
+    offset s), with the end points chosen by their signal rates, as in the continuous-time cosine
+    log-SNR schedules of Kingma et al. 2021 and Hoogeboom et al. 2023.
+    """
+
+    def __init__(self, s_min: float = 0.0064, s_max: float = 0.9999):
+        if not 0.0 < s_min < s_max < 1.0:
+            raise UserError(f"need 0 < s_min < s_max < 1, got s_min={s_min}, s_max={s_max}")
+        self.s_min, self.s_max = float(s_min), float(s_max)
+        self.theta_min, self.theta_max = math.acos(s_max), math.acos(s_min)
+
+    def theta(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.theta_min + t * (self.theta_max - self.theta_min)
+
+    def signal_rate(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cos(self.theta(t))
+
+    def noise_rate(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.theta(t))
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """log(alpha^2 / sigma^2) = -2 log tan(theta(t))."""
+        return -2.0 * torch.log(torch.tan(self.theta(t)))
+
+    def discretize(self, timesteps: int) -> NoiseSchedule:
+        """The N-step schedule with alpha_bar at index i equal to cos^2(theta((i + 1) / N))."""
+        t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+        return NoiseSchedule.from_alphas_cumprod(self.signal_rate(t) ** 2)
+
+    def __repr__(self) -> str:
+        return f"AngleSchedule(s_min={self.s_min}, s_max={self.s_max})"

@@ -1,0 +1,56 @@
+"""`sample`: the one entry point that stages call to draw from a trained denoiser."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from cascade.diffusion.ddim import sample_ddim
+from cascade.diffusion.ddpm import sample_ddpm
+from cascade.diffusion.denoiser import Denoiser
+from cascade.diffusion.dpm_solver import sample_dpmpp_2m
+from cascade.diffusion.noise_schedule import NoiseSchedule
+from cascade.errors import UserError
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
+
+
+def _check_threshold(threshold: str | float | None) -> None:
+    if threshold is None or threshold == "static":
+        return
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 < threshold < 1.0:
+        return
+    raise UserError(f"threshold must be None, 'static' or a percentile in (0, 1), got {threshold!r}")
+
+
+@torch.no_grad()
+def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: NoiseSchedule, sampler: str,
+           steps: int, eta: float = 0.0, guidance: float | None = None, threshold: str | float | None = None,
+           generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+           callback: Callable[[dict], None] | None = None, progress: bool = False,
+           variance: str = "small") -> torch.Tensor:
+    """Draw x_0 of `shape` by running `sampler` over `steps` respaced steps of `schedule`.
+
+    See the package docstring for the full contract. `variance` picks DDPM's fixed reverse variance
+    ("small" = beta~_t, "large" = beta_t) when the network does not return a learned one.
+    """
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}' (choose one of {', '.join(SAMPLERS)})")
+    if eta < 0:
+        raise UserError(f"eta must be >= 0, got {eta}")
+    _check_threshold(threshold)
+    respaced, timesteps = schedule.respace(steps)
+    if x_T is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        x = torch.randn(tuple(shape), generator=generator, device=device)
+    else:
+        if tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        x = x_T.clone()
+    model = Denoiser(denoise, respaced, timesteps, guidance=guidance, threshold=threshold)
+    if sampler == "ddpm":
+        return sample_ddpm(model, x, respaced, variance=variance, generator=generator,
+                           callback=callback, progress=progress)
+    if sampler == "ddim":
+        return sample_ddim(model, x, respaced, eta=eta, generator=generator, callback=callback, progress=progress)
+    return sample_dpmpp_2m(model, x, respaced, callback=callback, progress=progress)
