@@ -129,3 +129,10 @@ def test_self_attention_key_mask():
     x2 = x.clone()
     x2[:, 3] = torch.randn(16)
     torch.testing.assert_close(attn(x2, mask)[:, :3], attn(x, mask)[:, :3])
+
+
+def test_self_attention_fully_masked_sequence_is_finite():
+    attn = SelfAttention(16, head_dim=8)
+    out = attn(torch.randn(2, 4, 16), torch.tensor([[False] * 4, [True] * 4]))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], attn.proj.bias.expand(4, 16))

@@ -12,7 +12,10 @@ from cascade.nn.attention import CrossAttention, _heads, _key_mask
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over a sequence. x: (B, N, dim); mask: (B, N) bool key mask -> (B, N, dim)."""
+    """Multi-head self-attention over a sequence. x: (B, N, dim); mask: (B, N) bool key mask -> (B, N, dim).
+
+    A sequence with no visible key at all gets a zero attention output rather than SDPA's NaN.
+    """
 
     def __init__(self, dim: int, head_dim: int = 64, causal: bool = False, dropout: float = 0.0):
         super().__init__()
@@ -33,7 +36,10 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        out = rearrange(out, "b h n d -> b n (h d)")
+        if mask is not None and not self.causal:
+            out = out.masked_fill(~mask.any(dim=1)[:, None, None], 0.0)  # no visible key: zero, not NaN
+        return self.proj(out)
 
 
 class TransformerBlock(nn.Module):
