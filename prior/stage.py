@@ -1,0 +1,172 @@
+"""The diffusion prior stage: CLIP text embedding (+ token states) -> CLIP image embedding.
+
+DALL-E 2 (Ramesh et al. 2022, sec. 2.2): a Gaussian diffusion over the L2-normalised image embedding
+scaled by sqrt(D) (so its coordinates have unit variance, like the noise), cosine schedule (Nichol &
+Dhariwal 2021), a causal transformer predicting x0 trained with MSE, text conditioning dropped 10% of
+the time so classifier-free guidance (Ho & Salimans 2021) can be used, and at sampling time two draws
+per caption of which the one with the larger dot product with the text embedding is kept.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from cascade.diffusion import NoiseSchedule, Prediction, diffusion_loss, model_output_to_eps, sample_timesteps
+from cascade.diffusion import sample as diffusion_sample
+from cascade.errors import UserError
+from cascade.registry import register_stage
+from cascade.stage import Stage
+from prior.config import PriorConfig
+from prior.metrics import embedding_scores, nearest_caption_images
+from prior.network import PriorTransformer
+
+_COND_KEYS = ("clip_text", "clip_tokens", "clip_mask")
+
+
+@register_stage("prior")
+class PriorStage(Stage):
+    Config = PriorConfig
+    image_sizes = ()
+    needs_embeddings = True
+    samples_images = False
+
+    def __init__(self, config: PriorConfig):
+        super().__init__(config)
+        self.net = PriorTransformer(config)
+        with torch.device("cpu"):  # host-side constants, also when the network is built on "meta"
+            self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
+        self.scale = math.sqrt(config.embed_dim)
+        # (text, image) embeddings of train samples seen by `loss`, keyed by sample key: the pool the
+        # nearest-train-caption baseline of `evaluate` searches when it is not handed one.
+        self.train_bank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _check_dims(self, batch: dict[str, Any]) -> None:
+        cfg = self.config
+        want = {"clip_text": (cfg.embed_dim,), "clip_tokens": (cfg.max_text_len, cfg.token_dim),
+                "clip_mask": (cfg.max_text_len,)}
+        for key, shape in want.items():
+            if key not in batch:
+                raise UserError(f"prior: batch has no '{key}'; run `cascade data embed` on the data first")
+            if tuple(batch[key].shape[1:]) != shape:
+                raise UserError(f"prior: '{key}' has shape {tuple(batch[key].shape[1:])} per sample but the "
+                                f"model config expects {shape} (embed_dim/token_dim/max_text_len must match "
+                                f"the CLIP that embedded the data)")
+
+    def _remember(self, batch: dict[str, Any]) -> None:
+        keys = batch.get("key")
+        if keys is None or len(self.train_bank) >= self.config.train_bank_size:
+            return
+        text, image = batch["clip_text"].detach().half().cpu(), batch["clip_image"].detach().half().cpu()
+        for i, key in enumerate(keys):
+            if len(self.train_bank) < self.config.train_bank_size:
+                self.train_bank.setdefault(key, (text[i], image[i]))
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """x0-prediction MSE on the scaled image embedding at a uniform random timestep."""
+        self._check_dims(batch)
+        if self.training:
+            self._remember(batch)
+        x0 = batch["clip_image"].float() * self.scale  # (B, D)
+        b = x0.shape[0]
+        keep = torch.rand(b, device=x0.device) >= self.config.cond_drop_prob  # (B,)
+        text, tokens, mask = batch["clip_text"].float(), batch["clip_tokens"].float(), batch["clip_mask"].bool()
+        t = sample_timesteps(self.schedule, b, device=x0.device)
+        noise = torch.randn_like(x0)
+        return diffusion_loss(self.schedule, lambda x_t, tt: self.net(x_t, tt, text, tokens, mask, keep),
+                              x0, t, noise, Prediction.X0)
+
+    @torch.no_grad()
+    def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, generator: torch.Generator | None = None,
+               candidates: int | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Image embeddings (B, D), L2-normalised, for conditioning {"clip_text": (B, D),
+        "clip_tokens": (B, L, Dt), "clip_mask": (B, L)}.
+
+        Defaults come from the config (sampler "ddim", 64 steps, guidance 1, 2 candidates). With
+        `candidates` = k, k embeddings are drawn per caption and the one closest to the text embedding
+        is returned. `x_T` (B * k, D) fixes the starting noise.
+        """
+        cfg = self.config
+        sampler = sampler or cfg.sampler
+        steps = steps or cfg.sample_steps
+        guidance = cfg.guidance if guidance is None else guidance
+        k = candidates or cfg.candidates
+        self._check_dims(conditioning)
+        device = next(self.parameters()).device
+        cond = [conditioning[key].to(device) for key in _COND_KEYS]
+        text, tokens, mask = cond[0].float(), cond[1].float(), cond[2].bool()
+        b = text.shape[0]
+        # Candidates are rows of one batch: row i * k + j is candidate j of caption i.
+        text_k, tokens_k, mask_k = (c.repeat_interleave(k, dim=0) for c in (text, tokens, mask))
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+            reps = x_t.shape[0] // text_k.shape[0]  # 2 when the core batches the unconditional half
+            c = [v.repeat(reps, *([1] * (v.dim() - 1))) for v in (text_k, tokens_k, mask_k)]
+            x0 = self.net(x_t, t, *c, keep=cond_mask)
+            return model_output_to_eps(self.schedule, Prediction.X0, x0, x_t, t)
+
+        z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
+                             steps=steps, guidance=guidance, generator=generator, x_T=x_T)
+        z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
+        best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)
+        return z[torch.arange(b, device=device), best]
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
+                 train_pairs: dict[str, torch.Tensor] | Iterable[dict[str, Any]] | None = None
+                 ) -> dict[str, float]:
+        """Sampled vs true image embeddings on up to `eval_max_samples` val samples, beside baselines.
+
+        Returns a flat dict: prior_cos, prior_mean_rank, prior_r1 (the rank of the true val image among
+        all val images when retrieved with the sample), the same for text_* (the text embedding used
+        as the image embedding) and, when train pairs are known, nn_* (the image embedding of the
+        train sample whose caption embedding is nearest), with nn_pool the number of train pairs searched
+        and val_count the number of val samples.
+
+        `train_pairs`: {"clip_text": (M, D), "clip_image": (M, D)} or an iterable of train batches. When
+        None, the pairs `loss` saw during training (up to `train_bank_size`) are used.
+        """
+        val = _gather(batches, ("clip_image",) + _COND_KEYS, self.config.eval_max_samples)
+        if val is None:
+            return {}
+        true = val["clip_image"].float()
+        preds = [self.sample({k: val[k][i: i + 256] for k in _COND_KEYS}, generator=generator)
+                 for i in range(0, true.shape[0], 256)]
+        out = {"val_count": float(true.shape[0])}
+        out.update(embedding_scores("prior", torch.cat(preds).cpu(), true))
+        out.update(embedding_scores("text", val["clip_text"], true))
+        train = self._train_pairs(train_pairs)
+        if train is not None:
+            nn_images = nearest_caption_images(val["clip_text"], train["clip_text"], train["clip_image"])
+            out.update(embedding_scores("nn", nn_images, true))
+            out["nn_pool"] = float(train["clip_text"].shape[0])
+        return out
+
+    def _train_pairs(self, train_pairs) -> dict[str, torch.Tensor] | None:
+        if isinstance(train_pairs, dict):
+            return {k: train_pairs[k].float().cpu() for k in ("clip_text", "clip_image")}
+        if train_pairs is not None:
+            return _gather(train_pairs, ("clip_text", "clip_image"), None)
+        if not self.train_bank:
+            return None
+        text, image = zip(*self.train_bank.values())
+        return {"clip_text": torch.stack(text).float(), "clip_image": torch.stack(image).float()}
+
+
+def _gather(batches: Iterable[dict[str, Any]], keys: tuple[str, ...], limit: int | None
+            ) -> dict[str, torch.Tensor] | None:
+    """Concatenate `keys` over batches (on the CPU), stopping after `limit` rows; None if empty."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    count = 0
+    for batch in batches:
+        for k in keys:
+            parts[k].append(batch[k].detach().cpu())
+        count += batch[keys[0]].shape[0]
+        if limit is not None and count >= limit:
+            break
+    if not count:
+        return None
+    return {k: torch.cat(v)[:limit] for k, v in parts.items()}
