@@ -7,7 +7,7 @@ Schedules (`noise_schedule`)
     (Nichol & Dhariwal 2021), "angle" (AngleSchedule() discretised). Attributes are float64 (T,)
     tensors where index t holds step t+1: betas, alphas_cumprod, alphas_cumprod_prev, signal_rates,
     noise_rates, posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1/2;
-    schedule.timesteps is T. schedule.respace(k) -> (NoiseSchedule over k steps with the same
+    schedule.timesteps is T. schedule.respace(k, spacing="uniform") -> (NoiseSchedule over k steps with the same
     alpha_bar at the kept steps, LongTensor of the original timesteps kept). AngleSchedule(s_min,
     s_max) is the continuous cosine-by-angle schedule; .discretize(N) gives a NoiseSchedule.
 Forward process (`forward_process`)
@@ -33,7 +33,8 @@ The sampling contract
 
 * sampler: "ddpm" (ancestral, sigma^2 = beta~; variance="large" for beta), "ddim" (eta = 0
   deterministic, Song et al. eq. 12) or "dpmpp" (DPM-Solver++(2M), Lu et al. Algorithm 2).
-* steps <= schedule.timesteps; the schedule is respaced to `steps` steps inside.
+* steps <= schedule.timesteps; the schedule is respaced to `steps` steps inside: evenly in t for
+  ddpm and ddim, evenly in log-SNR for dpmpp (override with spacing="uniform" | "logsnr").
 * denoise(x_t, t) receives x_t (B, ...) and a LongTensor t of shape (B,) holding ORIGINAL
   timesteps in [0, schedule.timesteps), also when respaced, and returns eps (B, ...). A network
   with learned variance returns a tuple (eps, v), v its raw variance output (see

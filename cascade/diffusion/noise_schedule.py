@@ -27,10 +27,13 @@ def broadcast_at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> t
     return out.reshape(out.shape + (1,) * (like.ndim - 1))
 
 
-def linear_betas(timesteps: int) -> torch.Tensor:
-    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02, scaled by 1000/T (improved-diffusion)."""
+def linear_betas(timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02, scaled by 1000/T (improved-diffusion).
+
+    Below T = 50 the scaled betas pass 1, so they are clipped at `max_beta` as the cosine ones are.
+    """
     scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=max_beta)
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -89,22 +92,47 @@ class NoiseSchedule:
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return cls(1.0 - ab / prev)
 
-    def respace(self, steps: int) -> tuple["NoiseSchedule", torch.Tensor]:
-        """Keep `steps` evenly spaced timesteps (improved-diffusion's respace, Nichol & Dhariwal Sec. 4).
+    def respace(self, steps: int, spacing: str = "uniform") -> tuple["NoiseSchedule", torch.Tensor]:
+        """Keep `steps` of the T timesteps (improved-diffusion's respacing, Nichol & Dhariwal Sec. 4).
 
+        spacing "uniform": evenly spaced in t, as improved-diffusion and DDIM (Song et al. Sec. 4.2)
+        do; "logsnr": as close to evenly spaced in log-SNR as distinct integer steps allow, the step
+        schedule Lu et al. 2022 (DPM-Solver, Sec. 3.4) recommend for their solvers.
         Returns the new schedule, whose betas are 1 - alpha_bar_{kept t} / alpha_bar_{previous kept t}
         so that its alphas_cumprod equal the original ones at the kept steps, and the LongTensor of
         the original timesteps it uses (index i of the new schedule is original step timesteps[i]).
-        Kept steps always include the first and the last step; a single step keeps the last.
+        Kept steps always include the last step and, for steps > 1, the first.
         """
         steps = int(steps)
         if not 1 <= steps <= self.timesteps:
             raise UserError(f"steps must be in [1, {self.timesteps}], got {steps}")
+        if spacing not in ("uniform", "logsnr"):
+            raise UserError(f"unknown step spacing '{spacing}' (choose uniform or logsnr)")
         if steps == 1:
             kept = torch.tensor([self.timesteps - 1])
-        else:
+        elif spacing == "uniform":
             kept = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+        else:
+            kept = self._logsnr_uniform_steps(steps)
         return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept]), kept
+
+    def _logsnr_uniform_steps(self, steps: int) -> torch.Tensor:
+        """Integer steps nearest to a log-SNR grid uniform from step 1 to step T, made distinct."""
+        T = self.timesteps
+        log_snr = torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))  # decreasing in t
+        grid = torch.linspace(float(log_snr[0]), float(log_snr[-1]), steps, dtype=torch.float64)
+        # t(log-SNR) by linear interpolation on the increasing (reversed) table
+        rising = log_snr.flip(0)
+        hi = torch.searchsorted(rising, grid).clamp(1, T - 1)
+        frac = ((grid - rising[hi - 1]) / (rising[hi] - rising[hi - 1])).clamp(0.0, 1.0)
+        t = ((T - 1) - (hi - 1 + frac)).round().long().tolist()
+        # Where the grid is finer than one step, push neighbours apart, keeping the last step T-1.
+        for j in range(1, steps):
+            t[j] = max(t[j], t[j - 1] + 1)
+        t[-1] = T - 1
+        for j in range(steps - 2, -1, -1):
+            t[j] = min(t[j], t[j + 1] - 1)
+        return torch.tensor(t, dtype=torch.long)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(timesteps={self.timesteps}, alpha_bar[0]={self.alphas_cumprod[0]:.6g}, "
