@@ -1,13 +1,222 @@
-"""The `cascade` command. Each family of subcommands lives with the code it drives and registers
-its parsers here; a `UserError` anywhere becomes one line on stderr and exit code 2."""
+"""The `cascade` command. `data` subcommands live with the data code and register here; the model
+commands (generate, vary, interpolate, textdiff, eval) drive `cascade.pipeline`. A `UserError`
+anywhere becomes one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
+from pathlib import Path
 
 from cascade.errors import UserError
 
+DEFAULT_MODEL = os.environ.get("CASCADE_MODEL", "bundles/tiny")
+UNTIL = ("decoder", "sr256", "sr1024")
 
+
+# ---------------------------------------------------------------------------- option parsing
+def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
+    """'prior=25,decoder=50' -> {"prior": 25, "decoder": 50}, with one-line errors."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in stages:
+            raise UserError(f"{option} takes STAGE=VALUE pairs with STAGE in {', '.join(stages)}; got '{part}'")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise UserError(f"{option}: '{value}' is not a number (in '{part}')") from None
+    return out
+
+
+def _settings(args):
+    from cascade.pipeline import STAGE_ORDER, Settings
+
+    settings = Settings(sampler=args.sampler, aug_level=args.aug_level)
+    for name, steps in _per_stage(args.steps or "", int, "--steps", STAGE_ORDER).items():
+        if not 1 <= steps <= 1000:
+            raise UserError(f"--steps {name}={steps}: steps must be between 1 and 1000")
+        settings.steps[name] = steps
+    for name, w in _per_stage(args.guidance or "", float, "--guidance", STAGE_ORDER).items():
+        if not 0.0 <= w <= 50.0:
+            raise UserError(f"--guidance {name}={w}: guidance must be between 0 and 50")
+        settings.guidance[name] = w
+    if not 0.0 <= settings.aug_level <= 1.0:
+        raise UserError(f"--aug-level {settings.aug_level}: must be between 0 and 1")
+    return settings
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
+
+
+# ---------------------------------------------------------------------------- model commands
+def _load(args):
+    from cascade.pipeline import Cascade
+
+    return Cascade.from_bundle(args.model)
+
+
+def _stage_bar(args, until: str, first: str):
+    from tqdm import tqdm
+
+    from cascade.pipeline import IMAGE_STAGES
+
+    names = ([first] if first == "prior" else []) + list(IMAGE_STAGES[: IMAGE_STAGES.index(until) + 1])
+    bar = tqdm(total=len(names), desc=names[0], unit="stage", disable=args.quiet, file=sys.stderr)
+
+    def step(done: str) -> None:
+        bar.update(1)
+        i = names.index(done) + 1
+        if i < len(names):
+            bar.set_description(names[i])
+        else:
+            bar.close()
+
+    return step
+
+
+def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -> list[Path]:
+    from cascade.images import make_grid, save_png
+
+    out = Path(args.out)
+    images = result.final
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(save_png(image, out / f"{stem}-{i:02d}.png", {**text, "index": str(i)}))
+    paths.append(save_png(make_grid(images, captions if images.shape[-1] <= 256 else None),
+                          out / f"{stem}-grid.png", text))
+    for p in paths:
+        print(p)
+    return paths
+
+
+def cmd_generate(args) -> int:
+    from cascade.pipeline import check_prompt
+
+    prompt = check_prompt(args.prompt)
+    if not 1 <= args.num_images <= 64:
+        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    settings = _settings(args)
+    cascade = _load(args)
+    result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
+                              progress=_stage_bar(args, args.until, "prior"))
+    text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
+            **settings.as_text()}
+    _write(result, args, f"{_slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
+    return 0
+
+
+def cmd_vary(args) -> int:
+    from cascade.images import read_image
+
+    image = read_image(args.image, size=None)
+    if not 1 <= args.num_images <= 64:
+        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    settings = _settings(args)
+    cascade = _load(args)
+    result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
+                          progress=_stage_bar(args, args.until, "decoder"))
+    text = {"source": str(args.image), "seed": str(args.seed), "until": args.until, **settings.as_text()}
+    _write(result, args, f"vary-{_slug(Path(args.image).stem)}-s{args.seed}", text,
+           [f"variation {i}" for i in range(args.num_images)])
+    return 0
+
+
+def _frames(args) -> int:
+    if not 2 <= args.frames <= 64:
+        raise UserError(f"--frames {args.frames}: must be between 2 and 64")
+    return args.frames
+
+
+def cmd_interpolate(args) -> int:
+    from cascade.images import read_image
+
+    if len(args.image) != 2:
+        raise UserError(f"interpolate takes exactly two --image options, got {len(args.image)}")
+    a, b = (read_image(p) for p in args.image)
+    frames = _frames(args)
+    settings = _settings(args)
+    cascade = _load(args)
+    result = cascade.interpolate(a, b, frames=frames, seed=args.seed, until=args.until, settings=settings,
+                                 progress=_stage_bar(args, args.until, "decoder"))
+    text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed), **settings.as_text()}
+    stem = f"interp-{_slug(Path(args.image[0]).stem)}-{_slug(Path(args.image[1]).stem)}-s{args.seed}"
+    _write(result, args, stem, text, [f"t={t:.2f}" for t in [i / (frames - 1) for i in range(frames)]])
+    return 0
+
+
+def cmd_textdiff(args) -> int:
+    from cascade.images import read_image
+    from cascade.pipeline import check_prompt
+
+    image = read_image(args.image)
+    src, dst = check_prompt(args.from_text), check_prompt(args.to_text)
+    frames = _frames(args)
+    settings = _settings(args)
+    cascade = _load(args)
+    result = cascade.textdiff(image, src, dst, frames=frames, max_theta=args.max_theta, seed=args.seed,
+                              until=args.until, settings=settings, progress=_stage_bar(args, args.until, "decoder"))
+    text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed), **settings.as_text()}
+    thetas = [args.max_theta * i / (frames - 1) for i in range(frames)]
+    _write(result, args, f"textdiff-{_slug(dst)}-s{args.seed}", text, [f"theta={t:.2f}" for t in thetas])
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model bundle directory (default: %(default)s, or $CASCADE_MODEL)")
+    p.add_argument("--out", default="out", help="output directory for the PNGs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed and settings give identical pixels")
+    p.add_argument("--until", choices=UNTIL, default="sr1024",
+                   help="last stage to run: decoder (64px), sr256 or sr1024 (default: %(default)s)")
+    p.add_argument("--steps", default="", metavar="STAGE=N,...",
+                   help="sampling steps per stage, e.g. prior=25,decoder=50,sr256=20,sr1024=10")
+    p.add_argument("--guidance", default="", metavar="STAGE=W,...",
+                   help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim",
+                   help="sampler for every stage (default: %(default)s)")
+    p.add_argument("--aug-level", type=float, default=0.2,
+                   help="noise-conditioning augmentation level given to the SR stages (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if num_images:
+        p.add_argument("--num-images", type=int, default=4, help="images to make (default: %(default)s)")
+
+
+def register_model_commands(sub) -> None:
+    p = sub.add_parser("generate", help="text -> images through every stage of a model bundle",
+                       description="Generate images for a prompt: CLIP text tower -> prior -> decoder -> "
+                                   "sr256 -> sr1024. Writes one PNG per image and a grid; prompt, seed and "
+                                   "settings are stored in the PNG text chunks.")
+    p.add_argument("--prompt", required=True, help="the text to draw")
+    _add_common(p, num_images=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("vary", help="variations of an image (its CLIP embedding, decoded with fresh noise)")
+    p.add_argument("--image", required=True, help="the source image file")
+    _add_common(p, num_images=True)
+    p.set_defaults(func=cmd_vary)
+
+    p = sub.add_parser("interpolate", help="frames between two images (slerp of CLIP embeddings)")
+    p.add_argument("--image", action="append", default=[], required=True, help="give twice: image A and image B")
+    p.add_argument("--frames", type=int, default=5, help="number of frames, endpoints included (default: %(default)s)")
+    _add_common(p)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("textdiff", help="edit an image by a text difference (DALL-E 2 text diffs)")
+    p.add_argument("--image", required=True, help="the source image file")
+    p.add_argument("--from", dest="from_text", required=True, help="text describing the image now")
+    p.add_argument("--to", dest="to_text", required=True, help="text describing the wanted image")
+    p.add_argument("--frames", type=int, default=5, help="number of frames (default: %(default)s)")
+    p.add_argument("--max-theta", type=float, default=0.5,
+                   help="largest slerp fraction towards the text diff (default: %(default)s)")
+    _add_common(p)
+    p.set_defaults(func=cmd_textdiff)
+
+
+# ---------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cascade",
@@ -17,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade.data import commands as data_commands
 
     data_commands.register(sub)
+    register_model_commands(sub)
     return parser
 
 

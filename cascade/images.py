@@ -1,0 +1,89 @@
+"""Image tensors <-> 8-bit RGB PNG files, with settings in PNG text chunks, and captioned grids."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+
+from cascade.errors import UserError
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [-1, 1] -> 8-bit RGB PIL image (rounded, clipped)."""
+    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def from_pil(image: Image.Image, size: int | None = None) -> torch.Tensor:
+    """PIL image -> (3, H, W) float in [-1, 1]; alpha is composited onto white; optional square resize
+    (short side to `size`, centre crop)."""
+    if image.mode in ("RGBA", "LA", "P"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    image = image.convert("RGB")
+    if size is not None:
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float() / 127.5 - 1
+
+
+def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
+    """Read an image file as (3, H, W) in [-1, 1]; a UserError for a missing or non-image file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return from_pil(im, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"not a readable image: {path} ({err.__class__.__name__})") from None
+
+
+def save_png(image: torch.Tensor | Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """Write an 8-bit RGB PNG atomically, with `text` as tEXt chunks (prompt, seed, settings)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pil.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def make_grid(images: torch.Tensor | list[torch.Tensor], captions: list[str] | None = None,
+              ncols: int | None = None, pad: int = 2, caption_height: int = 12) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one RGB image; optional caption under each tile
+    (cut to the tile's width)."""
+    tiles = [to_pil(im) for im in images]
+    n = len(tiles)
+    if n == 0:
+        raise ValueError("make_grid needs at least one image")
+    w, h = tiles[0].size
+    ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n))))
+    nrows = math.ceil(n / ncols)
+    ch = caption_height if captions else 0
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + ch + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    chars = max(4, w // 6)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, ncols)
+        x, y = pad + c * (w + pad), pad + r * (h + ch + pad)
+        grid.paste(tile, (x, y))
+        if captions:
+            text = captions[i]
+            draw.text((x + 1, y + h), text if len(text) <= chars else text[: chars - 1] + "…", fill=(0, 0, 0))
+    return grid

@@ -1,0 +1,270 @@
+"""The orchestrator: load a model bundle and run its stages in order.
+
+    cascade = Cascade.from_bundle("bundles/tiny")
+    out = cascade.generate(["a red circle at the top left"], seed=0, until="sr1024")
+    out.images["sr1024"]  # (N, 3, 1024, 1024) in [-1, 1]
+
+Text -> CLIP text tower -> prior (z_i) -> decoder (64) -> sr256 -> sr1024 (DALL-E 2, Ramesh et al. 2022,
+figure 2; with Imagen's super-resolution tricks). Each stage draws its noise from its own generator seeded
+by (seed, stage), so stopping earlier with `until` never changes the images of the stages that ran.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cascade.errors import UserError
+
+STAGE_ORDER = ("prior", "decoder", "sr256", "sr1024")
+IMAGE_STAGES = ("decoder", "sr256", "sr1024")
+MAX_PROMPT_CHARS = 300
+BUNDLE_FORMAT = 1
+
+DEFAULT_STEPS = {"prior": 25, "decoder": 50, "sr256": 20, "sr1024": 10}
+DEFAULT_GUIDANCE = {"prior": 4.0, "decoder": 3.0, "sr256": 1.0, "sr1024": 1.0}
+
+
+@dataclass
+class Settings:
+    """How to sample: per-stage steps and guidance, the sampler, and the SR augmentation level."""
+
+    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))
+    guidance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GUIDANCE))
+    sampler: str = "ddim"
+    aug_level: float = 0.2
+
+    def as_text(self) -> dict[str, str]:
+        return {"steps": json.dumps(self.steps), "guidance": json.dumps(self.guidance),
+                "sampler": self.sampler, "aug_level": str(self.aug_level)}
+
+
+@dataclass
+class Result:
+    images: dict[str, torch.Tensor]  # stage name -> (N, 3, S, S) in [-1, 1]
+    image_embeddings: torch.Tensor  # (N, D)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.images[[s for s in IMAGE_STAGES if s in self.images][-1]]
+
+
+def _generator(seed: int, stage: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 7919 + 1 + STAGE_ORDER.index(stage) if stage in STAGE_ORDER
+                                         else int(seed))
+
+
+def check_prompt(prompt: str) -> str:
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise UserError("the prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"the prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    return prompt
+
+
+class Cascade:
+    """The stages of one model bundle: `clip` (an encoder) and any of prior, decoder, sr256, sr1024."""
+
+    def __init__(self, clip, stages: dict[str, torch.nn.Module], manifest: dict | None = None):
+        self.clip = clip
+        self.stages = stages
+        self.manifest = manifest or {}
+        check_chain(clip, stages)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_bundle(cls, path: str | Path, stages: tuple[str, ...] | None = None) -> "Cascade":
+        """Load the stages present in bundle `path` (safetensors only; never unpickles).
+
+        Checks the manifest's format version and stage list against the folders, and the chain of
+        resolutions and embedding sizes between stages; every mismatch is a one-line UserError.
+        """
+        from cascade.bundle import load_stage
+        from cascade.encoders import load_encoder
+
+        path = Path(path)
+        manifest_path = path / "cascade.json"
+        if not path.is_dir():
+            raise UserError(f"model bundle not found: {path}")
+        if not manifest_path.is_file():
+            raise UserError(f"{path} is not a model bundle: it has no cascade.json")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{manifest_path} is corrupt: {err}") from None
+        fmt = manifest.get("format_version")
+        if fmt != BUNDLE_FORMAT:
+            raise UserError(f"{manifest_path}: bundle format version {fmt}, this cascade reads version {BUNDLE_FORMAT}")
+        listed = list(manifest.get("stages", []))
+        if "clip" not in listed:
+            raise UserError(f"{manifest_path}: the bundle has no clip stage; every cascade needs one")
+        for name in listed:
+            if not (path / name).is_dir():
+                raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
+        wanted = [s for s in STAGE_ORDER if s in listed and (stages is None or s in stages)]
+        clip = load_encoder(path / "clip")
+        loaded = {name: load_stage(path / name) for name in wanted}
+        return cls(clip, loaded, manifest)
+
+    # ------------------------------------------------------------------ stages
+    def _need(self, name: str):
+        if name not in self.stages:
+            have = ", ".join(self.stages) or "none"
+            raise UserError(f"this bundle has no {name} stage (it has: {have})")
+        return self.stages[name]
+
+    def stages_until(self, until: str) -> list[str]:
+        if until not in IMAGE_STAGES:
+            raise UserError(f"--until must be one of {', '.join(IMAGE_STAGES)}, not '{until}'")
+        chain = list(IMAGE_STAGES[: IMAGE_STAGES.index(until) + 1])
+        for name in chain:
+            self._need(name)
+        return chain
+
+    def encode_text(self, texts: list[str]):
+        with torch.no_grad():
+            return self.clip.encode_text(texts)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.clip.encode_image(images)
+
+    def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
+                 text: dict | None = None, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Run sr256 and sr1024 (as far as `until`) on 64x64 decoder images."""
+        out = {"decoder": images}
+        low = images
+        for name in self.stages_until(until)[1:]:
+            stage = self.stages[name]
+            cond = {"low_res": low}
+            if text is not None:
+                cond.update(text)
+            low = stage.sample(cond, sampler=settings.sampler, steps=settings.steps[name],
+                               guidance=settings.guidance[name], generator=_generator(seed, name),
+                               aug_level=settings.aug_level)
+            out[name] = low
+            if progress:
+                progress(name)
+        return out
+
+    def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        decoder = self._need("decoder")
+        cond = {"clip_image": image_emb}
+        if text is not None:
+            cond.update(text)
+        return decoder.sample(cond, sampler=settings.sampler, steps=settings.steps["decoder"],
+                              guidance=settings.guidance["decoder"], generator=_generator(seed, "decoder"),
+                              noise=noise, threshold=0.995)
+
+    def decoder_noise(self, seed: int, n: int = 1) -> torch.Tensor:
+        size = self._need("decoder").config.image_size
+        return torch.randn(n, 3, size, size, generator=_generator(seed, "decoder"))
+
+    # ------------------------------------------------------------------ the four jobs
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
+                 settings: Settings | None = None, progress: Callable | None = None) -> Result:
+        """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until`."""
+        settings = settings or Settings()
+        prompts = [check_prompt(p) for p in prompts]
+        self.stages_until(until)
+        prior = self._need("prior")
+        z_t, tokens, mask = self.encode_text(prompts)
+        text = {"clip_tokens": tokens, "clip_mask": mask}
+        z_i = prior.sample({"clip_text": z_t, **text}, sampler=settings.sampler, steps=settings.steps["prior"],
+                           guidance=settings.guidance["prior"], generator=_generator(seed, "prior"))
+        if progress:
+            progress("prior")
+        x = self.decode(z_i, settings=settings, seed=seed, text=text)
+        if progress:
+            progress("decoder")
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)
+
+    @torch.no_grad()
+    def vary(self, image: torch.Tensor, *, num_images: int = 4, seed: int = 0, until: str = "sr1024",
+             settings: Settings | None = None, progress: Callable | None = None) -> Result:
+        """Image variations (DALL-E 2 section 3.1): the CLIP image embedding decoded with fresh noise."""
+        settings = settings or Settings()
+        self.stages_until(until)
+        z_i = self.encode_image(image[None]).expand(num_images, -1)
+        x = self.decode(z_i, settings=settings, seed=seed)
+        if progress:
+            progress("decoder")
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)
+
+    @torch.no_grad()
+    def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, *, frames: int = 5, seed: int = 0,
+                    until: str = "sr1024", settings: Settings | None = None,
+                    progress: Callable | None = None) -> Result:
+        """Slerp between two images' CLIP embeddings with the decoder noise held fixed (section 3.2)."""
+        from decoder.manipulation import slerp
+
+        settings = settings or Settings()
+        self.stages_until(until)
+        z = self.encode_image(torch.stack([image_a, image_b]))
+        z_i = slerp(z[:1], z[1:], torch.linspace(0, 1, frames)[:, None])
+        noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
+        x = self.decode(z_i, settings=settings, seed=seed, noise=noise)
+        if progress:
+            progress("decoder")
+        return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
+
+    @torch.no_grad()
+    def textdiff(self, image: torch.Tensor, text_from: str, text_to: str, *, frames: int = 5,
+                 max_theta: float = 0.5, seed: int = 0, until: str = "sr1024",
+                 settings: Settings | None = None, progress: Callable | None = None) -> Result:
+        """Text diffs (section 3.3): move z_i towards normalize(z_t(to) - z_t(from)) by angle fractions
+        theta in [0, max_theta], decoder noise fixed."""
+        from decoder.manipulation import text_diff
+
+        settings = settings or Settings()
+        self.stages_until(until)
+        z_t, _, _ = self.encode_text([check_prompt(text_from), check_prompt(text_to)])
+        z_img = self.encode_image(image[None])
+        theta = torch.linspace(0, max_theta, frames)[:, None]
+        z_i = text_diff(z_img, z_t[:1], z_t[1:], theta)
+        noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
+        x = self.decode(z_i, settings=settings, seed=seed, noise=noise)
+        if progress:
+            progress("decoder")
+        return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
+
+    def _upsample_fixed(self, x, until, settings, seed, progress):
+        # Frames of one animation share the SR noise too, so only the embedding changes between them.
+        out = {"decoder": x}
+        low = x
+        for name in self.stages_until(until)[1:]:
+            stage = self.stages[name]
+            size = stage.config.out_size if hasattr(stage.config, "out_size") else low.shape[-1] * 4
+            noise = torch.randn(1, 3, size, size, generator=_generator(seed, name)).expand(len(x), -1, -1, -1)
+            low = stage.sample({"low_res": low}, sampler=settings.sampler, steps=settings.steps[name],
+                               guidance=settings.guidance[name], generator=_generator(seed, name),
+                               aug_level=settings.aug_level, noise=noise)
+            out[name] = low
+            if progress:
+                progress(name)
+        return out
+
+
+def check_chain(clip, stages: dict) -> None:
+    """The resolutions and embedding sizes must line up from one stage to the next."""
+    d = getattr(clip, "embed_dim", None)
+    for name in ("prior", "decoder"):
+        if name in stages:
+            cfg = stages[name].config
+            want = getattr(cfg, "embed_dim", None) or getattr(cfg, "clip_dim", None)
+            if d is not None and want is not None and want != d:
+                raise UserError(f"{name} expects CLIP embeddings of size {want}, the bundle's clip gives {d}")
+    size = stages["decoder"].config.image_size if "decoder" in stages else 64
+    for name in ("sr256", "sr1024"):
+        if name in stages:
+            cfg = stages[name].config
+            low = getattr(cfg, "low_res", None) or getattr(cfg, "in_size", None)
+            if low is not None and low != size:
+                raise UserError(f"{name} takes {low}x{low} inputs, but the stage before it makes {size}x{size}")
+            size = getattr(cfg, "high_res", None) or getattr(cfg, "out_size", None) or size * 4
