@@ -87,7 +87,9 @@ class ClipEncoder(nn.Module):
         self._image_frozen = cfg.lock_image and cfg.image_unlocked_groups == 0
         self._text_frozen = cfg.lock_text and cfg.text_unlocked_layers == 0
         if cfg.lock_image:
-            self.model.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups, freeze_bn_stats=True)
+            # Not freeze_bn_stats: open_clip would swap timm's BatchNormAct2d for a plain frozen batch
+            # norm and so drop its activation; `train` keeps the statistics fixed instead.
+            self.model.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups, freeze_bn_stats=False)
         if cfg.lock_text and self._hf:
             _lock_hf_text(self.model.text, cfg.text_unlocked_layers)
         elif cfg.lock_text:
@@ -97,10 +99,19 @@ class ClipEncoder(nn.Module):
             assert all(p.requires_grad for p in self.model.visual.head.parameters())
 
     def train(self, mode: bool = True):
-        """Fully locked towers stay in eval mode, so their dropout never perturbs the frozen features."""
+        """Fully locked towers stay in eval mode, so their dropout never perturbs the frozen features.
+
+        Batch norm in the image trunk always normalises with its ImageNet running statistics (its scale
+        and shift still train where unlocked): small contrastive batches would otherwise replace them
+        with noisy estimates, and the slow TF-style momentum leaves eval-mode statistics lagging behind.
+        """
         super().train(mode)
+        trunk = _trunk(self.model)
         if self._image_frozen:
-            _trunk(self.model).eval()
+            trunk.eval()
+        for module in trunk.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         if self._text_frozen and self._hf:
             self.model.text.transformer.eval()
         return self
