@@ -1,0 +1,106 @@
+"""Samplers against a closed-form oracle: for Gaussian data N(mu, sd^2) the exact eps is known.
+
+x_t ~ N(alpha mu, alpha^2 sd^2 + sigma^2), so eps*(x_t, t) = E[eps | x_t] = sigma (x_t - alpha mu) /
+(alpha^2 sd^2 + sigma^2). Along the probability-flow ODE d(x/alpha) = eps d(sigma/alpha) the quantity
+(x/alpha - mu) / sqrt(sd^2 + (sigma/alpha)^2) is constant, so the exact ODE solution from x_T is
+x_0 = mu + sd (x_T - alpha_T mu) / sqrt(alpha_T^2 sd^2 + sigma_T^2), an affine map of x_T.
+"""
+import pytest
+import torch
+
+from cascade.diffusion import NoiseSchedule, sample
+
+MU, SD, N = 0.5, 0.5, 20000
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The sampled tensors are tiny; a second thread only adds synchronisation per op.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def gaussian_oracle(schedule, mu=MU, sd=SD):
+    def denoise(x, t):
+        assert t.dtype == torch.long and t.shape == x.shape[:1]
+        assert 0 <= int(t.min()) and int(t.max()) < schedule.timesteps
+        ab = schedule.alphas_cumprod.to(x.dtype)[t]
+        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * sd**2 + 1 - ab)
+    return denoise
+
+
+def exact_ode_solution(schedule, x_T, mu=MU, sd=SD):
+    ab = schedule.alphas_cumprod[-1].item()
+    return mu + sd * (x_T - ab**0.5 * mu) / (ab * sd**2 + 1 - ab) ** 0.5
+
+
+@pytest.fixture(params=["linear", "cosine"])
+def schedule(request):
+    return NoiseSchedule.from_name(request.param, 1000)
+
+
+@pytest.mark.parametrize("sampler,steps,kwargs,std_tol", [
+    ("ddpm", 1000, {}, 0.015),
+    ("ddpm", 1000, {"variance": "large"}, 0.015),
+    # first order: at 50 evenly spaced steps the std comes out 3-6% low for this data
+    ("ddim", 50, {}, 0.035),
+    ("dpmpp", 20, {}, 0.02),
+])
+def test_samples_match_the_data_distribution(schedule, sampler, steps, kwargs, std_tol):
+    g = torch.Generator().manual_seed(0)
+    x = sample(gaussian_oracle(schedule), (N,), schedule=schedule, sampler=sampler, steps=steps,
+               generator=g, **kwargs)
+    assert x.shape == (N,) and x.dtype == torch.float32
+    assert x.mean().item() == pytest.approx(MU, abs=0.015)  # 4 standard errors
+    assert x.std().item() == pytest.approx(SD, abs=std_tol)
+
+
+def test_ddim_with_eta_one_samples_the_data_distribution():
+    s = NoiseSchedule.from_name("cosine", 1000)
+    x = sample(gaussian_oracle(s), (N,), schedule=s, sampler="ddim", steps=250, eta=1.0,
+               generator=torch.Generator().manual_seed(1))
+    assert x.mean().item() == pytest.approx(MU, abs=0.015)
+    assert x.std().item() == pytest.approx(SD, abs=0.02)
+
+
+def test_dpm_solver_is_closer_to_the_exact_ode_solution_than_ddim_at_10_steps(schedule):
+    x_T = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = exact_ode_solution(schedule, x_T)
+    denoise = gaussian_oracle(schedule)
+    err = {}
+    for sampler in ("ddim", "dpmpp"):
+        for spacing in (None, "logsnr"):  # each sampler's own step grid, then the same grid for both
+            x = sample(denoise, (N,), schedule=schedule, sampler=sampler, steps=10, x_T=x_T, spacing=spacing)
+            err[sampler, spacing] = (x - exact).abs().max().item()
+    assert err["dpmpp", None] < 0.5 * err["ddim", None]
+    assert err["dpmpp", "logsnr"] < 0.2 * err["ddim", "logsnr"]
+
+
+def test_ode_samplers_converge_to_the_exact_solution(schedule):
+    """DDIM is first order and DPM-Solver++(2M) second order in the step size."""
+    x_T = torch.randn(2000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = exact_ode_solution(schedule, x_T)
+    denoise = gaussian_oracle(schedule)
+    def error(sampler, steps):
+        x = sample(denoise, x_T.shape, schedule=schedule, sampler=sampler, steps=steps, x_T=x_T)
+        return (x - exact).abs().max().item()
+    ddim = [error("ddim", k) for k in (25, 100, 400)]
+    assert ddim[0] > ddim[1] > ddim[2] and ddim[2] < 0.02
+    assert 2.5 < ddim[1] / ddim[2] < 6  # error ~ 1/steps
+    dpm = [error("dpmpp", k) for k in (25, 100)]
+    assert dpm[1] < 0.005 and dpm[0] / dpm[1] > 6  # error ~ 1/steps^2
+
+
+def test_x0_predicting_network_wrapped_to_eps_samples_identically():
+    from cascade.diffusion import Prediction, model_output_to_eps, eps_to_x0
+    s = NoiseSchedule.from_name("linear", 1000)
+    eps_net = gaussian_oracle(s)
+    x0_net = lambda x, t: eps_to_x0(s, x, t, eps_net(x, t))  # noqa: E731  a network that predicts x0
+    wrapped = lambda x, t: model_output_to_eps(s, Prediction.X0, x0_net(x, t), x, t)  # noqa: E731
+    x_T = torch.randn(1000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for sampler in ("ddim", "dpmpp"):
+        a = sample(eps_net, x_T.shape, schedule=s, sampler=sampler, steps=20, x_T=x_T)
+        b = sample(wrapped, x_T.shape, schedule=s, sampler=sampler, steps=20, x_T=x_T)
+        assert torch.allclose(a, b, atol=1e-8)
