@@ -27,3 +27,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+demo: install
+	$(OFFLINE) $(PY) -m cascade.demo
+
+demo-quick: install
+	$(OFFLINE) $(PY) -m cascade.demo --quick
