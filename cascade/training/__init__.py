@@ -1,0 +1,19 @@
+"""The training engine: trains any registered stage with DeepSpeed (ZeRO 0-3) on CPU or GPU.
+
+    deepspeed [--num_gpus N] train_stage.py --stage NAME --config configs/tiny/NAME.yaml \
+        --data DIR --run-dir RUN [--deepspeed_config configs/deepspeed/zero2.json] [--export BUNDLE]
+
+Modules: `config` (the stage YAML: stage / model / train), `distributed` (process group set-up,
+also for a plain one-process `python` run), `lr_schedule` (warmup + cosine), `ema` (weight EMA that
+gathers ZeRO-3 partitions), `checkpoints` (atomic, resumable, across process counts), `run_dir`
+(which stage and config a run directory belongs to), `run_log` (progress bar, metrics.jsonl,
+TensorBoard), `sample_grid` (captioned PNG grids) and `engine` (the loop that ties them together).
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,163 @@
+"""Model bundles: a directory with `cascade.json` and one folder per stage, loaded without unpickling.
+
+    BUNDLE/cascade.json            {"format_version", "cascade_version", "stages": [...], "details": {...}}
+    BUNDLE/<stage>/config.json     {"format_version", "cascade_version", "stage", "config": {...}}
+    BUNDLE/<stage>/model.safetensors   the EMA weights (safetensors; tied tensors stored once)
+
+A stage folder carries its config and a format version, so loading says what does not match
+instead of failing deep inside `load_state_dict` (the breakage DALLE2-pytorch #158/#282 report).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+import cascade
+from cascade.config import parse_config
+from cascade.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "cascade.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_stage(stage: nn.Module, stage_dir: str | Path) -> Path:
+    """Write `stage` (its current weights, which should be the EMA ones) as a bundle stage folder.
+
+    The folder is assembled under a temporary name and renamed, replacing an older export.
+    """
+    stage_dir = Path(stage_dir)
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir.with_name(f".{stage_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    config = {"format_version": FORMAT_VERSION, "cascade_version": cascade.__version__,
+              "stage": stage.name, "config": stage.config.model_dump(mode="json")}
+    _write_json(tmp / CONFIG_FILE, config)
+    save_model(stage, str(tmp / WEIGHTS_FILE),
+               metadata={"format_version": str(FORMAT_VERSION), "stage": stage.name})
+    if stage_dir.exists():
+        old = stage_dir.with_name(f".{stage_dir.name}.old-{os.getpid()}")
+        os.replace(stage_dir, old)
+        os.replace(tmp, stage_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, stage_dir)
+    return stage_dir
+
+
+def read_stage_config(stage_dir: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a stage folder, with its format version checked."""
+    stage_dir = Path(stage_dir)
+    if not stage_dir.is_dir():
+        raise UserError(f"stage folder not found: {stage_dir}")
+    path = stage_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{stage_dir} is not a bundle stage folder: it has no {CONFIG_FILE}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt: {err}") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: stage format version {version}, this cascade ({cascade.__version__}) "
+                        f"reads version {FORMAT_VERSION}")
+    for key in ("stage", "config"):
+        if key not in data:
+            raise UserError(f"{path}: missing key '{key}'")
+    return data
+
+
+def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The stage saved in `stage_dir`, in eval mode with its saved weights.
+
+    Every mismatch is a one-line UserError: a missing file, another format version, a config the
+    stage class no longer accepts, or weights that do not fit the network the config builds.
+    """
+    from cascade.registry import get_stage
+
+    stage_dir = Path(stage_dir)
+    data = read_stage_config(stage_dir)
+    weights_path = stage_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UserError(f"{stage_dir} has no {WEIGHTS_FILE}")
+    cls = get_stage(data["stage"])
+    config = parse_config(cls.Config, data["config"], str(stage_dir / CONFIG_FILE))
+    stage = cls(config)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from None
+    _load_weights(stage, state, weights_path)
+    return stage.to(device).eval()
+
+
+def _load_weights(stage: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = stage.state_dict()
+    # save_model stores each set of tied tensors once, under one of their names.
+    tied = {name for name in expected if name not in state and _shares_storage(expected, name, state)}
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{k} has shape {tuple(state[k].shape)}, the config builds {tuple(expected[k].shape)}")
+        raise UserError(f"{source} does not match its config: " + "; ".join(parts))
+    stage.load_state_dict(state, strict=False)
+
+
+def _shares_storage(expected: dict[str, torch.Tensor], name: str, state: dict[str, torch.Tensor]) -> bool:
+    if expected[name].numel() == 0:
+        return False
+    ptr = expected[name].untyped_storage().data_ptr()
+    return any(other in state and expected[other].untyped_storage().data_ptr() == ptr
+               for other in expected if other != name)
+
+
+def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """Write or update `bundle_dir/cascade.json` to list every stage folder present.
+
+    Per stage it records the image sizes it reads and whether it needs CLIP embeddings, so the
+    orchestrator can check the chain before loading any weights.
+    """
+    from cascade.registry import get_stage
+
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise UserError(f"model bundle not found: {bundle_dir}")
+    details: dict[str, Any] = {}
+    for folder in sorted(p for p in bundle_dir.iterdir() if (p / CONFIG_FILE).is_file()):
+        data = read_stage_config(folder)
+        if data["stage"] != folder.name:
+            raise UserError(f"{folder / CONFIG_FILE} holds stage '{data['stage']}' but the folder is "
+                            f"named '{folder.name}'")
+        cls = get_stage(data["stage"])
+        details[folder.name] = {"image_sizes": list(cls.image_sizes), "needs_embeddings": cls.needs_embeddings,
+                                "cascade_version": data.get("cascade_version")}
+    if not details:
+        raise UserError(f"{bundle_dir} holds no stage folders (each needs a {CONFIG_FILE})")
+    manifest = {"format_version": FORMAT_VERSION, "cascade_version": cascade.__version__,
+                "stages": list(details), "details": details}
+    _write_json(bundle_dir / MANIFEST_FILE, manifest)
+    return manifest

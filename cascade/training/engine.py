@@ -1,0 +1,408 @@
+"""The training loop: one registered stage, DeepSpeed data parallelism (ZeRO 0-3), resumable.
+
+Per optimizer step every rank draws `grad_accum` batches of `batch_size` from its own part of the
+shards, DeepSpeed averages the gradients over ranks and micro-batches, clips their global norm and
+steps a client AdamW at the warmup + cosine learning rate; then the EMA follows. Checkpoints, logs,
+sample grids, evaluation and the bundle export happen around that (see the sibling modules).
+
+A DeepSpeed-built optimizer would compile fused_adam (minutes on CPU), hence the client AdamW with
+`zero_allow_untested_optimizer`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from cascade.errors import UserError
+from cascade.training import checkpoints, distributed, run_dir as run_dirs
+from cascade.training.config import RunConfig, TrainConfig, load_run_config
+from cascade.training.ema import EMA
+from cascade.training.lr_schedule import learning_rate
+from cascade.training.run_log import RunLog, truncate_metrics
+from cascade.training.sample_grid import save_grid
+from cascade.training.zero_params import promote_scalars
+
+PREVIEW_COUNT = 16  # images in a sample grid
+
+
+@dataclass
+class TrainArgs:
+    stage: str
+    config: Path
+    data: Path
+    run_dir: Path
+    max_steps: int | None = None
+    deepspeed_config: Path | None = None
+    export: Path | None = None  # bundle directory: the stage folder goes to export/<stage>
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    export_dir: Path | None
+
+
+class _LossOf(nn.Module):
+    """`engine(batch)` -> `stage.loss(batch)`: going through a module call lets DeepSpeed's hooks
+    (ZeRO-3 gathering, gradient reduction) run around the stage's own loss."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.stage.loss(batch)
+
+
+def deepspeed_config(path: Path | None, train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config file (ZeRO stage, precision), with batch sizes and clipping from `train`.
+
+    `"bf16": {"enabled": "auto"}` turns bf16 on only on a GPU that supports it (on this CPU it is
+    30-200x slower than fp32).
+    """
+    if path is None:
+        config: dict[str, Any] = {"zero_optimization": {"stage": 0}}
+    else:
+        if not Path(path).is_file():
+            raise UserError(f"DeepSpeed config not found: {path}")
+        try:
+            config = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
+        for section in ("optimizer", "scheduler"):
+            if section in config:
+                raise UserError(f"{path}: remove the '{section}' section; the engine brings its own "
+                                f"AdamW and warmup + cosine schedule from the stage config")
+    bf16 = config.get("bf16", {}).get("enabled", False)
+    if bf16 == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    config["bf16"] = {"enabled": bool(bf16)}
+    if config.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+        raise UserError(f"{path}: fp16 needs a GPU; use fp32 (no fp16/bf16 section) on CPU")
+    config.update(train_micro_batch_size_per_gpu=train.batch_size,
+                  gradient_accumulation_steps=train.grad_accum,
+                  train_batch_size=train.batch_size * train.grad_accum * world_size,
+                  gradient_clipping=train.grad_clip,
+                  zero_allow_untested_optimizer=True,
+                  steps_per_print=10**9)
+    return config
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; biases and norm gains (1-d) get no weight decay (as in AdamW practice)."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+class Trainer:
+    """One training run of one stage in one run directory (every rank builds one)."""
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+        self.dist = distributed.setup()
+        _quiet_deepspeed()
+        self.main = self.dist.is_main
+        self.run: RunConfig = load_run_config(args.config, args.stage)
+        if args.max_steps is not None:
+            if args.max_steps < 1:
+                raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+            self.run.train.max_steps = args.max_steps
+        self.train_cfg = self.run.train
+        self.run_dir = Path(args.run_dir)
+        from cascade.data.reader import find_shards
+        from cascade.registry import get_stage
+
+        find_shards(args.data, "train")  # an empty data dir fails here, before any model is built
+        self.stage_cls = get_stage(self.run.stage)
+        run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False)
+        distributed.barrier()
+        if self.main:
+            run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=True)
+        self._eval_stage: nn.Module | None = None
+
+    def log(self, text: str) -> None:
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self):
+        import deepspeed
+
+        cfg = self.train_cfg
+        # The same seed on every rank: ZeRO-3 partitions each rank's own copy of the initial weights.
+        torch.manual_seed(cfg.seed)
+        stage = self.stage_cls(self.run.model)
+        found = checkpoints.latest(self.run_dir)
+        ds_config = deepspeed_config(self.args.deepspeed_config, cfg, self.dist.world_size)
+        zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.resume = None
+        self.same_layout = False
+        if found is not None:
+            path, state = found
+            self.resume = (path, state)
+            self.same_layout = state.world_size == self.dist.world_size and state.zero_stage == zero_stage
+            if not self.same_layout:
+                # DeepSpeed's optimizer partitions only fit the layout that wrote them.
+                stage.load_state_dict(checkpoints.load_weights(path), strict=True)
+        promote_scalars(stage)
+        ema = EMA(stage, cfg.ema_decay, holds=self.main)
+        optimizer = torch.optim.AdamW(param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay)
+        wrapper = _LossOf(stage)
+        if zero_stage == 3:
+            for p in stage.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(wrapper, p)
+        engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
+        self.engine, self.stage, self.ema, self.zero_stage = engine, stage, ema, zero_stage
+        self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else None
+
+        self.step = 0
+        self.micro_batches = 0
+        rng_restored = False
+        if self.resume is not None:
+            path, state = self.resume
+            if self.same_layout:
+                checkpoints.load_deepspeed(path, engine)
+                rng_restored = checkpoints.load_rng(path, self.dist.rank)
+                self.log(f"resuming from {path.name}: weights, optimizer, EMA, RNG and data position")
+            else:
+                self.log(f"resuming from {path.name}, written by {state.world_size} process(es) with ZeRO "
+                         f"stage {state.zero_stage}; now {self.dist.world_size} with stage {zero_stage}: "
+                         f"weights and EMA loaded, the optimizer state restarts")
+            if self.main:
+                ema.load_state_dict(checkpoints.load_ema(path), state.ema_updates)
+            ema.updates = state.ema_updates
+            self.step = state.step
+            self.micro_batches = state.micro_batches
+        if not rng_restored:
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.dist.rank + 1) + self.step)
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        from cascade.data.reader import make_loader
+
+        cfg = self.train_cfg
+        return iter(make_loader(self.args.data, "train", image_sizes=self.stage_cls.image_sizes,
+                                with_embeddings=self.stage_cls.needs_embeddings, batch_size=cfg.batch_size,
+                                preprocess=self.stage.preprocess, shuffle=True, seed=cfg.seed,
+                                rank=self.dist.rank, world_size=self.dist.world_size,
+                                num_workers=cfg.num_workers, infinite=True,
+                                skip_batches=self.micro_batches))
+
+    def _val_batches(self):
+        from cascade.data.reader import make_val_batches
+
+        val_dir = Path(self.args.data) / "val"
+        if not any(val_dir.glob("*.tar")):
+            return None
+        return make_val_batches(self.args.data, image_sizes=self.stage_cls.image_sizes,
+                                with_embeddings=self.stage_cls.needs_embeddings,
+                                batch_size=self.train_cfg.batch_size, preprocess=self.stage.preprocess,
+                                seed=self.train_cfg.seed)
+
+    # ------------------------------------------------------------------ the EMA copy on rank 0
+    def ema_stage(self) -> nn.Module | None:
+        """Rank 0: a plain (unpartitioned) copy of the stage with the EMA weights, in eval mode.
+
+        A collective under ZeRO-3 (frozen weights and buffers are gathered from the live model)."""
+        live = checkpoints.full_state_dict(self.stage, is_main=self.main)
+        if not self.main:
+            return None
+        if self._eval_stage is None:
+            self._eval_stage = self.stage_cls(self.run.model)
+        live.update(self.ema.state_dict())
+        self._eval_stage.load_state_dict(live, strict=True)
+        return self._eval_stage.eval()
+
+    # ------------------------------------------------------------------ periodic work
+    def _save(self) -> None:
+        state = checkpoints.CheckpointState(step=self.step, micro_batches=self.micro_batches,
+                                            world_size=self.dist.world_size, zero_stage=self.zero_stage,
+                                            ema_updates=self.ema.updates)
+        path = checkpoints.save(self.run_dir, self.engine, self.stage, self.ema, state, is_main=self.main)
+        self.log(f"checkpoint {path}")
+
+    def _sample(self, preview_batch: dict[str, Any] | None) -> None:
+        if not self.stage_cls.samples_images or preview_batch is None:
+            return
+        model = self.ema_stage()
+        if model is None:
+            return
+        generator = torch.Generator().manual_seed(self.train_cfg.seed)
+        images = model.preview(preview_batch, generator)
+        if images is not None:
+            path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
+            captions = list(preview_batch.get("txt", []))[: images.shape[0]] or None
+            if captions is not None and len(captions) < images.shape[0]:
+                captions = None
+            save_grid(path, images, captions)
+        distributed.barrier()
+
+    def _evaluate(self) -> dict[str, float]:
+        """`stage.evaluate` of the EMA weights on the val split, on rank 0 (metrics named eval/...)."""
+        model = self.ema_stage()
+        metrics: dict[str, float] = {}
+        if model is not None:
+            batches = self._val_batches()
+            if batches is None:
+                self.log(f"no validation shards in {Path(self.args.data) / 'val'}; skipping evaluation")
+            else:
+                generator = torch.Generator().manual_seed(self.train_cfg.seed)
+                metrics = {f"eval/{k}": float(v) for k, v in model.evaluate(batches, generator).items()}
+                if metrics:
+                    self.log(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        distributed.barrier()
+        self.evaluated_step = self.step
+        return metrics
+
+    def _preview_batch(self) -> dict[str, Any] | None:
+        if not self.stage_cls.samples_images or not self.train_cfg.sample_every:
+            return None
+        batches = self._val_batches()
+        if batches is None:
+            from cascade.data.reader import make_val_batches
+
+            batches = make_val_batches(self.args.data, image_sizes=self.stage_cls.image_sizes,
+                                       with_embeddings=self.stage_cls.needs_embeddings,
+                                       batch_size=PREVIEW_COUNT, preprocess=self.stage.preprocess,
+                                       seed=self.train_cfg.seed, split="train")
+        else:
+            batches.batch_size = PREVIEW_COUNT
+        return next(iter(batches), None)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        self._build()
+        cfg = self.train_cfg
+        engine = self.engine
+        if self.resume is not None and self.main:
+            truncate_metrics(self.run_dir, self.step)
+        self.evaluated_step = -1
+        log = RunLog(self.run_dir, active=self.main, start_step=self.step, max_steps=cfg.max_steps,
+                     desc=f"{self.run.stage}")
+        preview_batch = self._preview_batch() if self.main else None
+        batches = self._loader()
+        interrupted = False
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        with _StopFlag() as stop:
+            self.stage.train()
+            while self.step < cfg.max_steps:
+                lr = learning_rate(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                   max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = _to_device(next(batches), engine.device, self.dtype)
+                    loss = engine(batch)
+                    engine.backward(loss)
+                    engine.step()
+                    self.micro_batches += 1
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                self.step += 1
+                self.ema.update()
+                window_loss += step_loss
+                window_steps += 1
+                log.advance(step_loss)
+
+                last = self.step == cfg.max_steps
+                metrics: dict[str, Any] = {}
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                    metrics = self._evaluate()
+                if self.step % cfg.log_every == 0 or last or metrics:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = distributed.mean_over_ranks(window_loss / window_steps)
+                    log.record(self.step, {"loss": mean_loss, "lr": lr,
+                                           "samples_per_s": window_steps * samples_per_step / max(elapsed, 1e-9),
+                                           **metrics})
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+                    self._sample(preview_batch)
+                if distributed.any_rank(stop.raised):
+                    interrupted = True
+                    self._save()
+                    self.log(f"interrupted at step {self.step}; run the same command to resume")
+                    break
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                    self._save()
+            if not interrupted and self.evaluated_step != self.step:
+                # A run resumed at its last step: evaluate what it finished with.
+                metrics = self._evaluate()
+                if metrics:
+                    log.record(self.step, metrics)
+        log.close()
+        export_dir = None
+        if self.args.export is not None and not interrupted:
+            export_dir = self.export(Path(self.args.export))
+        return TrainResult(step=self.step, interrupted=interrupted, export_dir=export_dir)
+
+    def export(self, bundle_dir: Path) -> Path | None:
+        """Write the EMA weights as `bundle_dir/<stage>/` and update `bundle_dir/cascade.json`."""
+        from cascade.bundle import save_stage, write_manifest
+
+        model = self.ema_stage()
+        path = None
+        if self.main:
+            path = save_stage(model, bundle_dir / self.run.stage)
+            write_manifest(bundle_dir)
+            self.log(f"exported {self.run.stage} (EMA weights) to {path}")
+        distributed.barrier()
+        return path
+
+
+def train(args: TrainArgs) -> TrainResult:
+    return Trainer(args).fit()

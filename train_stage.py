@@ -1,0 +1,54 @@
+"""Train one stage of the cascade with DeepSpeed.
+
+    deepspeed [--num_gpus N] train_stage.py --stage NAME --config configs/tiny/NAME.yaml \\
+        --data DIR --run-dir RUN [--max-steps N] [--deepspeed_config configs/deepspeed/zero2.json] \\
+        [--export BUNDLE]
+
+or the same with `python train_stage.py ...` in one process. Running it again with the same
+--run-dir resumes from the latest checkpoint. Mistakes in the input exit with code 2 and one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cascade.errors import UserError
+from cascade.registry import stage_names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_stage.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", required=True, help=f"stage to train: {', '.join(stage_names())}")
+    p.add_argument("--config", required=True, type=Path, help="stage YAML with keys stage, model, train")
+    p.add_argument("--data", required=True, type=Path, help="shard directory with train/*.tar (and val/*.tar)")
+    p.add_argument("--run-dir", required=True, type=Path,
+                   help="where checkpoints, metrics.jsonl, TensorBoard logs and sample grids go")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", type=Path,
+                   help="DeepSpeed JSON (ZeRO stage, precision); default: ZeRO stage 0, fp32")
+    p.add_argument("--export", type=Path, metavar="BUNDLE",
+                   help="after training, write the EMA weights to BUNDLE/<stage>/ and update BUNDLE/cascade.json")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from cascade.training.engine import TrainArgs, train
+
+        result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
+                                 max_steps=args.max_steps, deepspeed_config=args.deepspeed_config,
+                                 export=args.export))
+    except UserError as err:
+        print(f"train_stage.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("train_stage.py: aborted", file=sys.stderr)
+        return 130
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
