@@ -98,4 +98,7 @@ class TextCrossAttention(nn.Module):
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
         out = self.attn(tokens, text, mask)  # (B, HW, C)
+        # CrossAttention zeroes a fully masked row before its output projection, whose bias would
+        # still leak in; "no text" must be exactly the unconditional network
+        out = out * mask.any(dim=1).to(out.dtype)[:, None, None]
         return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)

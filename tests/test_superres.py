@@ -1,0 +1,277 @@
+"""Super-resolution stages: augmentation, tiling, metrics, the fully convolutional U-Net, the stages."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cascade.config import parse_config
+from cascade.diffusion import NoiseSchedule
+from cascade.errors import UserError
+from cascade.registry import get_stage
+from cascade.training.config import load_run_config
+from superres.augmentation import alpha_bar_at_level, noise_augment
+from superres.metrics import bicubic_upsample, psnr, ssim
+from superres.tiling import _axis_tiles, core_bounds, tiled_apply
+from superres.unet import EfficientUNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These nets are small: one thread avoids OpenMP barrier stalls when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _scenes(b, size, seed=0):
+    """Anti-aliased discs and boxes on flat backgrounds at size x size (8x supersampled), in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    ss = size * 4
+    yy, xx = torch.meshgrid(torch.arange(ss) / ss, torch.arange(ss) / ss, indexing="ij")
+    out = []
+    for _ in range(b):
+        img = (torch.rand(3, 1, 1, generator=g) * 2 - 1).expand(3, ss, ss).clone()
+        for _ in range(3):
+            cx, cy, r = (torch.rand(3, generator=g) * torch.tensor([0.8, 0.8, 0.2]) + torch.tensor([0.1, 0.1, 0.08]))
+            col = torch.rand(3, 1, 1, generator=g) * 2 - 1
+            if torch.rand((), generator=g) < 0.5:
+                inside = (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2
+            else:
+                inside = ((xx - cx).abs() < r) & ((yy - cy).abs() < r)
+            img = torch.where(inside, col, img)
+        out.append(F.avg_pool2d(img[None], 4)[0])
+    return torch.stack(out)
+
+
+def _randomise(module, seed=0, std=0.05):
+    """Give every parameter (also the zero-initialised ones) a random value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def _stage(name, **overrides):
+    cls = get_stage(name)
+    return cls(parse_config(cls.Config, overrides))
+
+
+# -- noise-conditioning augmentation -----------------------------------------------------------------
+
+def test_alpha_bar_at_level_endpoints_and_monotone():
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    s = torch.linspace(0, 1, 101)
+    ab = alpha_bar_at_level(sched, s)
+    assert ab[0].item() == 1.0
+    assert ab[-1].item() == pytest.approx(sched.alphas_cumprod[-1].item())
+    assert bool((ab[1:] <= ab[:-1]).all())
+    # on the grid it is the schedule itself: s = (t + 1) / T gives alpha_bar_t
+    assert alpha_bar_at_level(sched, torch.tensor([200 / 1000])).item() == pytest.approx(
+        sched.alphas_cumprod[199].item())
+
+
+def test_noise_augment_level_zero_is_identity_and_variance_preserving():
+    sched = NoiseSchedule.from_name("cosine", 1000)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(noise_augment(x, torch.zeros(2), sched), x)
+    # at s = 1 the result is nearly pure unit Gaussian noise
+    z = noise_augment(torch.zeros(1, 3, 128, 128), torch.ones(1), sched, torch.Generator().manual_seed(0))
+    assert z.std().item() == pytest.approx(1.0, abs=0.02)
+
+
+# -- tiling -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size,tile,margin,blend,align", [(1024, 256, 16, 16, 4), (100, 32, 8, 4, 4),
+                                                        (64, 16, 8, 0, 8), (48, 64, 8, 8, 4)])
+def test_tile_weights_are_a_partition_of_unity(size, tile, margin, blend, align):
+    total = torch.zeros(size)
+    for a, b, w in _axis_tiles(size, tile, margin, blend, align):
+        assert a % align == 0 and (b - a) % align == 0 or b == size
+        total[a:b] += w
+    assert torch.allclose(total, torch.ones(size), atol=1e-6)
+    assert core_bounds(size, tile, align)[-1] == size
+
+
+def _receptive_radius(net, size=64):
+    """Largest distance from the centre at which an input pixel changes the centre output pixel."""
+    x = torch.zeros(1, 3, size, size, requires_grad=True)
+    out = net(x, x, torch.tensor([10]), torch.tensor([0.1]))
+    out[0, :, size // 2, size // 2].sum().backward()
+    ys, xs = torch.nonzero(x.grad[0].abs().sum(0) > 0, as_tuple=True)
+    return int(max((ys - size // 2).abs().max(), (xs - size // 2).abs().max()))
+
+
+def test_tiled_equals_untiled_when_margin_covers_receptive_field():
+    torch.manual_seed(0)
+    net = _randomise(EfficientUNet(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1]))
+    r = _receptive_radius(net)
+    assert 0 < r < 32
+    blend = 4
+    margin = math.ceil((r + blend / 2) / 2) * 2
+    x, low = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96)
+    t, s = torch.tensor([3, 700]), torch.tensor([0.0, 0.5])
+    with torch.no_grad():
+        full = net(x, low, t, s)
+        tiled = tiled_apply(net, [x, low], tile=32, margin=margin, blend=blend, align=2, t=t, aug_level=s)
+        seams = tiled_apply(net, [x, low], tile=32, margin=2, blend=0, align=2, t=t, aug_level=s)
+    assert torch.allclose(tiled, full, atol=1e-5)
+    assert not torch.allclose(seams, full, atol=1e-5)  # too little context: the seams show
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+def test_psnr_closed_form_and_ssim_identities():
+    x = torch.zeros(2, 3, 32, 32)
+    # an offset of 0.2 in [-1, 1] is 0.1 in [0, 1]: PSNR = 10 log10(1 / 0.01) = 20 dB
+    assert psnr(x + 0.2, x).tolist() == pytest.approx([20.0, 20.0])
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert ssim(y, y).tolist() == pytest.approx([1.0, 1.0])
+    assert (ssim(y, y.flip(-1)) < 0.5).all()
+    assert ssim(y, -y).mean() < 0
+
+
+def test_ssim_matches_reference_implementation():
+    skimage = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 40, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(1, 3, 40, 40, generator=g)).clamp(-1, 1)
+    ref = skimage.structural_similarity(((x[0] + 1) / 2).permute(1, 2, 0).double().numpy(),
+                                        ((y[0] + 1) / 2).permute(1, 2, 0).double().numpy(),
+                                        gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                        data_range=1.0, channel_axis=2)
+    assert ssim(x, y).item() == pytest.approx(ref, abs=1e-6)
+
+
+# -- the stages ---------------------------------------------------------------------------------------
+
+TINY = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1], train_aug_max=0.3)
+
+
+def test_preprocess_cuts_aligned_crops():
+    stage = _stage("sr1024", **TINY, train_crop=64, degradation="none")
+    high = _scenes(1, 1024)[0]
+    low = F.avg_pool2d(high[None], 4)[0]
+    out = stage.preprocess({"image_256": low, "image_1024": high}, torch.Generator().manual_seed(3))
+    assert out["sr_low"].shape == (3, 16, 16) and out["sr_high"].shape == (3, 64, 64)
+    assert torch.allclose(F.avg_pool2d(out["sr_high"][None], 4)[0], out["sr_low"], atol=1e-6)
+    # the degraded low-res crop stays aligned and in range
+    stage = _stage("sr1024", **TINY, train_crop=64, degradation="mixed", degradation_prob=1.0)
+    out = stage.preprocess({"image_256": low, "image_1024": high}, torch.Generator().manual_seed(3))
+    assert out["sr_low"].abs().max() <= 1.0
+    assert (F.avg_pool2d(out["sr_high"][None], 4)[0] - out["sr_low"]).abs().mean() < 0.1
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(UserError, match="train_crop"):
+        _stage("sr1024", **TINY, train_crop=100)
+    with pytest.raises(UserError, match="aug_level"):
+        _stage("sr256", **TINY, aug_level=1.5)
+    with pytest.raises(UserError, match="unknown key"):
+        _stage("sr256", channels=3)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    stage = _stage("sr256", **TINY, train_crop=32)
+    g = torch.Generator().manual_seed(0)
+    high = _scenes(4, 256)
+    low = F.avg_pool2d(high, 4)
+    batch = [stage.preprocess({"image_64": lo, "image_256": hi}, g) for lo, hi in zip(low, high)]
+    batch = {k: torch.stack([s[k] for s in batch]) for k in ("sr_low", "sr_high")}
+    opt = torch.optim.Adam(stage.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        torch.manual_seed(len(losses) % 4)  # cycle four draws of (t, noise, level) so the loss is comparable
+        loss = stage.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
+
+
+def test_augmentation_level_reaches_the_network():
+    torch.manual_seed(0)
+    stage = _randomise(_stage("sr256", **TINY))
+    x, low = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        a = stage(x, low, t, torch.tensor([0.0]))
+        b = stage(x, low, t, torch.tensor([0.5]))
+    assert (a - b).abs().max() > 1e-3
+    # and through sampling: with the same seed, a different level gives a different image
+    low_res = _scenes(1, 16)
+    outs = [stage.sample({"low_res": low_res}, steps=2, generator=torch.Generator().manual_seed(0), aug_level=s)
+            for s in (0.0, 0.0, 0.4)]
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2])
+
+
+def test_text_conditioning_and_guidance_drop():
+    torch.manual_seed(0)
+    stage = _randomise(_stage("sr256", **TINY, text=True, text_dim=12, head_dim=8))
+    assert stage.needs_embeddings
+    x, low, t, s = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.tensor([100, 900]), torch.zeros(2)
+    text = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        with_text = stage(x, low, t, s, text, torch.ones(2, 5, dtype=torch.bool))
+        dropped = stage(x, low, t, s, text, torch.zeros(2, 5, dtype=torch.bool))
+        none = stage(x, low, t, s)
+    assert torch.allclose(dropped, none, atol=1e-6)
+    assert (with_text - none).abs().max() > 1e-4
+    out = stage.sample({"low_res": _scenes(2, 8), "text_tokens": text}, steps=2, guidance=3.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_patch_trained_net_runs_on_a_whole_1024_image():
+    torch.manual_seed(0)
+    stage = _stage("sr1024", **TINY, train_crop=64, tile_size=256, tile_margin=16)
+    low = _scenes(2, 256)
+    batch = [stage.preprocess({"image_256": lo, "image_1024": F.interpolate(lo[None], scale_factor=4.0)[0]},
+                              torch.Generator().manual_seed(i)) for i, lo in enumerate(low)]
+    batch = {k: torch.stack([s[k] for s in batch]) for k in ("sr_low", "sr_high")}
+    opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = stage.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert batch["sr_high"].shape[-1] == 64  # trained on 64x64 patches only
+    out = stage.sample({"low_res": low[:1]}, steps=1, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 1024, 1024)
+    assert torch.isfinite(out).all() and out.abs().max() <= 1.0
+
+
+def test_evaluate_reports_sweep_beside_bicubic():
+    stage = _stage("sr256", **TINY, eval_images=2, eval_steps=[1, 2], eval_aug_levels=[0.0, 0.3])
+    high = F.interpolate(_scenes(3, 64), size=256, mode="bilinear", align_corners=False)
+    batches = [{"image_64": F.avg_pool2d(high, 4), "image_256": high}]
+    m = stage.evaluate(batches, torch.Generator().manual_seed(0))
+    bic = bicubic_upsample(batches[0]["image_64"][:2], 256)
+    assert m["psnr_bicubic"] == pytest.approx(psnr(bic, high[:2]).mean().item())
+    assert m["eval_images"] == 2
+    for s in ("0", "0.3"):
+        for n in (1, 2):
+            assert math.isfinite(m[f"psnr_aug{s}_steps{n}"]) and -1 <= m[f"ssim_aug{s}_steps{n}"] <= 1
+    assert m["psnr_best"] == max(v for k, v in m.items() if k.startswith("psnr_aug"))
+
+
+@pytest.mark.parametrize("path,target", [("configs/dalle2/sr256.yaml", 700e6), ("configs/dalle2/sr1024.yaml", 300e6)])
+def test_dalle2_configs_instantiate_on_meta_with_published_sizes(path, target):
+    rc = load_run_config(path)
+    with torch.device("meta"):
+        stage = get_stage(rc.stage)(rc.model)
+    n = sum(p.numel() for p in stage.parameters())
+    assert abs(n - target) / target < 0.1
+
+
+@pytest.mark.parametrize("path", ["configs/tiny/sr256.yaml", "configs/tiny/sr1024.yaml"])
+def test_tiny_configs_build_and_validate(path):
+    rc = load_run_config(path)
+    stage = get_stage(rc.stage)(rc.model)
+    assert sum(p.numel() for p in stage.parameters()) < 5e6
+    assert rc.train.batch_size > 0
