@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +16,8 @@ from cascade.registry import register_stage
 from cascade.stage import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # train_stage.py lives at the top of the repository
 
 
 class TinyAEConfig(Config):
@@ -43,6 +48,10 @@ class TinyAE(Stage):
         return self.gain * self.decode(self.encode(x))
 
     def loss(self, batch):
+        # Tests of the signal handling make the run signal itself at a given call of `loss`.
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == int(os.environ.get("CASCADE_TEST_SIGTERM_AT_CALL", "0")):
+            os.kill(os.getpid(), signal.SIGTERM)
         x = batch["image_64"]
         return (self(x) - x).pow(2).mean()
 
@@ -85,3 +94,11 @@ def write_config(path: Path, *, width: int = 8, **train) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    # `deepspeed --num_gpus 2 tests/test_training_support.py ARGS` trains the tiny stage like
+    # train_stage.py would (the stage is registered by importing this file).
+    from train_stage import main
+
+    sys.exit(main())

@@ -63,6 +63,8 @@ def load_run_config(path: str | Path, stage: str | None = None) -> RunConfig:
     from cascade.registry import get_stage
 
     source = str(path)
+    if stage is not None:
+        get_stage(stage)  # an unknown --stage is reported as such, before the file is read
     data = read_yaml(path)
     named = data.get("stage", stage)
     if named is None:

@@ -50,6 +50,8 @@ def setup() -> Dist:
     single_process_defaults()
     local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, local_size))))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

@@ -150,10 +150,11 @@ class Trainer:
     """One training run of one stage in one run directory (every rank builds one)."""
 
     def __init__(self, args: TrainArgs):
+        from cascade.data.reader import find_shards
+        from cascade.registry import get_stage
+
         self.args = args
-        self.dist = distributed.setup()
-        _quiet_deepspeed()
-        self.main = self.dist.is_main
+        # Every user mistake is found before DeepSpeed starts, so it costs no start-up time.
         self.run: RunConfig = load_run_config(args.config, args.stage)
         if args.max_steps is not None:
             if args.max_steps < 1:
@@ -161,15 +162,17 @@ class Trainer:
             self.run.train.max_steps = args.max_steps
         self.train_cfg = self.run.train
         self.run_dir = Path(args.run_dir)
-        from cascade.data.reader import find_shards
-        from cascade.registry import get_stage
-
-        find_shards(args.data, "train")  # an empty data dir fails here, before any model is built
+        find_shards(args.data, "train")
+        deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
         run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False)
-        distributed.barrier()
+
+        self.dist = distributed.setup()
+        _quiet_deepspeed()
+        self.main = self.dist.is_main
         if self.main:
             run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=True)
+        distributed.barrier()
         self._eval_stage: nn.Module | None = None
 
     def log(self, text: str) -> None:
