@@ -1,0 +1,114 @@
+"""Model bundle stage folders: save -> load gives identical outputs; every mismatch is a one-line UserError."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cascade.bundle import load_stage, read_stage_config, save_stage, write_manifest
+from cascade.errors import UserError
+from cascade.registry import register_stage
+from test_training_support import TinyAE, TinyAEConfig
+
+
+def _stage(width=8, seed=0):
+    torch.manual_seed(seed)
+    stage = TinyAE(TinyAEConfig(width=width))
+    with torch.no_grad():
+        stage.gain.fill_(1.5)
+    return stage
+
+
+def test_save_load_gives_identical_outputs_in_eval_mode(tmp_path):
+    stage = _stage().train()
+    path = save_stage(stage, tmp_path / "b" / "test_tiny_ae")
+    loaded = load_stage(path)
+    assert not loaded.training and isinstance(loaded, TinyAE) and loaded.config == stage.config
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    assert torch.equal(stage(x), loaded(x))
+    for name, value in stage.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+    config = read_stage_config(path)
+    assert config["stage"] == "test_tiny_ae" and config["config"] == {"width": 8}
+    assert config["format_version"] == 1 and "cascade_version" in config
+    assert not list(path.parent.glob(".*"))  # no temporary left behind
+
+
+def test_export_replaces_an_older_one(tmp_path):
+    save_stage(_stage(seed=0), tmp_path / "s")
+    newer = _stage(seed=1)
+    save_stage(newer, tmp_path / "s")
+    assert torch.equal(load_stage(tmp_path / "s").decode.weight, newer.decode.weight)
+
+
+@register_stage("test_tied_ae")
+class TiedAE(TinyAE):
+    """Two names for one module, as with tied input/output embeddings."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.alias = self.frozen
+
+
+def test_tied_weights_are_stored_once_and_come_back_tied(tmp_path):
+    torch.manual_seed(0)
+    stage = TiedAE(TinyAEConfig())
+    path = save_stage(stage, tmp_path / "test_tied_ae")
+    assert len(load_file(str(path / "model.safetensors"))) == len(stage.state_dict()) - 2
+    loaded = load_stage(path)
+    assert loaded.alias.weight is loaded.frozen.weight
+    assert torch.equal(loaded.frozen.weight, stage.frozen.weight)
+
+
+def test_mismatches_are_one_line_user_errors(tmp_path):
+    path = save_stage(_stage(), tmp_path / "s")
+
+    def error(match):
+        with pytest.raises(UserError, match=match) as err:
+            load_stage(path)
+        assert "\n" not in str(err.value)
+
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    error("format version 99")
+    (path / "config.json").write_text(json.dumps({**config, "config": {"width": 8, "depth": 3}}))
+    error("unknown key 'depth'")
+    (path / "config.json").write_text(json.dumps({**config, "config": {"width": 4}}))
+    error("does not match its config: .*has shape")
+    (path / "config.json").write_text(json.dumps({**config, "stage": "no_such_stage"}))
+    error("unknown stage 'no_such_stage'")
+    (path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(path / "model.safetensors"))
+    del weights["decode.bias"]
+    save_file(weights, str(path / "model.safetensors"))
+    error("missing decode.bias")
+    (path / "model.safetensors").write_bytes(b"not safetensors")
+    error("not a readable safetensors file")
+    (path / "model.safetensors").unlink()
+    error("has no model.safetensors")
+    (path / "config.json").write_text("{")
+    error("corrupt")
+    (path / "config.json").unlink()
+    error("has no config.json")
+    with pytest.raises(UserError, match="not found"):
+        load_stage(tmp_path / "nowhere")
+
+
+def test_manifest_lists_the_stage_folders_present(tmp_path):
+    bundle = tmp_path / "bundle"
+    save_stage(_stage(), bundle / "test_tiny_ae")
+    (bundle / "notes").mkdir()  # not a stage folder: ignored
+    manifest = write_manifest(bundle)
+    on_disk = json.loads((bundle / "cascade.json").read_text())
+    assert on_disk == manifest
+    assert manifest["format_version"] == 1 and manifest["stages"] == ["test_tiny_ae"]
+    assert manifest["details"]["test_tiny_ae"]["image_sizes"] == [64]
+    with pytest.raises(UserError, match="no stage folders"):
+        write_manifest(bundle / "notes")
+    with pytest.raises(UserError, match="not found"):
+        write_manifest(tmp_path / "nowhere")
+    (bundle / "test_tiny_ae").rename(bundle / "other")
+    with pytest.raises(UserError, match="folder is named 'other'"):
+        write_manifest(bundle)
