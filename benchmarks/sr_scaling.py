@@ -1,0 +1,171 @@
+"""How the sr1024 network's cost grows with image size: one sampling step (= one forward) at 256^2 and
+at 1024^2, whole-image and in blended tiles, with peak memory; the target is a 1024/256 time ratio
+<= 20 for 16x the pixels. Also the full 1024x1024 forward time of the tiny net and of the
+DALL-E 2-shaped sr1024 net (the latter timed at 128^2 and scaled by its pixels, since one full
+forward of a 284M-parameter net at 1024^2 takes tens of minutes here), and the max |tiled - untiled|
+difference of the tiny net with random weights at the configured margin.
+
+All timings are medians over interleaved repeats in one process, so load from other processes
+affects every setting alike. Peak memory is measured in a fresh child process per setting: its
+resident-set growth during one step (sampled every 2 ms) over what it held after building the net.
+Prints one JSON line.
+
+    python -m benchmarks.sr_scaling [--runs 5] [--threads 1] [--skip-dalle2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cascade.registry import get_stage
+from cascade.training.config import load_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def peak_rss_growth_mb(fn: Callable[[], Any]) -> float:
+    """Largest resident-set growth (MiB) while `fn()` runs, polled from a background thread."""
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(0, max(peak[0], _rss()) - start) / 2**20
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median seconds per function, calling them in turn `runs` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build(path: str, **overrides):
+    rc = load_run_config(ROOT / path)
+    cls = get_stage(rc.stage)
+    config = rc.model.model_copy(update=overrides)
+    return cls(config).eval()
+
+
+def randomise(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Fill the zero-initialised output layers too, so outputs (and tiling errors) are not trivially 0."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def step_fn(stage, size: int) -> Callable[[], torch.Tensor]:
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(1, 3, size, size, generator=g)
+    low = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+    t, s = torch.tensor([500]), torch.tensor([0.2])
+
+    def run():
+        with torch.no_grad():
+            return stage(x, low, t, s)
+    return run
+
+
+def _child_peak(config: str, tile_size: int | None, size: int, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    stage = build(config) if tile_size == -1 else build(config, tile_size=tile_size)
+    run = step_fn(stage, size)
+    queue.put(peak_rss_growth_mb(run))
+
+
+def peak_memory_mb(config: str, tile_size: int | None, size: int, threads: int) -> float:
+    """Peak resident growth of one step in a fresh process (tile_size -1: as configured)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_peak, args=(config, tile_size, size, threads, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--config", default="configs/tiny/sr1024.yaml")
+    parser.add_argument("--skip-dalle2", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    tiled = build(args.config)
+    untiled = build(args.config, tile_size=None)
+    untiled.load_state_dict(tiled.state_dict())
+    randomise(tiled)
+    untiled.load_state_dict(tiled.state_dict())
+    cfg = tiled.config
+    fns = {"256": step_fn(tiled, 256), "1024_tiled": step_fn(tiled, 1024), "1024_untiled": step_fn(untiled, 1024)}
+    med = interleaved_medians(fns, args.runs)
+    mem = {"256": peak_memory_mb(args.config, -1, 256, args.threads),
+           "1024_tiled": peak_memory_mb(args.config, -1, 1024, args.threads),
+           "1024_untiled": peak_memory_mb(args.config, None, 1024, args.threads)}
+    diff = (fns["1024_tiled"]() - fns["1024_untiled"]()).abs()
+    record: dict[str, Any] = {
+        "benchmark": "sr_scaling",
+        "config": args.config,
+        "threads": args.threads,
+        "runs": args.runs,
+        "params": sum(p.numel() for p in tiled.parameters()),
+        "tile_size": cfg.tile_size,
+        "tile_margin": cfg.tile_margin,
+        "s_per_step_256": round(med["256"], 4),
+        "s_per_step_1024_tiled": round(med["1024_tiled"], 4),
+        "s_per_step_1024_untiled": round(med["1024_untiled"], 4),
+        "ratio_tiled": round(med["1024_tiled"] / med["256"], 2),
+        "ratio_untiled": round(med["1024_untiled"] / med["256"], 2),
+        "target_ratio": 20.0,
+        "peak_mem_mb_256": round(mem["256"], 1),
+        "peak_mem_mb_1024_tiled": round(mem["1024_tiled"], 1),
+        "peak_mem_mb_1024_untiled": round(mem["1024_untiled"], 1),
+        "tiled_vs_untiled_max_abs": float(diff.max()),
+        "tiled_vs_untiled_mean_abs": float(diff.mean()),
+        "output_std": float(fns["1024_untiled"]().std()),
+    }
+    if not args.skip_dalle2:
+        big = build("configs/dalle2/sr1024.yaml")
+        t128 = interleaved_medians({"128": step_fn(big, 128)}, max(1, args.runs // 2))["128"]
+        record["dalle2_params"] = sum(p.numel() for p in big.parameters())
+        record["dalle2_s_per_step_128"] = round(t128, 3)
+        record["dalle2_s_per_step_1024_estimated"] = round(t128 * 64, 1)  # x64 pixels, at 128^2 per-pixel cost
+    print(json.dumps(record, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
