@@ -1,14 +1,13 @@
 """The clip stage: recall and the ridge baseline on hand-checked cases, a contrastive loss that falls,
 evaluation that reports both, configs that validate, and export -> load giving identical embeddings."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
 
+from cascade.bundle import save_stage
 from cascade.clip_stage import ClipStage, ClipStageConfig, retrieval
 from cascade.config import parse_config, read_yaml
 from cascade.encoders import load_encoder
@@ -106,10 +105,7 @@ def test_evaluate_reports_recall_beside_the_ridge_baseline(trained):
 def test_export_then_load_gives_identical_embeddings(trained, tmp_path):
     stage, batch, _, _ = trained
     stage.eval()
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"stage": "clip", "model": stage.config.model_dump()}))
-    save_file({k: v.contiguous() for k, v in stage.state_dict().items()}, str(folder / "model.safetensors"))
+    folder = save_stage(stage, tmp_path / "bundle" / "clip")
     loaded = load_encoder(folder)
     torch.testing.assert_close(loaded.encode_image(batch["image_64"]), stage.encode_image(batch["image_64"]),
                                rtol=0, atol=0)

@@ -3,8 +3,10 @@
 The network is a `cascade.encoders.ClipEncoder`; the loss is CLIP's symmetric InfoNCE (open_clip's
 `ClipLoss`) with a learned temperature clipped at 100. Evaluation reports image->text and text->image
 recall@1/5/10 on the val batches beside the ridge-regression baseline of `retrieval`, which is fit on
-the training pairs this stage has seen (the engine hands `evaluate` only val batches, so `loss`
-remembers up to `ridge_train_samples` of them, as 8-bit images and captions).
+the training pairs seen in this process (the engine hands `evaluate` only val batches, so `loss`
+remembers up to `ridge_train_samples` of them, as 8-bit images and captions). The memory is shared by
+every stage built with the same config, because the engine evaluates a separate copy holding the EMA
+weights, which never sees a training batch itself.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from cascade.registry import register_stage
 from cascade.stage import Stage
 
 SOURCE_SIZE = 64  # the shard image the tower reads, resized to `image_size`
+
+# config JSON -> {key: ((3, S, S) uint8 image, caption)}: the training pairs seen in this process
+_TRAIN_PAIRS: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
 
 
 class ClipStageConfig(ClipEncoderConfig):
@@ -39,7 +44,7 @@ class ClipStage(Stage):
         self.encoder = ClipEncoder(ClipEncoderConfig(**{k: getattr(config, k)
                                                         for k in ClipEncoderConfig.model_fields}))
         self.clip_loss = _open_clip().ClipLoss()
-        self._seen: dict[str, tuple[torch.Tensor, str]] = {}  # key -> ((3, S, S) uint8, caption)
+        self._seen = _TRAIN_PAIRS.setdefault(config.model_dump_json(), {})
         self._baseline: tuple[int, dict[str, float]] | None = None
 
     # the encoder interface, so a trained stage can stand in for a loaded encoder

@@ -1,7 +1,8 @@
 """Load a `ClipEncoder` from a CLIP stage folder of a model bundle, or from an open_clip name.
 
-A stage folder holds `config.json` (the stage's model config, either flat or under "model") and
-`model.safetensors` (the stage's weights, whose keys start with "encoder."). Loading never unpickles.
+A stage folder (see `cascade.bundle`) holds `config.json` ({"stage": "clip", "config": {...}, ...}) and
+`model.safetensors` (the stage's weights, whose keys start with "encoder."; tied tensors stored once).
+Loading never unpickles.
 """
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ def _stage_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise UserError(f"{folder}: not a CLIP stage folder (no config.json)")
-    data = json.loads(config_path.read_text())
-    if "model" in data and isinstance(data["model"], dict):
-        if data.get("stage", "clip") != "clip":
-            raise UserError(f"{folder}: a '{data['stage']}' stage, not a CLIP stage")
-        data = data["model"]
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_path} is corrupt: {err}") from None
+    if data.get("stage", "clip") != "clip":
+        raise UserError(f"{folder}: a '{data['stage']}' stage, not a CLIP stage")
+    for section in ("config", "model"):  # the bundle's layout, or a bare {"model": ...}
+        if isinstance(data.get(section), dict):
+            data = data[section]
+            break
     return {k: v for k, v in data.items() if k in ClipEncoderConfig.model_fields}
 
 
@@ -45,6 +51,7 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Clip
         state = {k[len(STAGE_PREFIX):] if k.startswith(STAGE_PREFIX) else k: v for k, v in state.items()}
         encoder = ClipEncoder(config)
         missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _tied_to_loaded(encoder, k, state)]
         if missing or unexpected:
             raise UserError(f"{weights_path}: weights do not match its config.json "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -55,6 +62,13 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Clip
         encoder = ClipEncoder(config)
         encoder.identity = f"open_clip:{source}"
     return encoder.to(device).eval()
+
+
+def _tied_to_loaded(encoder: ClipEncoder, name: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `name` shares storage with a tensor the file did hold (saved once for both)."""
+    tensors = encoder.state_dict(keep_vars=True)
+    ptr = tensors[name].untyped_storage().data_ptr()
+    return any(k in state and k != name and t.untyped_storage().data_ptr() == ptr for k, t in tensors.items())
 
 
 def encoder_identity(folder: str | Path) -> str:

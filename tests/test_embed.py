@@ -1,0 +1,91 @@
+"""`cascade data embed`: the members it writes are the ones the reader returns, equal to the encoder's
+own outputs; done shards are skipped; another CLIP embeds again."""
+import json
+
+import pytest
+import torch
+
+from cascade.bundle import save_stage
+from cascade.clip_stage import ClipStage, ClipStageConfig
+from cascade.data import embed
+from cascade.data.build import build
+from cascade.data.reader import read_samples
+from cascade.encoders import load_encoder
+from cascade.errors import UserError
+
+CLIP = dict(embed_dim=16, image_size=32, max_text_len=12, pretrained_towers=False, ridge_baseline=False)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two different CLIP stage folders (random heads, seeds 0 and 1)."""
+    root = tmp_path_factory.mktemp("bundles")
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders.append(save_stage(ClipStage(ClipStageConfig(**CLIP)).eval(), root / f"b{seed}" / "clip"))
+    return folders
+
+
+@pytest.fixture
+def data(tmp_path):
+    out = tmp_path / "shapes"
+    build("shapes", out, sizes=(64,), count=30, val_fraction=0.2, shard_size=8, progress=False)
+    return out
+
+
+def test_embed_writes_members_the_reader_returns(clips, data):
+    counts = embed.embed_dataset(data, clips[0], batch_size=5)
+    samples = read_samples(data, "train", with_embeddings=True)
+    assert counts == {"embedded": 30, "skipped": 0}
+    encoder = load_encoder(clips[0])
+    z_t, tokens, mask = encoder.encode_text([s["txt"] for s in samples[:4]])
+    z_i = encoder.encode_image(torch.stack([s["image_64"] for s in samples[:4]]))
+    got = {name: torch.stack([s[name] for s in samples[:4]]) for name in embed.EMBEDDING_FIELDS}
+    torch.testing.assert_close(got["clip_image"], z_i, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["clip_text"], z_t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["clip_tokens"], tokens.half().float())  # stored as float16
+    assert got["clip_mask"].dtype == torch.bool and torch.equal(got["clip_mask"], mask)
+    assert got["clip_tokens"].shape == (4, 12, encoder.token_dim)
+    # every original member survives, and the split's samples are all there
+    assert [s["key"] for s in samples] == [s["key"] for s in read_samples(data, "train")]
+    state = json.loads((data / embed.STATE_FILE).read_text())
+    assert state["embed_dim"] == 16 and sum(state["shards"].values()) == 30
+
+
+def test_done_shards_are_skipped_and_another_clip_reembeds(clips, data):
+    embed.embed_dataset(data, clips[0], batch_size=8)
+    shard = sorted((data / "train").glob("*.tar"))[0]
+    before = shard.stat().st_mtime_ns
+    assert embed.embed_dataset(data, clips[0]) == {"embedded": 0, "skipped": 30}
+    assert shard.stat().st_mtime_ns == before
+
+    # an interrupted run: one shard's record lost -> only that shard is redone
+    state_path = data / embed.STATE_FILE
+    state = json.loads(state_path.read_text())
+    n = state["shards"].pop("train/" + shard.name)
+    state_path.write_text(json.dumps(state))
+    assert embed.embed_dataset(data, clips[0]) == {"embedded": n, "skipped": 30 - n}
+
+    first = read_samples(data, "val", with_embeddings=True)
+    assert embed.embed_dataset(data, clips[1])["embedded"] == 30
+    second = read_samples(data, "val", with_embeddings=True)
+    assert not torch.allclose(first[0]["clip_image"], second[0]["clip_image"])
+    expected = load_encoder(clips[1]).encode_image(second[0]["image_64"][None])[0]
+    torch.testing.assert_close(second[0]["clip_image"], expected, atol=1e-6, rtol=0)
+    assert not list(data.glob("**/.*embedding"))  # no temporary shard left behind
+
+
+def test_empty_data_dir_is_a_user_error(clips, tmp_path):
+    with pytest.raises(UserError, match="no shards"):
+        embed.embed_dataset(tmp_path, clips[0])
+
+
+def test_cli_parser_runs_embed(clips, data, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    embed.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["embed", "--data", str(data), "--clip", str(clips[0]), "--batch-size", "16"])
+    assert args.func(args) == 0
+    assert "embedded 30 samples" in capsys.readouterr().out
