@@ -8,7 +8,7 @@ timestep, learns to denoise the high-res image given it. sr1024 trains on aligne
 runs on whole images (the network is fully convolutional; see `superres.unet`), in tiles when
 `tile_size` is set (see `superres.tiling`).
 
-Sampling: `sample({"low_res": (B, 3, h, w)[, "text_tokens", "text_mask"]}, aug_level=0.2)`.
+Sampling: `sample({"low_res": (B, 3, h, w)[, "clip_tokens", "clip_mask"]}, aug_level=0.2)`.
 Evaluation: PSNR and SSIM against the real high-res image, beside bicubic upsampling, swept over
 augmentation level and step count.
 """
@@ -180,11 +180,12 @@ class SuperResStage(Stage):
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float = 1.0, generator: torch.Generator | None = None,
                aug_level: float | None = None, threshold: str | float | None = "static",
-               progress: bool = False) -> torch.Tensor:
+               noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
-        Optional conditioning["text_tokens"] (B, L, D) and ["text_mask"] (B, L) when the config has text.
-        The input is corrupted at `aug_level` (default: the config's), as in training.
+        Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
+        The input is corrupted at `aug_level` (default: the config's), as in training. `noise`, the
+        starting x_T (B, 3, H, W), is drawn from `generator` when not given.
         """
         c = self.config
         low = conditioning["low_res"]
@@ -196,7 +197,7 @@ class SuperResStage(Stage):
             raise UserError(f"output size {size_h}x{size_w} must be a multiple of {self.net.downsample_factor}")
         level = torch.full((b,), c.aug_level if aug_level is None else float(aug_level), device=low.device)
         low_up = self._condition(low, (size_h, size_w), level, generator)
-        text, mask = conditioning.get("text_tokens"), conditioning.get("text_mask")
+        text, mask = conditioning.get("clip_tokens"), conditioning.get("clip_mask")
         if not c.text:
             text = mask = None
         elif text is not None and mask is None:
@@ -214,7 +215,7 @@ class SuperResStage(Stage):
 
         x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler or c.sampler,
                    steps=steps or c.steps, guidance=guidance if text is not None else None,
-                   threshold=threshold, generator=generator, progress=progress)
+                   threshold=threshold, generator=generator, x_T=noise, progress=progress)
         return x.clamp(-1.0, 1.0)
 
     # -- evaluation ---------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class SuperResStage(Stage):
                                                             o * self.scale:(o + lc) * self.scale]
         cond = {"low_res": low}
         if texts:
-            cond.update(text_tokens=torch.cat(texts)[:limit], text_mask=torch.cat(masks)[:limit])
+            cond.update(clip_tokens=torch.cat(texts)[:limit], clip_mask=torch.cat(masks)[:limit])
         return low, high, cond
 
     @torch.no_grad()

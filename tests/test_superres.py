@@ -208,6 +208,11 @@ def test_augmentation_level_reaches_the_network():
             for s in (0.0, 0.0, 0.4)]
     assert torch.equal(outs[0], outs[1])
     assert not torch.allclose(outs[0], outs[2])
+    # DDIM with eta 0 from a given x_T at level 0 involves no other randomness
+    x_T = torch.randn(1, 3, 64, 64)
+    a, b = (stage.sample({"low_res": low_res}, steps=2, aug_level=0.0, noise=x_T,
+                         generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    assert torch.equal(a, b)
 
 
 def test_text_conditioning_and_guidance_drop():
@@ -222,7 +227,7 @@ def test_text_conditioning_and_guidance_drop():
         none = stage(x, low, t, s)
     assert torch.allclose(dropped, none, atol=1e-6)
     assert (with_text - none).abs().max() > 1e-4
-    out = stage.sample({"low_res": _scenes(2, 8), "text_tokens": text}, steps=2, guidance=3.0,
+    out = stage.sample({"low_res": _scenes(2, 8), "clip_tokens": text}, steps=2, guidance=3.0,
                        generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
