@@ -197,3 +197,11 @@ def test_bad_sampling_options_are_user_errors(schedule, kwargs, match):
     options = {"schedule": schedule, "sampler": "ddim", "steps": 10, **kwargs}
     with pytest.raises(UserError, match=match):
         sample(conditional, SHAPE, **options)
+
+
+def test_generator_draws_x_T_first(schedule):
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
+    for sampler in ("ddim", "dpmpp"):
+        seeded = sample(conditional, SHAPE, schedule=schedule, sampler=sampler, steps=5,
+                        generator=torch.Generator().manual_seed(11), device="cpu")
+        assert torch.equal(seeded, sample(conditional, SHAPE, schedule=schedule, sampler=sampler, steps=5, x_T=x_T))

@@ -8,7 +8,7 @@ x_0 = mu + sd (x_T - alpha_T mu) / sqrt(alpha_T^2 sd^2 + sigma_T^2), an affine m
 import pytest
 import torch
 
-from cascade.diffusion import NoiseSchedule, sample
+from cascade.diffusion import NoiseSchedule, Prediction, eps_to_x0, model_output_to_eps, sample
 
 MU, SD, N = 0.5, 0.5, 20000
 
@@ -98,7 +98,6 @@ def test_ode_samplers_converge_to_the_exact_solution(schedule):
 
 
 def test_x0_predicting_network_wrapped_to_eps_samples_identically():
-    from cascade.diffusion import Prediction, model_output_to_eps, eps_to_x0
     s = NoiseSchedule.from_name("linear", 1000)
     eps_net = gaussian_oracle(s)
     x0_net = lambda x, t: eps_to_x0(s, x, t, eps_net(x, t))  # noqa: E731  a network that predicts x0

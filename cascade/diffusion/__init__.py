@@ -51,6 +51,8 @@ The sampling contract
   identical output. x_T: the starting noise, held fixed by callers (e.g. for interpolation).
 * callback({"x", "i", "x0"}) after every step (i the respaced index, descending);
   progress=True shows a tqdm bar.
+* Optional extras: variance="small" | "large" (ddpm's fixed variance), spacing (see above),
+  device (where x_T is drawn when not given; default the generator's device, else the CPU).
 """
 from cascade.diffusion.ddim import sample_ddim
 from cascade.diffusion.ddpm import sample_ddpm

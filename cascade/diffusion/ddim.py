@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from cascade.diffusion.denoiser import DenoiserOutput
+from cascade.diffusion.noise import randn
 from cascade.diffusion.noise_schedule import NoiseSchedule
 from cascade.diffusion.step_loop import descending_steps
 
@@ -30,7 +31,7 @@ def sample_ddim(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))  # eq. 16
         x = math.sqrt(ab_prev) * out.x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * out.eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
         if callback is not None:
             callback({"x": x, "i": i, "x0": out.x0})
     return x

@@ -14,6 +14,7 @@ import torch
 from cascade.diffusion.denoiser import DenoiserOutput
 from cascade.diffusion.forward_process import q_posterior_mean_variance
 from cascade.diffusion.learned_variance import fixed_large_log_variance, interpolated_log_variance
+from cascade.diffusion.noise import randn
 from cascade.diffusion.noise_schedule import NoiseSchedule
 from cascade.diffusion.step_loop import descending_steps
 
@@ -34,8 +35,7 @@ def sample_ddpm(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x
         elif large is not None:
             log_variance = torch.full_like(x, float(large[i]))
         if i > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + torch.exp(0.5 * log_variance) * noise
+            x = mean + torch.exp(0.5 * log_variance) * randn(x.shape, generator, x.device, x.dtype)
         else:
             x = mean  # the last step returns the mean (Algorithm 2, z = 0 at t = 1)
         if callback is not None:

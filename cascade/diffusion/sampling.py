@@ -9,6 +9,7 @@ from cascade.diffusion.ddim import sample_ddim
 from cascade.diffusion.ddpm import sample_ddpm
 from cascade.diffusion.denoiser import Denoiser
 from cascade.diffusion.dpm_solver import sample_dpmpp_2m
+from cascade.diffusion.noise import randn
 from cascade.diffusion.noise_schedule import NoiseSchedule
 from cascade.errors import UserError
 
@@ -31,12 +32,14 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
            steps: int, eta: float = 0.0, guidance: float | None = None, threshold: str | float | None = None,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
            callback: Callable[[dict], None] | None = None, progress: bool = False,
-           variance: str = "small", spacing: str | None = None) -> torch.Tensor:
+           variance: str = "small", spacing: str | None = None,
+           device: torch.device | str | None = None) -> torch.Tensor:
     """Draw x_0 of `shape` by running `sampler` over `steps` respaced steps of `schedule`.
 
     See the package docstring for the full contract. `variance` picks DDPM's fixed reverse variance
     ("small" = beta~_t, "large" = beta_t) when the network does not return a learned one;
-    `spacing` overrides the sampler's step spacing ("uniform" or "logsnr", see `respace`).
+    `spacing` overrides the sampler's step spacing ("uniform" or "logsnr", see `respace`). `device`
+    places x_T when it is not given (default: the generator's device, else the CPU).
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}' (choose one of {', '.join(SAMPLERS)})")
@@ -45,8 +48,7 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
     _check_threshold(threshold)
     respaced, timesteps = schedule.respace(steps, spacing or DEFAULT_SPACING[sampler])
     if x_T is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-        x = torch.randn(tuple(shape), generator=generator, device=device)
+        x = randn(shape, generator, device)
     else:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
