@@ -37,4 +37,4 @@ class PriorConfig(Config):
 
     # Evaluation.
     eval_max_samples: int = Field(1000, gt=0)  # val samples scored (sampling cost grows with it)
-    train_bank_size: int = Field(50000, ge=0)  # train (text, image) pairs remembered for the nn baseline
+    train_pool_size: int = Field(50000, gt=0)  # train (text, image) pairs searched by the nn baseline

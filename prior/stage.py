@@ -9,6 +9,7 @@ per caption of which the one with the larger dot product with the text embedding
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -39,9 +40,8 @@ class PriorStage(Stage):
         with torch.device("cpu"):  # host-side constants, also when the network is built on "meta"
             self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
         self.scale = math.sqrt(config.embed_dim)
-        # (text, image) embeddings of train samples seen by `loss`, keyed by sample key: the pool the
-        # nearest-train-caption baseline of `evaluate` searches when it is not handed one.
-        self.train_bank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The train split's (text, image) embeddings, read once per data directory by `evaluate`.
+        self._train_pairs_cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def _check_dims(self, batch: dict[str, Any]) -> None:
         cfg = self.config
@@ -55,20 +55,9 @@ class PriorStage(Stage):
                                 f"model config expects {shape} (embed_dim/token_dim/max_text_len must match "
                                 f"the CLIP that embedded the data)")
 
-    def _remember(self, batch: dict[str, Any]) -> None:
-        keys = batch.get("key")
-        if keys is None or len(self.train_bank) >= self.config.train_bank_size:
-            return
-        text, image = batch["clip_text"].detach().half().cpu(), batch["clip_image"].detach().half().cpu()
-        for i, key in enumerate(keys):
-            if len(self.train_bank) < self.config.train_bank_size:
-                self.train_bank.setdefault(key, (text[i], image[i]))
-
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """x0-prediction MSE on the scaled image embedding at a uniform random timestep."""
         self._check_dims(batch)
-        if self.training:
-            self._remember(batch)
         x0 = batch["clip_image"].float() * self.scale  # (B, D)
         b = x0.shape[0]
         keep = torch.rand(b, device=x0.device) >= self.config.cond_drop_prob  # (B,)
@@ -126,8 +115,9 @@ class PriorStage(Stage):
         train sample whose caption embedding is nearest), with nn_pool the number of train pairs searched
         and val_count the number of val samples.
 
-        `train_pairs`: {"clip_text": (M, D), "clip_image": (M, D)} or an iterable of train batches. When
-        None, the pairs `loss` saw during training (up to `train_bank_size`) are used.
+        `train_pairs` (optional): {"clip_text": (M, D), "clip_image": (M, D)} or an iterable of train
+        batches. When None and `batches` is a shard reader (it has `.shards`, DIR/val/*.tar), the
+        embeddings of DIR/train are read (up to `train_pool_size`, cached); otherwise nn_* is omitted.
         """
         val = _gather(batches, ("clip_image",) + _COND_KEYS, self.config.eval_max_samples)
         if val is None:
@@ -138,22 +128,34 @@ class PriorStage(Stage):
         out = {"val_count": float(true.shape[0])}
         out.update(embedding_scores("prior", torch.cat(preds).cpu(), true))
         out.update(embedding_scores("text", val["clip_text"], true))
-        train = self._train_pairs(train_pairs)
+        train = self._train_pairs(train_pairs, batches)
         if train is not None:
             nn_images = nearest_caption_images(val["clip_text"], train["clip_text"], train["clip_image"])
             out.update(embedding_scores("nn", nn_images, true))
             out["nn_pool"] = float(train["clip_text"].shape[0])
         return out
 
-    def _train_pairs(self, train_pairs) -> dict[str, torch.Tensor] | None:
+    def _train_pairs(self, train_pairs, val_batches) -> dict[str, torch.Tensor] | None:
+        keys, limit = ("clip_text", "clip_image"), self.config.train_pool_size
         if isinstance(train_pairs, dict):
-            return {k: train_pairs[k].float().cpu() for k in ("clip_text", "clip_image")}
+            return {k: train_pairs[k][:limit].float().cpu() for k in keys}
         if train_pairs is not None:
-            return _gather(train_pairs, ("clip_text", "clip_image"), None)
-        if not self.train_bank:
+            return _gather(train_pairs, keys, limit)
+        shards = getattr(val_batches, "shards", None)
+        if not shards:
             return None
-        text, image = zip(*self.train_bank.values())
-        return {"clip_text": torch.stack(text).float(), "clip_image": torch.stack(image).float()}
+        data_dir = str(Path(shards[0]).parent.parent)
+        if self._train_pairs_cache is None or self._train_pairs_cache[0] != data_dir:
+            from cascade.data.reader import find_shards, make_val_batches
+
+            try:
+                find_shards(data_dir, "train")
+            except UserError:
+                return None
+            loader = make_val_batches(data_dir, image_sizes=(), with_embeddings=True, batch_size=256,
+                                      split="train")
+            self._train_pairs_cache = (data_dir, _gather(loader, keys, limit))
+        return self._train_pairs_cache[1]
 
 
 def _gather(batches: Iterable[dict[str, Any]], keys: tuple[str, ...], limit: int | None

@@ -10,6 +10,8 @@ word table. Everything is drawn from one seed, so the same arguments give the sa
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,9 @@ _WORD_SHAPE = _WORD_COLOUR + COLOURS
 _WORD_SIZE = _WORD_SHAPE + SHAPES
 _WORD_CELL = _WORD_SIZE + SIZES
 WORDS = _WORD_CELL + CELLS
+_NAMES = (["a", "and"] + ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
+          + ["circle", "square", "triangle", "star", "hexagon", "cross"] + ["small", "big"]
+          + [f"{v} {h}" for v in ("top", "middle", "bottom") for h in ("left", "centre", "right")])
 
 
 def _scene_features(objects: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -37,28 +42,30 @@ def _scene_features(objects: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def _tokens(objects, count, word_table, max_len, noise, g):
-    """Caption token states: "a <size> <colour> <shape> <cell>" per object joined by "and"."""
+    """Caption token states and text: "a <size> <colour> <shape> <cell>" per object joined by "and"."""
     n = objects.shape[0]
     ids = torch.zeros(n, max_len, dtype=torch.long)
     mask = torch.zeros(n, max_len, dtype=torch.bool)
+    captions = []
     for i in range(n):
         words = []
         for j in range(int(count[i])):
             c, s, z, cell = objects[i, j].tolist()
             words += ([_WORD_AND] if j else []) + [_WORD_A, _WORD_SIZE + z, _WORD_COLOUR + c,
                                                    _WORD_SHAPE + s, _WORD_CELL + cell]
+        captions.append(" ".join(_NAMES[w] for w in words))
         words = words[:max_len]
         ids[i, : len(words)] = torch.tensor(words)
         mask[i, : len(words)] = True
     states = word_table[ids] + noise * torch.randn(n, max_len, word_table.shape[1], generator=g)
-    return states * mask[..., None], mask
+    return states * mask[..., None], mask, captions
 
 
 def make_pairs(n: int, *, embed_dim: int = 64, token_dim: int = 32, max_text_len: int = 16,
                text_share: float = 0.4, image_noise: float = 0.15, text_noise: float = 0.35,
                seed: int = 0, world_seed: int = 1234) -> dict[str, torch.Tensor]:
     """n samples as a batch dict: clip_image, clip_text (n, D) L2-normalised, clip_tokens (n, L, Dt),
-    clip_mask (n, L) bool, and the scene features "f" (n, FEATURES).
+    clip_mask (n, L) bool, the scene features "f" (n, FEATURES) and the captions "txt" (list of n str).
 
     `world_seed` fixes the linear maps and word table (the "CLIP model"); `seed` draws the scenes, so
     train and val splits share a world and differ in seed. `text_share` is how much of the image map
@@ -81,13 +88,14 @@ def make_pairs(n: int, *, embed_dim: int = 64, token_dim: int = 32, max_text_len
     image = f @ image_map / scale + image_noise * (nuisance @ nuisance_map)
     image = image + 0.1 * image_noise * torch.randn(n, embed_dim, generator=g)
     text = f @ text_map / scale + text_noise * torch.randn(n, embed_dim, generator=g)
-    tokens, mask = _tokens(objects, count, word_table, max_text_len, 0.1, g)
+    tokens, mask, captions = _tokens(objects, count, word_table, max_text_len, 0.1, g)
     return {
         "clip_image": F.normalize(image, dim=-1),
         "clip_text": F.normalize(text, dim=-1),
         "clip_tokens": tokens,
         "clip_mask": mask,
         "f": f,
+        "txt": captions,
     }
 
 
@@ -102,3 +110,25 @@ def batches(pairs: dict[str, torch.Tensor], batch_size: int, *, shuffle: bool = 
         batch = {k: pairs[k][idx] for k in ("clip_image", "clip_text", "clip_tokens", "clip_mask")}
         batch["key"] = [f"{seed}-{j}" for j in idx.tolist()]
         yield batch
+
+
+def write_shards(out_dir, n_train: int, n_val: int, *, shard_size: int = 1000, **kwargs) -> None:
+    """Write `out_dir/{train,val}/shard-*.tar` as `cascade data embed` leaves them, minus the images:
+    txt, json and the four embedding members (tokens as float16), so the prior trains on them with
+    the engine. kwargs go to `make_pairs` (train uses seed 0, val seed 1)."""
+    import numpy as np
+
+    from cascade.data.shards import ShardWriter
+
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        pairs = make_pairs(n, seed=seed, **kwargs)
+        with ShardWriter(Path(out_dir) / split, max_count=shard_size) as writer:
+            for i in range(n):
+                writer.write(f"{split}-{i:06d}", {
+                    "txt": pairs["txt"][i],
+                    "json": {"source": "prior.synthetic", "seed": seed},
+                    "clip_image.npy": pairs["clip_image"][i].numpy(),
+                    "clip_text.npy": pairs["clip_text"][i].numpy(),
+                    "clip_tokens.npy": pairs["clip_tokens"][i].numpy().astype(np.float16),
+                    "clip_mask.npy": pairs["clip_mask"][i].numpy(),
+                })

@@ -162,24 +162,38 @@ def test_nearest_caption_baseline_by_hand():
     assert nearest_caption_images(val_text, train_text, train_image)[:, 0].tolist() == [2.0, 1.0, 3.0]
 
 
-def test_evaluate_reports_both_baselines_and_uses_the_train_bank():
-    stage = small_stage(eval_max_samples=20, train_bank_size=30)
+def test_evaluate_reports_both_baselines(tmp_path):
+    stage = small_stage(eval_max_samples=20, train_pool_size=30)
     cfg = stage.config
     dims = dict(embed_dim=cfg.embed_dim, token_dim=cfg.token_dim, max_text_len=cfg.max_text_len)
     train, val = make_pairs(40, **dims, seed=0), make_pairs(25, **dims, seed=1)
-    stage.train()
-    for batch in batches(train, 8):
-        stage.loss(batch)
-    assert len(stage.train_bank) == 30
-    stage.eval()
-    out = stage.evaluate(batches(val, 8), torch.Generator().manual_seed(0))
+    out = stage.evaluate(batches(val, 8), torch.Generator().manual_seed(0), train_pairs=train)
     assert out["val_count"] == 20 and out["nn_pool"] == 30
     for prefix in ("prior", "text", "nn"):
         assert -1 <= out[f"{prefix}_cos"] <= 1 and 1 <= out[f"{prefix}_mean_rank"] <= 20
         assert 0 <= out[f"{prefix}_r1"] <= 1
-    explicit = stage.evaluate(batches(val, 8), torch.Generator().manual_seed(0), train_pairs=train)
-    assert explicit["nn_pool"] == 40
-    assert explicit["prior_cos"] == out["prior_cos"]  # same generator, same samples
+    text_only = stage.evaluate(batches(val, 8), torch.Generator().manual_seed(0))
+    assert "nn_cos" not in text_only
+    assert text_only["prior_cos"] == out["prior_cos"]  # same generator, same samples
+
+
+def test_evaluate_reads_the_train_split_beside_the_val_shards(tmp_path):
+    from cascade.data.reader import make_val_batches
+    from prior.synthetic import write_shards
+
+    stage = small_stage(eval_max_samples=20)
+    cfg = stage.config
+    write_shards(tmp_path, 30, 12, shard_size=16, embed_dim=cfg.embed_dim, token_dim=cfg.token_dim,
+                 max_text_len=cfg.max_text_len)
+    val = make_val_batches(tmp_path, image_sizes=(), with_embeddings=True, batch_size=5)
+    out = stage.evaluate(val, torch.Generator().manual_seed(0))
+    assert out["val_count"] == 12 and out["nn_pool"] == 30
+    # The nearest train caption of the val split written from the same pairs, by hand.
+    dims = dict(embed_dim=cfg.embed_dim, token_dim=cfg.token_dim, max_text_len=cfg.max_text_len)
+    train_pairs, val_pairs = make_pairs(30, **dims, seed=0), make_pairs(12, **dims, seed=1)
+    picked = nearest_caption_images(val_pairs["clip_text"], train_pairs["clip_text"], train_pairs["clip_image"])
+    expected = F.cosine_similarity(picked, val_pairs["clip_image"], dim=-1).mean().item()
+    assert out["nn_cos"] == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("size", ["tiny", "dalle2"])
