@@ -92,6 +92,19 @@ def test_contrastive_loss_falls_over_30_steps(trained):
     assert np.mean(losses[-5:]) < 0.25 * losses[0]
 
 
+def test_cached_locked_trunk_features_give_the_same_loss(trained):
+    stage, batch, _, _ = trained
+    stage.train()
+    assert stage._trunk_cache is not None and set(stage._trunk_cache) == set(batch["key"])
+    cached = stage.loss(batch)
+    stage._trunk_cache = None
+    try:
+        fresh = stage.loss(batch)
+    finally:
+        stage._trunk_cache = {}
+    torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
 def test_evaluate_reports_recall_beside_the_ridge_baseline(trained):
     stage, batch, _, before = trained
     metrics = stage.evaluate([batch], torch.Generator())

@@ -23,11 +23,16 @@ from cascade.stage import Stage
 
 SOURCE_SIZE = 64  # the shard image the tower reads, resized to `image_size`
 
+MAX_CACHED_IMAGES = 100_000  # pooled trunk features kept (5 kB each for EfficientNet-Lite0)
+
 # config JSON -> {key: ((3, S, S) uint8 image, caption)}: the training pairs seen in this process
 _TRAIN_PAIRS: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
 
 
 class ClipStageConfig(ClipEncoderConfig):
+    # With the image trunk fully locked (LiT), its pooled features of a training image never change:
+    # compute them once per sample key and train the head on the stored ones.
+    cache_locked_image_features: bool = True
     ridge_baseline: bool = True  # report the ridge baseline beside the CLIP's recall in `evaluate`
     ridge_train_samples: int = 8192  # at most this many training pairs are kept to fit it
 
@@ -46,6 +51,8 @@ class ClipStage(Stage):
         self.clip_loss = _open_clip().ClipLoss()
         self._seen = _TRAIN_PAIRS.setdefault(config.model_dump_json(), {})
         self._baseline: tuple[int, dict[str, float]] | None = None
+        cacheable = config.cache_locked_image_features and self.encoder.image_trunk_locked
+        self._trunk_cache: dict[str, torch.Tensor] | None = {} if cacheable else None
 
     # the encoder interface, so a trained stage can stand in for a loaded encoder
     @property
@@ -71,10 +78,24 @@ class ClipStage(Stage):
         images, texts = batch[f"image_{SOURCE_SIZE}"], list(batch["txt"])
         if self.training and self.config.ridge_baseline:
             self._remember(batch["key"], images, texts)
-        image_features = F.normalize(self.encoder.image_features(images), dim=-1)  # (B, D)
+        if self._trunk_cache is not None and self.training:
+            image_features = self.encoder.model.visual.head(self._trunk_features(batch["key"], images))
+        else:
+            image_features = self.encoder.image_features(images)
+        image_features = F.normalize(image_features, dim=-1)  # (B, D)
         text_features = F.normalize(self.encoder.text_features(texts)[0], dim=-1)  # (B, D)
         scale = self.encoder.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         return self.clip_loss(image_features, text_features, scale)
+
+    def _trunk_features(self, keys: list[str], images: torch.Tensor) -> torch.Tensor:
+        """The locked trunk's pooled features (B, F), computed only for keys not seen before."""
+        missing = [i for i, key in enumerate(keys) if key not in self._trunk_cache]
+        if len(self._trunk_cache) + len(missing) > MAX_CACHED_IMAGES:
+            return self.encoder.backbone_image_features(images)
+        if missing:
+            computed = self.encoder.backbone_image_features(images[missing])  # (M, F)
+            self._trunk_cache.update(zip([keys[i] for i in missing], computed))
+        return torch.stack([self._trunk_cache[key] for key in keys])
 
     def _remember(self, keys: list[str], images: torch.Tensor, texts: list[str]) -> None:
         pixels = ((images.detach().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -117,6 +117,11 @@ class ClipEncoder(nn.Module):
         return self
 
     @property
+    def image_trunk_locked(self) -> bool:
+        """Whether the image tower up to its trained head is entirely frozen (timm towers only)."""
+        return self._hf and self._image_frozen
+
+    @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale
 
