@@ -141,7 +141,7 @@ class Cascade:
         for name in self.stages_until(until)[1:]:
             stage = self.stages[name]
             cond = {"low_res": low}
-            if text is not None:
+            if text is not None and stage.config.text:
                 cond.update(text)
             low = stage.sample(cond, sampler=settings.sampler, steps=settings.steps[name],
                                guidance=settings.guidance[name], generator=_generator(seed, name),
@@ -183,7 +183,8 @@ class Cascade:
         x = self.decode(z_i, settings=settings, seed=seed, text=text)
         if progress:
             progress("decoder")
-        return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
+                      z_i)
 
     @torch.no_grad()
     def vary(self, image: torch.Tensor, *, num_images: int = 4, seed: int = 0, until: str = "sr1024",
@@ -240,7 +241,7 @@ class Cascade:
         low = x
         for name in self.stages_until(until)[1:]:
             stage = self.stages[name]
-            size = stage.config.out_size if hasattr(stage.config, "out_size") else low.shape[-1] * 4
+            size = stage.high_size
             noise = torch.randn(1, 3, size, size, generator=_generator(seed, name)).expand(len(x), -1, -1, -1)
             low = stage.sample({"low_res": low}, sampler=settings.sampler, steps=settings.steps[name],
                                guidance=settings.guidance[name], generator=_generator(seed, name),
@@ -252,19 +253,26 @@ class Cascade:
 
 
 def check_chain(clip, stages: dict) -> None:
-    """The resolutions and embedding sizes must line up from one stage to the next."""
-    d = getattr(clip, "embed_dim", None)
-    for name in ("prior", "decoder"):
+    """The resolutions and embedding sizes must line up from one stage to the next; each mismatch is a
+    one-line UserError naming both sides."""
+    d, dt = clip.embed_dim, clip.token_dim
+    wants = {"prior": [("embed_dim", d), ("token_dim", dt)], "decoder": [("clip_dim", d), ("text_dim", dt)]}
+    for name, checks in wants.items():
         if name in stages:
-            cfg = stages[name].config
-            want = getattr(cfg, "embed_dim", None) or getattr(cfg, "clip_dim", None)
-            if d is not None and want is not None and want != d:
-                raise UserError(f"{name} expects CLIP embeddings of size {want}, the bundle's clip gives {d}")
-    size = stages["decoder"].config.image_size if "decoder" in stages else 64
+            for key, have in checks:
+                want = getattr(stages[name].config, key)
+                if want != have:
+                    raise UserError(f"{name} was trained with {key}={want}, but the bundle's clip gives {have}")
+    for name in ("sr256", "sr1024"):
+        stage = stages.get(name)
+        if stage is not None and stage.config.text and stage.config.text_dim != dt:
+            raise UserError(f"{name} was trained with text_dim={stage.config.text_dim}, "
+                            f"but the bundle's clip gives {dt}")
+    size = stages["decoder"].config.image_size if "decoder" in stages else None
     for name in ("sr256", "sr1024"):
         if name in stages:
-            cfg = stages[name].config
-            low = getattr(cfg, "low_res", None) or getattr(cfg, "in_size", None)
-            if low is not None and low != size:
-                raise UserError(f"{name} takes {low}x{low} inputs, but the stage before it makes {size}x{size}")
-            size = getattr(cfg, "high_res", None) or getattr(cfg, "out_size", None) or size * 4
+            stage = stages[name]
+            if size is not None and stage.low_size != size:
+                raise UserError(f"{name} takes {stage.low_size}x{stage.low_size} inputs, but the stage before "
+                                f"it makes {size}x{size}")
+            size = stage.high_size
