@@ -71,7 +71,8 @@ def test_stage_is_registered_with_its_contract():
 def trained():
     """The LiT towers locked, heads trained 30 steps on the 12 shape pairs."""
     torch.manual_seed(0)
-    stage = ClipStage(ClipStageConfig(embed_dim=64, image_size=64, max_text_len=8, ridge_train_samples=8))
+    stage = ClipStage(ClipStageConfig(embed_dim=64, image_size=64, max_text_len=8, ridge_train_samples=8,
+                                      ridge_baseline=False))
     batch = shape_batch()
     before = stage.evaluate([batch], torch.Generator())
     stage.train()
@@ -107,7 +108,11 @@ def test_cached_locked_trunk_features_give_the_same_loss(trained):
 
 def test_evaluate_reports_recall_beside_the_ridge_baseline(trained):
     stage, batch, _, before = trained
-    metrics = stage.evaluate([batch], torch.Generator())
+    stage.config.ridge_baseline = True
+    try:
+        metrics = stage.evaluate([batch], torch.Generator(), train_batches=[batch])
+    finally:
+        stage.config.ridge_baseline = False
     assert metrics["val_pairs"] == 12
     assert metrics["i2t_r1"] > before["i2t_r1"] and metrics["i2t_r1"] >= 0.9
     assert metrics["ridge_train_pairs"] == 8  # capped by ridge_train_samples

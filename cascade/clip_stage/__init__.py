@@ -2,14 +2,12 @@
 
 The network is a `cascade.encoders.ClipEncoder`; the loss is CLIP's symmetric InfoNCE (open_clip's
 `ClipLoss`) with a learned temperature clipped at 100. Evaluation reports image->text and text->image
-recall@1/5/10 on the val batches beside the ridge-regression baseline of `retrieval`, which is fit on
-the training pairs seen in this process (the engine hands `evaluate` only val batches, so `loss`
-remembers up to `ridge_train_samples` of them, as 8-bit images and captions). The memory is shared by
-every stage built with the same config, because the engine evaluates a separate copy holding the EMA
-weights, which never sees a training batch itself.
+recall@1/5/10 on the val batches beside the ridge-regression baseline of `retrieval`, fit on up to
+`ridge_train_samples` train pairs: given ones, or else the train split beside the val shards.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,16 +23,13 @@ SOURCE_SIZE = 64  # the shard image the tower reads, resized to `image_size`
 
 MAX_CACHED_IMAGES = 100_000  # pooled trunk features kept (5 kB each for EfficientNet-Lite0)
 
-# config JSON -> {key: ((3, S, S) uint8 image, caption)}: the training pairs seen in this process
-_TRAIN_PAIRS: dict[str, dict[str, tuple[torch.Tensor, str]]] = {}
-
 
 class ClipStageConfig(ClipEncoderConfig):
     # With the image trunk fully locked (LiT), its pooled features of a training image never change:
     # compute them once per sample key and train the head on the stored ones.
     cache_locked_image_features: bool = True
     ridge_baseline: bool = True  # report the ridge baseline beside the CLIP's recall in `evaluate`
-    ridge_train_samples: int = 8192  # at most this many training pairs are kept to fit it
+    ridge_train_samples: int = 4096  # at most this many train pairs fit it
 
 
 @register_stage("clip")
@@ -49,8 +44,7 @@ class ClipStage(Stage):
         self.encoder = ClipEncoder(ClipEncoderConfig(**{k: getattr(config, k)
                                                         for k in ClipEncoderConfig.model_fields}))
         self.clip_loss = _open_clip().ClipLoss()
-        self._seen = _TRAIN_PAIRS.setdefault(config.model_dump_json(), {})
-        self._baseline: tuple[int, dict[str, float]] | None = None
+        self._baseline: tuple[str, dict[str, float]] | None = None
         cacheable = config.cache_locked_image_features and self.encoder.image_trunk_locked
         self._trunk_cache: dict[str, torch.Tensor] | None = {} if cacheable else None
 
@@ -76,8 +70,6 @@ class ClipStage(Stage):
     # training
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         images, texts = batch[f"image_{SOURCE_SIZE}"], list(batch["txt"])
-        if self.training and self.config.ridge_baseline:
-            self._remember(batch["key"], images, texts)
         if self._trunk_cache is not None and self.training:
             image_features = self.encoder.model.visual.head(self._trunk_features(batch["key"], images))
         else:
@@ -97,16 +89,11 @@ class ClipStage(Stage):
             self._trunk_cache.update(zip([keys[i] for i in missing], computed))
         return torch.stack([self._trunk_cache[key] for key in keys])
 
-    def _remember(self, keys: list[str], images: torch.Tensor, texts: list[str]) -> None:
-        pixels = ((images.detach().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        for key, image, text in zip(keys, pixels, texts):
-            if len(self._seen) >= self.config.ridge_train_samples:
-                return
-            self._seen.setdefault(key, (image, text))
-
     # evaluation
     @torch.no_grad()
-    def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:
+    def evaluate(self, batches, generator: torch.Generator, train_batches=None) -> dict[str, float]:
+        """Recall of this CLIP on `batches`, and of the ridge baseline fit on `train_batches` (default:
+        the train split beside the val shards, when `batches` is a shard reader)."""
         was_training = self.training
         self.eval()
         images, texts, image_emb, text_emb = [], [], [], []
@@ -122,25 +109,39 @@ class ClipStage(Stage):
         metrics = retrieval.retrieval_metrics(torch.cat(image_emb), torch.cat(text_emb))
         metrics["logit_scale"] = float(self.encoder.logit_scale.exp())
         metrics["val_pairs"] = float(len(texts))
-        if self.config.ridge_baseline and len(self._seen) >= 2:
-            metrics.update(self._ridge_metrics(torch.cat(images), texts))
+        if self.config.ridge_baseline:
+            metrics.update(self._ridge_metrics(train_batches, batches, torch.cat(images), texts))
         return metrics
 
-    def _ridge_metrics(self, val_images: torch.Tensor, val_texts: list[str]) -> dict[str, float]:
-        """The baseline from the towers as loaded (never the trained ones), cached per training-set size."""
-        if self._baseline is not None and self._baseline[0] == len(self._seen):
+    def _ridge_metrics(self, train_batches, val_batches, val_images: torch.Tensor,
+                       val_texts: list[str]) -> dict[str, float]:
+        """The baseline from the towers as loaded (never the trained ones); cached per train source."""
+        source = "given" if train_batches is not None else None
+        if train_batches is None and getattr(val_batches, "shards", None):
+            from cascade.data.reader import make_val_batches
+
+            source = str(Path(val_batches.shards[0]).parent.parent)
+            train_batches = make_val_batches(source, image_sizes=self.image_sizes, batch_size=64, split="train")
+        if train_batches is None:
+            return {}
+        if source != "given" and self._baseline is not None and self._baseline[0] == source:
             return self._baseline[1]
         reference = ClipEncoder(self.encoder.config).eval()
-        train_images = torch.stack([img for img, _ in self._seen.values()]).float().div(127.5).sub(1.0)
-        train_texts = [text for _, text in self._seen.values()]
-        features = {}
-        for split, (imgs, txts) in {"train": (train_images, train_texts), "val": (val_images, val_texts)}.items():
-            feats, embs = [], []
-            for i in range(0, len(txts), 64):
-                feats.append(reference.backbone_image_features(imgs[i:i + 64]))
-                embs.append(reference.backbone_text_embedding(txts[i:i + 64]))
-            features[split] = torch.cat(feats), torch.cat(embs)
-        metrics = retrieval.ridge_baseline(*features["train"], *features["val"])
-        metrics["ridge_train_pairs"] = float(len(train_texts))
-        self._baseline = (len(self._seen), metrics)
+        limit = self.config.ridge_train_samples
+        features = {"train": ([], []), "val": ([], [])}
+        for batch in train_batches:
+            room = limit - sum(len(f) for f in features["train"][0])
+            if room <= 0:
+                break
+            features["train"][0].append(reference.backbone_image_features(batch[f"image_{SOURCE_SIZE}"][:room]))
+            features["train"][1].append(reference.backbone_text_embedding(list(batch["txt"])[:room]))
+        for i in range(0, len(val_texts), 64):
+            features["val"][0].append(reference.backbone_image_features(val_images[i:i + 64]))
+            features["val"][1].append(reference.backbone_text_embedding(val_texts[i:i + 64]))
+        train_x, train_y = (torch.cat(f) for f in features["train"])
+        if len(train_x) < 2:
+            return {}
+        metrics = retrieval.ridge_baseline(train_x, train_y, *(torch.cat(f) for f in features["val"]))
+        metrics["ridge_train_pairs"] = float(len(train_x))
+        self._baseline = (source, metrics)
         return metrics
