@@ -25,6 +25,15 @@ from cascade.diffusion import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tensors here are tiny; a second thread only adds synchronisation per op.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)

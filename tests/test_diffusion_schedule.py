@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cascade.diffusion import AngleSchedule, NoiseSchedule, q_mean_variance, q_posterior_mean_variance, q_sample
+from cascade.diffusion.noise_schedule import LOG_SNR_FLOOR
 from cascade.errors import UserError
 
 
@@ -109,13 +110,15 @@ def test_uniform_respace_is_evenly_spaced():
     assert torch.allclose(same.betas, NoiseSchedule.from_name("linear", 100).betas, rtol=1e-12)
 
 
-def test_logsnr_respace_is_close_to_uniform_in_log_snr():
-    s = NoiseSchedule.from_name("linear")
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_logsnr_respace_is_close_to_uniform_in_log_snr(name):
+    s = NoiseSchedule.from_name(name)
     _, kept = s.respace(12, "logsnr")
     log_snr = torch.log(s.alphas_cumprod / (1 - s.alphas_cumprod))[kept]
-    gaps = -log_snr.diff()
-    ideal = (log_snr[0] - log_snr[-1]) / 11
+    gaps = -log_snr[:-1].diff()  # the last step jumps from step T to the grid
+    ideal = (log_snr[0] - LOG_SNR_FLOOR) / 11
     assert bool((gaps > 0).all()) and float((gaps - ideal).abs().max()) < 0.25 * float(ideal)
+    assert log_snr[-1] < LOG_SNR_FLOOR < log_snr[-2]
 
 
 def test_bad_schedule_arguments_are_user_errors():
