@@ -194,3 +194,14 @@ def test_loss_rejects_mismatched_output_shapes(batch):
         diffusion_loss(s, lambda x_t, tt: x_t[:, :2], x0, t, eps)
     with pytest.raises(ValueError, match="learned variance"):
         diffusion_loss(s, lambda x_t, tt: x_t, x0, t, eps, learned_variance=True)
+
+
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_vlb_vanishes_for_the_perfect_mean_and_posterior_variance(batch, prediction):
+    """p = q exactly (mean from the true target, v = -1 so Sigma = beta~): every KL term is 0."""
+    s, x0, eps, t = batch
+    t = t.clamp(min=1)  # step 1 is the decoder NLL, not a KL
+    target = prediction_target(s, prediction, x0, eps, t)
+    model = lambda x_t, tt: torch.cat([target, -torch.ones_like(target)], dim=1)  # noqa: E731
+    terms = loss_terms(s, model, x0, t, eps, prediction, learned_variance=True)
+    assert terms["vlb"].abs().max().item() < 1e-9
