@@ -104,6 +104,14 @@ def save(run_dir: Path, engine, stage: nn.Module, ema: EMA, state: CheckpointSta
     return final
 
 
+def remove_unfinished(run_dir: Path) -> None:
+    """Delete the temporary directories of saves that a killed run never finished."""
+    root = checkpoint_dir(run_dir)
+    if root.is_dir():
+        for path in root.glob(".tmp-step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _prune(root: Path) -> None:
     done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)))
     for _, path in done[:-KEEP]:

@@ -28,7 +28,7 @@ from cascade.training.ema import EMA
 from cascade.training.lr_schedule import learning_rate
 from cascade.training.run_log import RunLog, truncate_metrics
 from cascade.training.sample_grid import save_grid
-from cascade.training.zero_params import promote_scalars
+from cascade.training.zero_params import params_read_outside_forward, promote_scalars
 
 PREVIEW_COUNT = 16  # images in a sample grid
 
@@ -207,7 +207,8 @@ class Trainer:
                                       weight_decay=cfg.weight_decay)
         wrapper = _LossOf(stage)
         if zero_stage == 3:
-            for p in stage.parameters(recurse=False):
+            probe = next(self._loader(stage, skip_batches=0))
+            for p in params_read_outside_forward(stage, lambda: stage.loss(probe)):
                 deepspeed.zero.register_external_parameter(wrapper, p)
         engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
         self.engine, self.stage, self.ema, self.zero_stage = engine, stage, ema, zero_stage
@@ -230,31 +231,31 @@ class Trainer:
                 ema.load_state_dict(checkpoints.load_ema(path), state.ema_updates)
             ema.updates = state.ema_updates
             self.step = state.step
-            self.micro_batches = state.micro_batches
+            # The same number of samples seen in total; each rank's share is its own new slice.
+            self.micro_batches = state.micro_batches * state.world_size // self.dist.world_size
         if not rng_restored:
             torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.dist.rank + 1) + self.step)
 
-    def _loader(self) -> Iterator[dict[str, Any]]:
+    def _loader(self, stage: nn.Module, skip_batches: int) -> Iterator[dict[str, Any]]:
         from cascade.data.reader import make_loader
 
         cfg = self.train_cfg
         return iter(make_loader(self.args.data, "train", image_sizes=self.stage_cls.image_sizes,
                                 with_embeddings=self.stage_cls.needs_embeddings, batch_size=cfg.batch_size,
-                                preprocess=self.stage.preprocess, shuffle=True, seed=cfg.seed,
+                                preprocess=stage.preprocess, shuffle=True, seed=cfg.seed,
                                 rank=self.dist.rank, world_size=self.dist.world_size,
                                 num_workers=cfg.num_workers, infinite=True,
-                                skip_batches=self.micro_batches))
+                                skip_batches=skip_batches))
 
-    def _val_batches(self):
+    def _val_batches(self, batch_size: int, split: str = "val"):
+        """One ordered pass over `split`, or None when the data has no such split."""
         from cascade.data.reader import make_val_batches
 
-        val_dir = Path(self.args.data) / "val"
-        if not any(val_dir.glob("*.tar")):
+        if not any((Path(self.args.data) / split).glob("*.tar")):
             return None
         return make_val_batches(self.args.data, image_sizes=self.stage_cls.image_sizes,
-                                with_embeddings=self.stage_cls.needs_embeddings,
-                                batch_size=self.train_cfg.batch_size, preprocess=self.stage.preprocess,
-                                seed=self.train_cfg.seed)
+                                with_embeddings=self.stage_cls.needs_embeddings, batch_size=batch_size,
+                                preprocess=self.stage.preprocess, seed=self.train_cfg.seed, split=split)
 
     # ------------------------------------------------------------------ the EMA copy on rank 0
     def ema_stage(self) -> nn.Module | None:
@@ -279,19 +280,14 @@ class Trainer:
         self.log(f"checkpoint {path}")
 
     def _sample(self, preview_batch: dict[str, Any] | None) -> None:
-        if not self.stage_cls.samples_images or preview_batch is None:
-            return
+        """A grid of the EMA model's previews for a fixed batch (every rank calls this)."""
         model = self.ema_stage()
-        if model is None:
-            return
-        generator = torch.Generator().manual_seed(self.train_cfg.seed)
-        images = model.preview(preview_batch, generator)
-        if images is not None:
-            path = self.run_dir / "samples" / f"step-{self.step:06d}.png"
-            captions = list(preview_batch.get("txt", []))[: images.shape[0]] or None
-            if captions is not None and len(captions) < images.shape[0]:
-                captions = None
-            save_grid(path, images, captions)
+        if model is not None and preview_batch is not None:
+            images = model.preview(preview_batch, torch.Generator().manual_seed(self.train_cfg.seed))
+            if images is not None:
+                captions = list(preview_batch.get("txt", []))
+                save_grid(self.run_dir / "samples" / f"step-{self.step:06d}.png", images,
+                          captions[: images.shape[0]] if len(captions) >= images.shape[0] else None)
         distributed.barrier()
 
     def _evaluate(self) -> dict[str, float]:
@@ -299,7 +295,7 @@ class Trainer:
         model = self.ema_stage()
         metrics: dict[str, float] = {}
         if model is not None:
-            batches = self._val_batches()
+            batches = self._val_batches(self.train_cfg.batch_size)
             if batches is None:
                 self.log(f"no validation shards in {Path(self.args.data) / 'val'}; skipping evaluation")
             else:
@@ -308,22 +304,11 @@ class Trainer:
                 if metrics:
                     self.log(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         distributed.barrier()
-        self.evaluated_step = self.step
         return metrics
 
     def _preview_batch(self) -> dict[str, Any] | None:
-        if not self.stage_cls.samples_images or not self.train_cfg.sample_every:
-            return None
-        batches = self._val_batches()
-        if batches is None:
-            from cascade.data.reader import make_val_batches
-
-            batches = make_val_batches(self.args.data, image_sizes=self.stage_cls.image_sizes,
-                                       with_embeddings=self.stage_cls.needs_embeddings,
-                                       batch_size=PREVIEW_COUNT, preprocess=self.stage.preprocess,
-                                       seed=self.train_cfg.seed, split="train")
-        else:
-            batches.batch_size = PREVIEW_COUNT
+        """Rank 0: the first val batch (train, if there is no val split) that every grid shows."""
+        batches = self._val_batches(PREVIEW_COUNT) or self._val_batches(PREVIEW_COUNT, split="train")
         return next(iter(batches), None)
 
     # ------------------------------------------------------------------ the loop
@@ -331,19 +316,22 @@ class Trainer:
         self._build()
         cfg = self.train_cfg
         engine = self.engine
-        if self.resume is not None and self.main:
-            truncate_metrics(self.run_dir, self.step)
-        self.evaluated_step = -1
+        if self.main:
+            checkpoints.remove_unfinished(self.run_dir)
+            truncate_metrics(self.run_dir, self.step)  # lines a killed run logged past its checkpoint
         log = RunLog(self.run_dir, active=self.main, start_step=self.step, max_steps=cfg.max_steps,
                      desc=f"{self.run.stage}")
-        preview_batch = self._preview_batch() if self.main else None
-        batches = self._loader()
+        grids = bool(cfg.sample_every) and self.stage_cls.samples_images
+        preview_batch = self._preview_batch() if grids and self.main else None
+        batches = self._loader(self.stage, skip_batches=self.micro_batches)
         interrupted = False
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
+        first_step = self.step
         with _StopFlag() as stop:
             self.stage.train()
             while self.step < cfg.max_steps:
+                started = time.perf_counter()
                 lr = learning_rate(self.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                    max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
                 for group in engine.optimizer.param_groups:
@@ -358,22 +346,20 @@ class Trainer:
                     step_loss += float(loss.detach()) / cfg.grad_accum
                 self.step += 1
                 self.ema.update()
+                window_time += time.perf_counter() - started  # training only: not eval, grids, saves
                 window_loss += step_loss
                 window_steps += 1
                 log.advance(step_loss)
 
                 last = self.step == cfg.max_steps
-                metrics: dict[str, Any] = {}
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
-                    metrics = self._evaluate()
-                if self.step % cfg.log_every == 0 or last or metrics:
-                    elapsed = time.perf_counter() - window_start
+                evaluate = (cfg.eval_every and self.step % cfg.eval_every == 0) or last
+                metrics = self._evaluate() if evaluate else {}
+                if self.step % cfg.log_every == 0 or last or evaluate:
                     mean_loss = distributed.mean_over_ranks(window_loss / window_steps)
-                    log.record(self.step, {"loss": mean_loss, "lr": lr,
-                                           "samples_per_s": window_steps * samples_per_step / max(elapsed, 1e-9),
-                                           **metrics})
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+                    speed = window_steps * samples_per_step / max(window_time, 1e-9)
+                    log.record(self.step, {"loss": mean_loss, "lr": lr, "samples_per_s": speed, **metrics})
+                    window_loss, window_steps, window_time = 0.0, 0, 0.0
+                if grids and (self.step % cfg.sample_every == 0 or last):
                     self._sample(preview_batch)
                 if distributed.any_rank(stop.raised):
                     interrupted = True
@@ -382,11 +368,8 @@ class Trainer:
                     break
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
                     self._save()
-            if not interrupted and self.evaluated_step != self.step:
-                # A run resumed at its last step: evaluate what it finished with.
-                metrics = self._evaluate()
-                if metrics:
-                    log.record(self.step, metrics)
+            if first_step >= cfg.max_steps:
+                self.log(f"already trained to step {self.step} (max_steps {cfg.max_steps}); nothing to do")
         log.close()
         export_dir = None
         if self.args.export is not None and not interrupted:

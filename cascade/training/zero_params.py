@@ -48,3 +48,22 @@ def promote_scalars(module: nn.Module) -> int:
 def saved_form(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`value` (a copy of parameter `p`) in the shape the stage declared."""
     return value.reshape(()) if getattr(p, _SCALAR_MARK, False) else value
+
+
+def params_read_outside_forward(module: nn.Module, run) -> list[nn.Parameter]:
+    """Parameters that `run()` may use without calling their module, found by running it once.
+
+    ZeRO-3 gathers a module's own parameters in hooks around that module's call, so a parameter
+    read as an attribute elsewhere (a stage's own `nn.Parameter`, CLIP's `model.logit_scale`) would
+    be an empty slice. Those of modules that `run()` never calls are the ones to register with
+    `deepspeed.zero.register_external_parameter` on the module that is called.
+    """
+    called: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))) for m in module.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [p for m in module.modules() if id(m) not in called for p in m.parameters(recurse=False)]
