@@ -13,6 +13,7 @@ from cascade.config import parse_config, read_yaml
 from cascade.encoders import load_encoder
 from cascade.errors import ConfigError
 from cascade.registry import get_stage
+from cascade.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 30, 220), "yellow": (230, 210, 20)}
@@ -136,8 +137,19 @@ def test_shipped_configs_validate(path):
     data = read_yaml(path)
     assert set(data) == {"stage", "model", "train"} and data["stage"] == "clip"
     parse_config(ClipStageConfig, data["model"], str(path))
+    parse_config(TrainConfig, data["train"], str(path))
 
 
 def test_unknown_config_key_is_named():
     with pytest.raises(ConfigError, match="unknown key 'embed_dims'"):
         parse_config(ClipStageConfig, {"embed_dims": 3}, "clip.yaml")
+
+
+def test_dalle2_config_builds_vit_h_on_the_meta_device():
+    data = read_yaml(ROOT / "configs/dalle2/clip.yaml")
+    with torch.device("meta"):
+        stage = ClipStage(parse_config(ClipStageConfig, data["model"]))
+    params = sum(p.numel() for p in stage.parameters())
+    assert 0.9e9 < params < 1.1e9  # ViT-H/16 (632M) + a 24-layer 1024-wide text transformer (354M)
+    assert (stage.embed_dim, stage.token_dim) == (1024, 1024)
+    assert next(stage.parameters()).device.type == "meta"

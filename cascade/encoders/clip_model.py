@@ -248,7 +248,9 @@ def _build_named(open_clip, cfg: ClipEncoderConfig):
     if name not in open_clip.list_models():
         raise UserError(f"unknown open_clip model '{name}'; see open_clip.list_models()")
     try:
-        model = open_clip.create_model(name, pretrained=cfg.open_clip_pretrained)
+        # the default device, so that building under `torch.device("meta")` allocates nothing
+        model = open_clip.create_model(name, pretrained=cfg.open_clip_pretrained,
+                                       device=torch.get_default_device())
     except RuntimeError as err:
         raise UserError(f"cannot load open_clip model '{name}' with pretrained="
                         f"'{cfg.open_clip_pretrained}': {err}") from None
