@@ -205,3 +205,20 @@ def test_sigterm_checkpoints_and_resume_reproduces_an_uninterrupted_run(tmp_path
     losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")}
     resumed = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")}
     assert all(math.isclose(losses[s], resumed[s], rel_tol=1e-5) for s in losses)
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path, data):
+    # The reader deals the same samples in the same order, so 2 x 8 and 1 x 16 make the same steps.
+    big = write_config(tmp_path / "big.yaml", batch_size=16, grad_accum=1, max_steps=4, log_every=1)
+    accum = write_config(tmp_path / "accum.yaml", batch_size=8, grad_accum=2, max_steps=4, log_every=1)
+    _train(tmp_path, "big", data, big)
+    _train(tmp_path, "accum", data, accum)
+    a = load_file(str(tmp_path / "big" / "checkpoints" / "step-000004" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "accum" / "checkpoints" / "step-000004" / "weights.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    la = [r["loss"] for r in read_jsonl(tmp_path / "big" / "metrics.jsonl")]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "accum" / "metrics.jsonl")]
+    assert lb == pytest.approx(la, rel=1e-5)
+    state = json.loads((tmp_path / "accum" / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["micro_batches"] == 8
