@@ -14,6 +14,7 @@ from cascade.errors import UserError
 
 DEFAULT_MODEL = os.environ.get("CASCADE_MODEL", "bundles/tiny")
 UNTIL = ("decoder", "sr256", "sr1024")
+INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
 
 # ---------------------------------------------------------------------------- option parsing
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
 def cmd_vary(args) -> int:
     from cascade.images import read_image
 
-    image = read_image(args.image, size=None)
+    image = read_image(args.image, size=INPUT_SIZE)
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
     settings = _settings(args)
@@ -136,7 +137,7 @@ def cmd_interpolate(args) -> int:
 
     if len(args.image) != 2:
         raise UserError(f"interpolate takes exactly two --image options, got {len(args.image)}")
-    a, b = (read_image(p) for p in args.image)
+    a, b = (read_image(p, size=INPUT_SIZE) for p in args.image)
     frames = _frames(args)
     settings = _settings(args)
     cascade = _load(args)
@@ -152,7 +153,7 @@ def cmd_textdiff(args) -> int:
     from cascade.images import read_image
     from cascade.pipeline import check_prompt
 
-    image = read_image(args.image)
+    image = read_image(args.image, size=INPUT_SIZE)
     src, dst = check_prompt(args.from_text), check_prompt(args.to_text)
     frames = _frames(args)
     settings = _settings(args)

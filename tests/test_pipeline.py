@@ -1,0 +1,162 @@
+"""The orchestrator and the model commands on a bundle of small, untrained stages: the plumbing
+(sizes, seeds, files, chain checks, errors). Training quality is tested per stage and in the slow
+end-to-end test."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascade.bundle import save_stage, write_manifest
+from cascade.cli import main
+from cascade.errors import UserError
+from cascade.pipeline import Cascade, Settings
+from cascade.registry import get_stage
+
+FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
+
+
+def _stage(name: str, **model):
+    cls = get_stage(name)
+    torch.manual_seed(0)
+    return cls(cls.Config(**model))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    clip = _stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
+    save_stage(clip, root / "clip")
+    save_stage(_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
+               root / "prior")
+    save_stage(_stage("decoder", clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2],
+                      num_res_blocks=1, attention_resolutions=[16], head_dim=8, patch_size=2), root / "decoder")
+    sr = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
+    save_stage(_stage("sr256", **sr), root / "sr256")
+    save_stage(_stage("sr1024", **sr, train_crop=64, tile_size=256), root / "sr1024")
+    write_manifest(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cascade(bundle):
+    return Cascade.from_bundle(bundle)
+
+
+def _fast_settings():
+    return Settings(steps={"prior": 3, "decoder": 3, "sr256": 2, "sr1024": 2})
+
+
+@pytest.mark.parametrize("until,size", [("decoder", 64), ("sr256", 256)])
+def test_generate_returns_each_resolution_and_repeats_with_a_seed(cascade, until, size):
+    a = cascade.generate(["a red circle", "a blue square"], seed=3, until=until, settings=_fast_settings())
+    b = cascade.generate(["a red circle", "a blue square"], seed=3, until=until, settings=_fast_settings())
+    assert a.final.shape == (2, 3, size, size)
+    assert a.final.min() >= -1 and a.final.max() <= 1
+    assert torch.equal(a.final, b.final)
+    c = cascade.generate(["a red circle", "a blue square"], seed=4, until=until, settings=_fast_settings())
+    assert not torch.equal(a.final, c.final)
+
+
+def test_stopping_earlier_keeps_the_earlier_images(cascade):
+    short = cascade.generate(["a green star"], seed=1, until="decoder", settings=_fast_settings())
+    long = cascade.generate(["a green star"], seed=1, until="sr256", settings=_fast_settings())
+    assert torch.equal(short.images["decoder"], long.images["decoder"])
+
+
+def test_generate_cli_writes_pngs_with_settings_and_grid(bundle, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["generate", "--prompt", "a red circle at the top left", "--model", str(bundle), "--num-images", "1",
+            "--until", "sr1024", "--steps", FAST, "--seed", "5", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 2 and "grid" in paths[-1]
+    with Image.open(paths[0]) as im:
+        assert im.size == (1024, 1024) and im.mode == "RGB"
+        assert im.text["prompt"] == "a red circle at the top left" and im.text["seed"] == "5"
+        assert json.loads(im.text["steps"])["decoder"] == 3
+        first = np.asarray(im)
+    shutil.rmtree(out)
+    small = [a if a != "sr1024" else "decoder" for a in args]
+    assert main(small) == 0
+    with Image.open(capsys.readouterr().out.split()[0]) as im:
+        low = np.asarray(im)
+    assert main(small) == 0
+    with Image.open(capsys.readouterr().out.split()[0]) as im:
+        assert np.array_equal(np.asarray(im), low)  # same seed and settings -> identical pixels
+    assert first.std() > 0
+
+
+def test_vary_interpolate_textdiff_write_their_frames(bundle, tmp_path, capsys):
+    src = tmp_path / "src.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(src)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(other)
+    common = ["--model", str(bundle), "--until", "decoder", "--steps", FAST, "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(["vary", "--image", str(src), "--num-images", "3", *common]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+    assert main(["interpolate", "--image", str(src), "--image", str(other), "--frames", "4", *common]) == 0
+    frames = capsys.readouterr().out.split()
+    assert len(frames) == 5
+    assert main(["textdiff", "--image", str(src), "--from", "a photo", "--to", "a red square", "--frames", "3",
+                 *common]) == 0
+    assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_interpolation_endpoints_decode_the_endpoint_embeddings(cascade):
+    a = torch.rand(3, 64, 64) * 2 - 1
+    b = -a
+    s = _fast_settings()
+    frames = cascade.interpolate(a, b, frames=3, seed=2, until="decoder", settings=s)
+    z = cascade.encode_image(torch.stack([a, b]))
+    assert torch.allclose(frames.image_embeddings[0], z[0], atol=1e-5)
+    assert torch.allclose(frames.image_embeddings[-1], z[1], atol=1e-5)
+    noise = cascade.decoder_noise(2).expand(2, -1, -1, -1)
+    ends = cascade.decode(z, settings=s, seed=2, noise=noise)
+    assert torch.allclose(frames.images["decoder"][[0, -1]], ends, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--prompt", "   "], "prompt is empty"),
+    (["generate", "--prompt", "x" * 400], "at most"),
+    (["generate", "--prompt", "a cat", "--steps", "decoder=0"], "between 1 and 1000"),
+    (["generate", "--prompt", "a cat", "--guidance", "prior=abc"], "not a number"),
+    (["generate", "--prompt", "a cat", "--num-images", "0"], "between 1 and 64"),
+    (["interpolate", "--image", "a.png"], "exactly two"),
+])
+def test_bad_options_are_one_line_and_exit_2(bundle, args, needle, capsys):
+    assert main(args + ["--model", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_missing_or_corrupt_bundle_and_non_image(bundle, tmp_path, capsys):
+    assert main(["generate", "--prompt", "a cat", "--model", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "cascade.json").write_text("{not json")
+    assert main(["generate", "--prompt", "a cat", "--model", str(broken)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    (broken / "cascade.json").write_text((bundle / "cascade.json").read_text())
+    (broken / "decoder" / "model.safetensors").write_bytes(b"garbage")
+    assert main(["generate", "--prompt", "a cat", "--model", str(broken)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert main(["vary", "--image", str(text), "--model", str(bundle)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+def test_chain_mismatch_is_named(bundle, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(bundle, odd)
+    shutil.rmtree(odd / "prior")
+    save_stage(_stage("prior", embed_dim=48, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
+               odd / "prior")
+    with pytest.raises(UserError, match="prior was trained with embed_dim=48"):
+        Cascade.from_bundle(odd)
