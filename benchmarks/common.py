@@ -1,0 +1,41 @@
+"""Timing helpers shared by the benchmark scripts: medians of repeated runs, FLOP counts and an
+in-process matmul peak probe, so that every speed is reported beside what this machine can do now."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def median_seconds(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `runs` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of the matmuls, convolutions and attention that `fn()` runs (torch's FlopCounterMode)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_gflops(n: int = 1024, runs: int = 7) -> float:
+    """Achieved GFLOP/s of an (n x n) @ (n x n) fp32 matmul: the practical peak on this CPU right now."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_seconds(lambda: a @ b, runs=runs, warmup=2) / 1e9
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Print the benchmark's one JSON line."""
+    print(json.dumps(record, sort_keys=True))

@@ -1,0 +1,57 @@
+"""The decoder's conditioning (unCLIP, Ramesh et al. 2022, section 2.1, on top of GLIDE section 2.3).
+
+The CLIP image embedding z_i is projected and added to the timestep embedding, and projected into
+`image_tokens` context tokens; the CLIP text token states are projected to the context width (and
+refined by a small transformer when `text_layers` > 0, like GLIDE's text encoder). For
+classifier-free guidance either part can be dropped per sample: a dropped z_i is replaced by a learned
+null embedding, dropped text by a learned null token (the text tokens are then masked out).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from cascade.nn import TransformerBlock
+from decoder.config import DecoderConfig
+
+
+class Conditioning(nn.Module):
+    """(z_i, text tokens, keep flags) -> (emb (B, E), context (B, K + 1 + L, C), context mask (B, K + 1 + L)).
+
+    Context layout: K image tokens (always visible), one null-text token (visible only when the text
+    is dropped or absent), then the L text tokens (visible where their mask is True and text is kept).
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        width = config.context_width
+        self.image_tokens = config.image_tokens
+        self.null_image = nn.Parameter(torch.randn(config.clip_dim) * config.clip_dim**-0.5)
+        self.null_text = nn.Parameter(torch.randn(1, width) * 0.02)
+        self.image_to_emb = nn.Linear(config.clip_dim, config.embedding_dim)
+        self.image_to_tokens = nn.Linear(config.clip_dim, config.image_tokens * width)
+        self.text_proj = nn.Linear(config.text_dim, width)
+        self.text_blocks = nn.ModuleList(TransformerBlock(width, config.head_dim) for _ in range(config.text_layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor | None, token_mask: torch.Tensor | None,
+                keep_image: torch.Tensor, keep_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = image_emb.shape[0]
+        image = torch.where(keep_image[:, None], image_emb, self.null_image.to(image_emb.dtype))  # (B, D)
+        emb = self.image_to_emb(image)  # (B, E)
+        parts = [rearrange(self.image_to_tokens(image), "b (k c) -> b k c", k=self.image_tokens),
+                 self.null_text.expand(b, 1, -1)]
+        visible = [keep_image.new_ones(b, self.image_tokens)]
+        if tokens is None:
+            visible.append(keep_image.new_ones(b, 1))
+        else:
+            if token_mask is None:
+                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            text = self.text_proj(tokens.to(image_emb.dtype))  # (B, L, C)
+            for block in self.text_blocks:
+                text = block(text, token_mask)
+            text_visible = token_mask & keep_text[:, None]  # (B, L)
+            parts.append(text)
+            visible += [~text_visible.any(dim=1, keepdim=True), text_visible]
+        return emb, self.norm(torch.cat(parts, dim=1)), torch.cat(visible, dim=1)

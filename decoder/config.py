@@ -1,0 +1,75 @@
+"""The decoder's model config (the `model:` section of configs/*/decoder.yaml)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cascade.config import Config
+
+
+class DecoderConfig(Config):
+    """Sizes of the U-Net and its conditioning, the diffusion set-up and the evaluation settings."""
+
+    image_size: int = 64
+    clip_dim: int = Field(256, gt=0)  # D of the CLIP image embedding
+    text_dim: int = Field(384, gt=0)  # Dt of the CLIP text token states
+    # U-Net (ADM): base width, width multiplier and ResBlock count per resolution level.
+    channels: int = Field(64, gt=0)
+    channel_mult: list[int] = [1, 2, 3, 4]
+    num_res_blocks: int | list[int] = 2
+    attention_resolutions: list[int] = [16, 8]  # feature-map sizes that get attention blocks
+    head_dim: int = Field(64, gt=0)
+    emb_dim: int | None = None  # timestep/conditioning embedding width; 4 * channels when None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    patch_size: Literal[1, 2, 4] = 1  # space-to-depth stem: the first level runs at image_size / patch_size
+    # Conditioning: text tokens projected to context_dim, optionally refined by a GLIDE-style transformer.
+    context_dim: int | None = None  # width of the context tokens; the widest level when None
+    text_layers: int = Field(0, ge=0)
+    image_tokens: int = Field(4, ge=1)  # extra context tokens projected from the CLIP image embedding
+    p_drop_image: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free dropout (DALL-E 2 section 2.1)
+    p_drop_text: float = Field(0.5, ge=0.0, le=1.0)
+    # Diffusion.
+    prediction: Literal["eps", "v"] = "eps"
+    learned_variance: bool = False
+    schedule: str = "cosine"
+    timesteps: int = Field(1000, gt=1)
+    # Previews and evaluation.
+    sampler: str = "ddim"
+    sample_steps: int = Field(50, ge=1)
+    preview_guidance: float = 3.0
+    eval_guidance: list[float] = [1.0, 3.0]
+    eval_samples: int = Field(64, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self):
+        levels = len(self.channel_mult)
+        blocks = self.block_counts
+        if len(blocks) != levels:
+            raise ValueError(f"num_res_blocks has {len(blocks)} entries for {levels} levels of channel_mult")
+        first = self.image_size // self.patch_size
+        sizes = [first // 2**i for i in range(levels)]
+        if self.image_size % (self.patch_size * 2 ** (levels - 1)):
+            raise ValueError(f"image_size {self.image_size} does not halve {levels - 1} times after patch_size "
+                             f"{self.patch_size}")
+        missing = [r for r in self.attention_resolutions if r not in sizes]
+        if missing:
+            raise ValueError(f"attention_resolutions {missing} are not among the U-Net's feature sizes {sizes}")
+        for width in [self.channels * m for m in self.channel_mult]:
+            if width % self.head_dim:
+                raise ValueError(f"level width {width} is not a multiple of head_dim {self.head_dim}")
+        return self
+
+    @property
+    def block_counts(self) -> list[int]:
+        if isinstance(self.num_res_blocks, int):
+            return [self.num_res_blocks] * len(self.channel_mult)
+        return list(self.num_res_blocks)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.emb_dim or 4 * self.channels
+
+    @property
+    def context_width(self) -> int:
+        return self.context_dim or self.channels * max(self.channel_mult)

@@ -1,0 +1,125 @@
+"""The 64x64 decoder stage: p(x | z_i, text), a conditional diffusion model (unCLIP, Ramesh et al. 2022,
+section 2.1), trained with classifier-free dropout of z_i (10%) and text (50%) and sampled with any of
+`cascade.diffusion`'s samplers, guidance and thresholding.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cascade import diffusion
+from cascade.registry import register_stage
+from cascade.stage import Stage
+from decoder.conditioning import Conditioning
+from decoder.config import DecoderConfig
+from decoder.unet import UNet
+
+
+@register_stage("decoder")
+class Decoder(Stage):
+    """U-Net decoder from CLIP image embeddings (and optional text tokens) to 64x64 images in [-1, 1]."""
+
+    Config = DecoderConfig
+    image_sizes = (64,)
+    needs_embeddings = True
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__(config)
+        self.conditioning = Conditioning(config)
+        out_channels = 6 if config.learned_variance else 3
+        self.unet = UNet(image_size=config.image_size, in_channels=3, out_channels=out_channels,
+                         channels=config.channels, channel_mult=config.channel_mult,
+                         num_res_blocks=config.block_counts, attention_resolutions=config.attention_resolutions,
+                         head_dim=config.head_dim, context_dim=config.context_width,
+                         emb_dim=config.embedding_dim, dropout=config.dropout, patch_size=config.patch_size)
+        self._schedule = None
+
+    @property
+    def schedule(self) -> diffusion.NoiseSchedule:
+        # Built on first use, never under a meta-device context (the dalle2 configs only instantiate).
+        if self._schedule is None:
+            with torch.device("cpu"):
+                self._schedule = diffusion.NoiseSchedule.from_name(self.config.schedule, self.config.timesteps)
+        return self._schedule
+
+    @property
+    def device(self) -> torch.device:
+        return self.conditioning.null_text.device
+
+    def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
+        image_emb = source["clip_image"].to(self.device, torch.float32)
+        tokens, mask = source.get("clip_tokens"), source.get("clip_mask")
+        if tokens is not None:
+            tokens = tokens.to(self.device, torch.float32)
+            mask = None if mask is None else mask.to(self.device, torch.bool)
+        return self.conditioning(image_emb, tokens, mask, keep_image.to(self.device), keep_text.to(self.device))
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        x0 = batch[f"image_{self.config.image_size}"].to(self.device, torch.float32)
+        b = x0.shape[0]
+        keep_image = torch.rand(b, device=self.device) >= self.config.p_drop_image
+        keep_text = torch.rand(b, device=self.device) >= self.config.p_drop_text
+        emb, context, mask = self._condition(batch, keep_image, keep_text)
+        t = diffusion.sample_timesteps(self.schedule, b, device=self.device)
+        noise = torch.randn_like(x0)
+        return diffusion.diffusion_loss(
+            self.schedule, lambda x_t, t_: self.unet(x_t, t_, emb, context, mask), x0, t, noise,
+            self.config.prediction, learned_variance=self.config.learned_variance)
+
+    def denoiser(self, conditioning: dict[str, Any]):
+        """denoise(x_t, t, cond_mask=None) -> eps (or (eps, variance output)) for `cascade.diffusion.sample`.
+
+        The conditioning is encoded once; rows where cond_mask is False get the null image embedding
+        and null text (the classifier-free unconditional model). Row r uses conditioning row r % B.
+        """
+        b = conditioning["clip_image"].shape[0]
+        ones = torch.ones(b, dtype=torch.bool)
+        cond = self._condition(conditioning, ones, ones)
+        uncond = self._condition(conditioning, ~ones, ~ones)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
+            rows = torch.arange(x.shape[0], device=x.device) % b
+            if cond_mask is None:
+                emb, context, mask = (part[rows] for part in cond)
+            else:
+                pick = cond_mask.to(x.device)
+                emb, context, mask = (torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c[rows], u[rows])
+                                      for c, u in zip(cond, uncond))
+            out = self.unet(x, t, emb, context, mask)
+            variance = None
+            if self.config.learned_variance:
+                out, variance = out.chunk(2, dim=1)
+            eps = diffusion.model_output_to_eps(self.schedule, self.config.prediction, out, x, t)
+            return eps if variance is None else (eps, variance)
+
+        return denoise
+
+    @torch.no_grad()
+    def sample(self, conditioning: dict[str, Any], *, sampler: str = "ddim", steps: int = 50,
+               guidance: float = 1.0, generator: torch.Generator | None = None,
+               threshold: str | float | None = None, noise: torch.Tensor | None = None, eta: float = 0.0,
+               progress: bool = False) -> torch.Tensor:
+        """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
+        "clip_mask": (B, L)]}. `noise` (B, 3, S, S) fixes x_T, so equal noise and conditioning give equal
+        images with a deterministic sampler (DDIM with eta 0, DPM-Solver++)."""
+        b, s = conditioning["clip_image"].shape[0], self.config.image_size
+        if noise is not None:
+            noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
+        x = diffusion.sample(self.denoiser(conditioning), (b, 3, s, s), schedule=self.schedule, sampler=sampler,
+                             steps=steps, eta=eta, guidance=guidance, threshold=threshold, generator=generator,
+                             x_T=noise, progress=progress)
+        return x.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        n = min(8, batch["clip_image"].shape[0])
+        conditioning = {k: batch[k][:n] for k in ("clip_image", "clip_tokens", "clip_mask") if k in batch}
+        return self.sample(conditioning, sampler=self.config.sampler, steps=self.config.sample_steps,
+                           guidance=self.config.preview_guidance, generator=generator)
+
+    @torch.no_grad()
+    def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:
+        from decoder.evaluation import evaluate_decoder
+
+        return evaluate_decoder(self, batches, generator)

@@ -1,0 +1,127 @@
+"""The decoder's U-Net: ADM (Dhariwal & Nichol 2021) with GLIDE's text conditioning (Nichol et al. 2021,
+section 2.3) and unCLIP's image-embedding conditioning (Ramesh et al. 2022, "Hierarchical Text-Conditional
+Image Generation with CLIP Latents", section 2.1):
+
+- the CLIP image embedding is projected and added to the timestep embedding, and projected into
+  `image_tokens` extra context tokens placed beside the (projected) text token states;
+- every attention block attends over its feature map and, GLIDE-style, to those context tokens;
+- ResBlocks use adaptive group norm driven by the summed embedding.
+
+Made cheap on CPU: an optional space-to-depth stem (`patch_size` 2 folds 2x2 pixels into channels, as in
+"simple diffusion", Hoogeboom et al. 2023), so the costliest level runs at a quarter of the positions
+with wider, better-utilised convolutions; a per-level block count, so the high-resolution levels can be
+shallow; attention only at the low resolutions; channels_last memory throughout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cascade.nn import ResBlock, SelfAttention2d, TimestepEmbedding, group_norm, zero_module
+
+
+class Downsample(nn.Module):
+    """3x3 convolution with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest 2x, then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One ResBlock, optionally followed by attention to the feature map and the context tokens."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool,
+                 head_dim: int, context_dim: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = SelfAttention2d(out_ch, head_dim, context_dim) if attention else None
+
+    def forward(self, x, emb, context, context_mask):
+        x = self.res(x, emb)
+        if self.attn is not None:
+            x = self.attn(x, context, context_mask)
+        return x
+
+
+class UNet(nn.Module):
+    """eps (or v) network: (x_t (B, C, S, S), t (B,), emb_cond (B, E), context (B, N, Dc), mask (B, N)) -> (B, C_out, S, S).
+
+    `emb_cond` is added to the timestep embedding (the caller projects the image embedding into it);
+    `context` are the tokens attention blocks may attend to, `mask` True where they may.
+    """
+
+    def __init__(self, *, image_size: int, in_channels: int, out_channels: int, channels: int,
+                 channel_mult: list[int], num_res_blocks: list[int], attention_resolutions: list[int],
+                 head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1):
+        super().__init__()
+        self.patch_size = patch_size
+        self.time_embed = TimestepEmbedding(emb_dim, freq_dim=channels)
+        self.stem = nn.Conv2d(in_channels * patch_size**2, channels, 3, padding=1)
+
+        widths = [channels * m for m in channel_mult]
+        res = image_size // patch_size
+        self.down = nn.ModuleList()
+        skips = [channels]
+        ch = channels
+        for i, (width, n) in enumerate(zip(widths, num_res_blocks)):
+            for _ in range(n):
+                self.down.append(Level(ch, width, emb_dim, dropout, res in attention_resolutions, head_dim, context_dim))
+                ch = width
+                skips.append(ch)
+            if i < len(widths) - 1:
+                self.down.append(Downsample(ch))
+                skips.append(ch)
+                res //= 2
+        self.mid = nn.ModuleList([
+            Level(ch, ch, emb_dim, dropout, True, head_dim, context_dim),
+            Level(ch, ch, emb_dim, dropout, False, head_dim, context_dim),
+        ])
+        self.up = nn.ModuleList()
+        for i, (width, n) in reversed(list(enumerate(zip(widths, num_res_blocks)))):
+            for _ in range(n + 1):
+                self.up.append(Level(ch + skips.pop(), width, emb_dim, dropout, res in attention_resolutions,
+                                     head_dim, context_dim))
+                ch = width
+            if i > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.out_norm = group_norm(ch)
+        self.out = zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb_cond: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(t) + emb_cond  # (B, E)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
+        h = self.stem(x.contiguous(memory_format=torch.channels_last))
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb, context, mask)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb, context, mask)
+        for layer in self.up:
+            if isinstance(layer, Upsample):
+                h = layer(h)
+            else:
+                h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+        h = self.out(F.silu(self.out_norm(h)))
+        if self.patch_size > 1:
+            h = F.pixel_shuffle(h, self.patch_size)
+        return h.contiguous()

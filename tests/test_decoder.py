@@ -1,0 +1,219 @@
+"""The decoder stage: it fits a batch, conditioning and masks behave, sampling is reproducible, and the
+DALL-E 2 manipulations hold at their endpoints."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cascade.config import load_config, parse_config
+from cascade.errors import ConfigError
+from cascade.registry import get_stage
+from decoder import Decoder, DecoderConfig
+from decoder.manipulation import decode, fixed_noise, interpolate, slerp, text_diff, text_diff_direction
+
+# 32x32 keeps the fast suite fast; the tiny and dalle2 configs use 64.
+SMALL = dict(image_size=32, clip_dim=16, text_dim=12, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+             attention_resolutions=[8], head_dim=16, patch_size=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are small: a second OpenMP thread buys nothing, and on a shared, oversubscribed
+    machine its spin-waits make every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_decoder(**overrides) -> Decoder:
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(**{**SMALL, **overrides}))
+
+
+def conditioning(b: int = 2, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"clip_image": F.normalize(torch.randn(b, 16, generator=g), dim=-1),
+            "clip_tokens": torch.randn(b, 6, 12, generator=g),
+            "clip_mask": torch.tensor([[True] * 3 + [False] * 3] * b)}
+
+
+def randomise_outputs(stage: Decoder) -> None:
+    """Give the zero-initialised residual outputs weights, so conditioning reaches the output."""
+    g = torch.Generator().manual_seed(3)
+    for name, p in stage.named_parameters():
+        if p.ndim > 1 and torch.all(p == 0):
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_registered_and_config_errors():
+    assert get_stage("decoder") is Decoder
+    with pytest.raises(ConfigError, match="attention_resolutions"):
+        parse_config(DecoderConfig, {**SMALL, "attention_resolutions": [32]}, "x.yaml")
+    with pytest.raises(ConfigError, match="unknown key 'chanels'"):
+        parse_config(DecoderConfig, {"chanels": 3}, "x.yaml")
+
+
+@pytest.mark.parametrize("name", ["tiny", "dalle2"])
+def test_yaml_configs_validate(name):
+    data = yaml.safe_load(open(f"configs/{name}/decoder.yaml"))
+    assert set(data) == {"stage", "model", "train"} and data["stage"] == "decoder"
+    parse_config(DecoderConfig, data["model"], name)
+    training = pytest.importorskip("cascade.training.config")
+    parse_config(training.TrainConfig, data["train"], name)
+
+
+def test_dalle2_parameter_count_on_meta_device():
+    data = yaml.safe_load(open("configs/dalle2/decoder.yaml"))
+    with torch.device("meta"):
+        stage = Decoder(DecoderConfig(**data["model"]))
+    n = sum(p.numel() for p in stage.parameters())
+    assert abs(n - 3.5e9) / 3.5e9 < 0.10, n
+
+
+def test_text_mask_hides_masked_tokens_and_dropped_text():
+    stage = small_decoder().eval()
+    randomise_outputs(stage)
+    cond = conditioning()
+    denoise = stage.denoiser(cond)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 900])
+    out = denoise(x, t)
+    changed = {**cond, "clip_tokens": cond["clip_tokens"].clone()}
+    changed["clip_tokens"][:, 3:] = 10 * torch.randn(2, 3, 12)  # masked positions
+    torch.testing.assert_close(stage.denoiser(changed)(x, t), out)
+    changed["clip_tokens"][:, 0] = torch.randn(2, 12)  # a visible position
+    assert not torch.allclose(stage.denoiser(changed)(x, t), out, atol=1e-5)
+
+
+def test_cond_mask_contract():
+    stage = small_decoder().eval()
+    randomise_outputs(stage)
+    cond = conditioning()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([100, 700])
+    both = stage.denoiser(cond)(torch.cat([x, x]), torch.cat([t, t]), cond_mask=torch.tensor([True, True, False, False]))
+    torch.testing.assert_close(both[:2], stage.denoiser(cond)(x, t), rtol=1e-4, atol=1e-5)
+    # The unconditional half ignores the embedding and the text entirely.
+    other = conditioning(seed=7)
+    again = stage.denoiser(other)(torch.cat([x, x]), torch.cat([t, t]), cond_mask=torch.tensor([True, True, False, False]))
+    torch.testing.assert_close(again[2:], both[2:], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(again[:2], both[:2], atol=1e-5)
+
+
+def test_fixed_noise_same_embedding_gives_identical_images():
+    stage = small_decoder().eval()
+    randomise_outputs(stage)
+    cond = conditioning()
+    noise = fixed_noise(stage, 2, torch.Generator().manual_seed(5))
+    for sampler in ("ddim", "dpmpp"):
+        a = stage.sample(cond, sampler=sampler, steps=4, guidance=3.0, noise=noise)
+        b = stage.sample(cond, sampler=sampler, steps=4, guidance=3.0, noise=noise)
+        assert torch.equal(a, b)
+    other = stage.sample(cond, steps=4, noise=fixed_noise(stage, 2, torch.Generator().manual_seed(6)))
+    assert not torch.allclose(other, a)
+    # Ancestral sampling is reproducible through the generator.
+    d1 = stage.sample(cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
+    d2 = stage.sample(cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(d1, d2) and d1.shape == (2, 3, 32, 32) and d1.abs().max() <= 1
+
+
+@pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(learned_variance=True), dict(text_layers=1)])
+def test_variants_train_and_sample(overrides):
+    stage = small_decoder(**overrides)
+    cond = conditioning()
+    batch = {**cond, "image_32": torch.rand(2, 3, 32, 32) * 2 - 1}
+    loss = stage.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in stage.unet.parameters())
+    out = stage.eval().sample(cond, sampler="ddpm", steps=3, guidance=2.0, threshold=0.99,
+                              generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_sample_without_text():
+    stage = small_decoder().eval()
+    out = stage.sample({"clip_image": conditioning()["clip_image"]}, steps=2, guidance=3.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_slerp_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 16, generator=g), dim=-1).unbind(0)
+    torch.testing.assert_close(slerp(a, b, 0.0), a, atol=1e-7, rtol=0)
+    torch.testing.assert_close(slerp(a, b, 1.0), b, atol=1e-7, rtol=0)
+    omega = torch.arccos((a * b).sum())
+    ts = torch.tensor([[0.0], [0.25], [0.5], [1.0]])
+    path = slerp(a, b, ts)  # (4, D)
+    torch.testing.assert_close(path.norm(dim=-1), torch.ones(4))
+    # The angle from a grows linearly in t: angle(a, slerp(a, b, t)) = t * omega.
+    torch.testing.assert_close(torch.arccos((path @ a).clamp(-1, 1)), ts[:, 0] * omega, atol=1e-3, rtol=0)
+    torch.testing.assert_close(path[[0, -1]], torch.stack([a, b]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(slerp(a, a, 0.3), a)  # parallel inputs: no 0/0
+
+
+def test_text_diff():
+    g = torch.Generator().manual_seed(0)
+    z_i, z_from, z_to = F.normalize(torch.randn(3, 16, generator=g), dim=-1).unbind(0)
+    d = text_diff_direction(z_from, z_to)
+    torch.testing.assert_close(d, (z_to - z_from) / (z_to - z_from).norm())
+    torch.testing.assert_close(text_diff(z_i, z_from, z_to, 0.0), z_i, atol=1e-7, rtol=0)
+    moved = text_diff(z_i, z_from, z_to, 0.5)
+    assert (moved @ d) > (z_i @ d)
+    torch.testing.assert_close(moved, slerp(z_i, d, 0.5))
+
+
+def test_slerp_endpoints_reproduce_endpoint_images():
+    stage = small_decoder().eval()
+    randomise_outputs(stage)
+    cond = conditioning()
+    a, b = cond["clip_image"][:1], cond["clip_image"][1:]
+    noise = fixed_noise(stage, 1, torch.Generator().manual_seed(2))
+    text = {k: cond[k][:1] for k in ("clip_tokens", "clip_mask")}
+    path = interpolate(stage, a, b, 3, noise=noise, steps=3, text=text)
+    torch.testing.assert_close(path[0:1], decode(stage, a, text, noise=noise, steps=3))
+    torch.testing.assert_close(path[2:3], decode(stage, b, text, noise=noise, steps=3))
+    assert not torch.allclose(path[1], path[0])
+
+
+def shapes_batch(n: int = 8):
+    """n shapes scenes at 32x32 with 'embeddings' built from their attributes (a fixed random vector per
+    colour, shape and position, summed and normalised), a stand-in for CLIP that carries the same facts."""
+    from cascade.data import shapes
+
+    g = torch.Generator().manual_seed(0)
+    table: dict[str, torch.Tensor] = {}
+
+    def vector(key: str) -> torch.Tensor:
+        return table.setdefault(key, torch.randn(16, generator=g))
+
+    images, embeddings, scenes = [], [], []
+    for i in range(n):
+        _, scene = shapes.scene_for(3, i)
+        image = np.asarray(shapes.render(scene, 32).convert("RGB"), dtype=np.float32)
+        images.append(torch.from_numpy(image).permute(2, 0, 1) / 127.5 - 1)
+        z = vector("bg " + " ".join(scene["background"]["colors"]))
+        for obj in scene["objects"]:
+            z = z + vector(obj["color"]) + vector(obj["shape"]) + vector(obj["position"])
+        embeddings.append(F.normalize(z, dim=0))
+        scenes.append(scene)
+    return {"image_32": torch.stack(images), "clip_image": torch.stack(embeddings), "json": scenes}
+
+
+def test_overfits_a_batch_of_eight_shapes():
+    batch = shapes_batch(8)
+    stage = small_decoder(p_drop_image=0.0, p_drop_text=0.0)
+    opt = torch.optim.AdamW(stage.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(150):
+        loss = stage.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = np.mean(losses[:10]), np.mean(losses[-20:])
+    assert last < 0.12 and last < 0.3 * first, (first, last)
