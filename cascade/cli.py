@@ -57,7 +57,14 @@ def _slug(text: str) -> str:
 def _load(args):
     from cascade.pipeline import Cascade
 
-    return Cascade.from_bundle(args.model)
+    cascade = Cascade.from_bundle(args.model)
+    args.rank = 0
+    if args.shard:
+        from cascade.sharding import shard_cascade
+
+        args.rank = shard_cascade(cascade, offload=args.offload)
+        args.quiet = args.quiet or args.rank != 0
+    return cascade
 
 
 def _stage_bar(args, until: str, first: str):
@@ -82,6 +89,8 @@ def _stage_bar(args, until: str, first: str):
 def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -> list[Path]:
     from cascade.images import make_grid, save_png
 
+    if getattr(args, "rank", 0) != 0:
+        return []  # sharded runs: every rank computes, rank 0 writes
     out = Path(args.out)
     images = result.final
     paths = []
@@ -182,6 +191,10 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--aug-level", type=float, default=0.2,
                    help="noise-conditioning augmentation level given to the SR stages (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--shard", action="store_true",
+                   help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "
+                        "cascade.cli ...` launch (ZeRO-3 inference); for models too large for one device")
+    p.add_argument("--offload", action="store_true", help="with --shard: keep the partitions in CPU memory")
     if num_images:
         p.add_argument("--num-images", type=int, default=4, help="images to make (default: %(default)s)")
 
@@ -223,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cascade",
         description="Train and run a DALL-E 2 / Imagen-style text-to-image cascade on CPU or GPU.",
     )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from cascade.data import commands as data_commands
 
