@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_commands.register(sub)
     register_model_commands(sub)
+    from cascade import evaluation
+
+    evaluation.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""`cascade eval`: every stage's own evaluation on the validation split, plus the cascade's text-to-image
+score (prior samples decoded and judged by the shapes scorer), written as JSON, a Markdown table and
+sample grids."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascade.errors import UserError
+
+ORDER = ("clip", "prior", "decoder", "sr256", "sr1024")
+
+
+def _val(data: Path, stage, batch_size: int = 16):
+    from cascade.data.reader import make_val_batches
+
+    return make_val_batches(data, image_sizes=stage.image_sizes, with_embeddings=stage.needs_embeddings,
+                            batch_size=batch_size)
+
+
+@torch.no_grad()
+def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tuple[float, ...], seed: int
+                         ) -> dict[str, float]:
+    """Shapes-scorer accuracy of images decoded from the PRIOR's embeddings of val captions (the whole
+    text -> z_i -> image path), at each decoder guidance scale; all scales share the decoder noise."""
+    from decoder.evaluation import collect, decode_all, score_decodes
+
+    data_ = collect(_val(data, decoder), f"image_{decoder.config.image_size}", limit)
+    keep = [i for i, scene in enumerate(data_["json"]) if scene.get("objects")]
+    if not keep:
+        return {}
+    batches = [b for b in _val(data, prior)]
+    text = torch.cat([b["clip_text"] for b in batches])[: len(data_["json"])][keep]
+    tokens, mask = data_["clip_tokens"][keep], data_["clip_mask"][keep]
+    g = torch.Generator().manual_seed(seed)
+    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
+    s = decoder.config.image_size
+    noise = torch.randn(len(keep), 3, s, s, generator=g)
+    scenes = [data_["json"][i] for i in keep]
+    metrics = {}
+    for w in guidance:
+        images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, w)
+        metrics.update(score_decodes(images, scenes, suffix=f"@prior_g{w:g}"))
+    return metrics
+
+
+def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
+                    stages: list[str] | None = None, limit: int = 64) -> dict[str, dict[str, float]]:
+    from cascade.bundle import load_stage
+    from cascade.data.reader import find_shards
+    from cascade.images import make_grid, save_png
+
+    bundle, data, out = Path(bundle), Path(data), Path(out)
+    if not (bundle / "cascade.json").is_file():
+        raise UserError(f"{bundle} is not a model bundle: it has no cascade.json")
+    find_shards(data, "val")  # a one-line error when there is no val split
+    present = json.loads((bundle / "cascade.json").read_text()).get("stages", [])
+    wanted = [s for s in ORDER if s in present and (not stages or s in stages)]
+    if not wanted:
+        raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")
+    results: dict[str, dict[str, float]] = {}
+    loaded = {}
+    for name in wanted:
+        stage = loaded[name] = load_stage(bundle / name)
+        print(f"evaluating {name} ...", flush=True)
+        results[name] = {k: float(v) for k, v in stage.evaluate(_val(data, stage), torch.Generator().manual_seed(seed)).items()}
+        if stage.samples_images:
+            batch = next(iter(_val(data, stage, batch_size=8)))
+            images = stage.preview(batch, torch.Generator().manual_seed(seed))
+            if images is not None:
+                save_png(make_grid(images, list(batch["txt"])[: len(images)]), out / f"{name}-samples.png")
+    if "prior" in loaded and "decoder" in loaded:
+        print("evaluating text -> prior -> decoder ...", flush=True)
+        results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
+                                                  guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed)
+    write_report(results, out)
+    return results
+
+
+def write_report(results: dict[str, dict[str, float]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    os.replace(tmp, out / "eval.json")
+    lines = ["| stage | metric | value |", "|---|---|---|"]
+    for stage, metrics in results.items():
+        for key, value in sorted(metrics.items()):
+            lines.append(f"| {stage} | {key} | {value:.4g} |")
+    (out / "eval.md").write_text("\n".join(lines) + "\n")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="every stage's evaluation on a validation split",
+                       description="Evaluate a model bundle on the val split of a shard directory (embedded "
+                                   "with `cascade data embed`): each stage's metrics, the text -> prior -> "
+                                   "decoder shapes score, sample grids; writes OUT/eval.json and OUT/eval.md.")
+    p.add_argument("--model", required=True, help="model bundle directory")
+    p.add_argument("--data", required=True, help="shard directory with val/*.tar")
+    p.add_argument("--out", default="eval", help="where eval.json, eval.md and grids go (default: %(default)s)")
+    p.add_argument("--stages", default="", help="comma-separated subset of stages (default: all in the bundle)")
+    p.add_argument("--limit", type=int, default=64, help="val samples for the text-to-image score")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run)
+
+
+def _run(args: Any) -> int:
+    stages = [s for s in args.stages.split(",") if s] or None
+    results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit)
+    print((Path(args.out) / "eval.md").read_text())
+    print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0 if results else 1
