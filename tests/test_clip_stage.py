@@ -99,11 +99,11 @@ def test_cached_locked_trunk_features_give_the_same_loss(trained):
     stage.train()
     assert stage._trunk_cache is not None and set(stage._trunk_cache) == set(batch["key"])
     cached = stage.loss(batch)
-    stage._trunk_cache = None
+    cache, stage._trunk_cache = stage._trunk_cache, None
     try:
         fresh = stage.loss(batch)
     finally:
-        stage._trunk_cache = {}
+        stage._trunk_cache = cache
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 

@@ -23,6 +23,11 @@ SOURCE_SIZE = 64  # the shard image the tower reads, resized to `image_size`
 
 MAX_CACHED_IMAGES = 100_000  # pooled trunk features kept (5 kB each for EfficientNet-Lite0)
 
+# encoder config JSON -> {sample key: pooled features of the locked trunk}. Shared by every stage built
+# with the same config in this process: the engine evaluates a separate copy holding the EMA weights,
+# and the ridge baseline reads the same frozen features.
+_TRUNK_CACHES: dict[str, dict[str, torch.Tensor]] = {}
+
 
 class ClipStageConfig(ClipEncoderConfig):
     # With the image trunk fully locked (LiT), its pooled features of a training image never change:
@@ -46,7 +51,8 @@ class ClipStage(Stage):
         self.clip_loss = _open_clip().ClipLoss()
         self._baseline: tuple[str, dict[str, float]] | None = None
         cacheable = config.cache_locked_image_features and self.encoder.image_trunk_locked
-        self._trunk_cache: dict[str, torch.Tensor] | None = {} if cacheable else None
+        self._trunk_cache = (_TRUNK_CACHES.setdefault(self.encoder.config.model_dump_json(), {})
+                             if cacheable else None)
 
     # the encoder interface, so a trained stage can stand in for a loaded encoder
     @property
@@ -133,7 +139,12 @@ class ClipStage(Stage):
             room = limit - sum(len(f) for f in features["train"][0])
             if room <= 0:
                 break
-            features["train"][0].append(reference.backbone_image_features(batch[f"image_{SOURCE_SIZE}"][:room]))
+            keys, images = list(batch["key"])[:room], batch[f"image_{SOURCE_SIZE}"][:room]
+            if self._trunk_cache is not None and all(k in self._trunk_cache for k in keys):
+                # the locked trunk is the reference's trunk: reuse its features from training
+                features["train"][0].append(torch.stack([self._trunk_cache[k] for k in keys]).cpu())
+            else:
+                features["train"][0].append(reference.backbone_image_features(images))
             features["train"][1].append(reference.backbone_text_embedding(list(batch["txt"])[:room]))
         for i in range(0, len(val_texts), 64):
             features["val"][0].append(reference.backbone_image_features(val_images[i:i + 64]))
