@@ -50,7 +50,9 @@ class ClipStage(Stage):
                                                         for k in ClipEncoderConfig.model_fields}))
         self.clip_loss = _open_clip().ClipLoss()
         self._baseline: tuple[str, dict[str, float]] | None = None
-        cacheable = config.cache_locked_image_features and self.encoder.image_trunk_locked
+        # Only packaged weights make two trunks built from one config equal; random ones differ.
+        cacheable = (config.cache_locked_image_features and config.pretrained_towers
+                     and self.encoder.image_trunk_locked)
         self._trunk_cache = (_TRUNK_CACHES.setdefault(self.encoder.config.model_dump_json(), {})
                              if cacheable else None)
 
