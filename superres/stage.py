@@ -49,6 +49,9 @@ class SRConfig(Config):
     schedule: Literal["linear", "cosine", "angle"] = "cosine"
     timesteps: int = 1000
     prediction: Literal["eps", "x0", "v"] = "v"
+    # diffuse the residual high - bicubic(low) instead of the image (SRDiff, Li et al. 2022): a new
+    # network then starts at bicubic quality instead of noise, which short CPU runs need
+    residual: bool = False
     # noise-conditioning augmentation: train on s ~ U[0, train_aug_max]; sample at aug_level
     train_aug_max: float = 0.5
     aug_level: float = 0.2
@@ -165,13 +168,14 @@ class SuperResStage(Stage):
         level = torch.rand(b, device=device) * c.train_aug_max
         low_up = self._condition(low, high.shape[-1], level)
         t = torch.randint(0, self.schedule.timesteps, (b,), device=device)
-        noise = torch.randn_like(high)
-        x_t = q_sample(self.schedule, high, t, noise)
+        x0 = high - bicubic_upsample(low, high.shape[-1]) if c.residual else high
+        noise = torch.randn_like(x0)
+        x_t = q_sample(self.schedule, x0, t, noise)
         text, mask = self._text(batch)
         if mask is not None:
             mask = mask & (torch.rand(b, device=device) >= c.p_uncond)[:, None]
         out = self.net(x_t, low_up, t, level, text, mask)
-        target = prediction_target(self.schedule, c.prediction, high, noise, t)
+        target = prediction_target(self.schedule, c.prediction, x0, noise, t)
         return F.mse_loss(out.float(), target.float())
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -179,13 +183,14 @@ class SuperResStage(Stage):
     @torch.no_grad()
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float = 1.0, generator: torch.Generator | None = None,
-               aug_level: float | None = None, threshold: str | float | None = "static",
+               aug_level: float | None = None, threshold: str | float | None = None,
                noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
         The input is corrupted at `aug_level` (default: the config's), as in training. `noise`, the
-        starting x_T (B, 3, H, W), is drawn from `generator` when not given.
+        starting x_T (B, 3, H, W), is drawn from `generator` when not given. `threshold` defaults to
+        "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
         """
         c = self.config
         low = conditioning["low_res"]
@@ -213,9 +218,13 @@ class SuperResStage(Stage):
             out = self(x_t, lu, t, lv, tx, tm)
             return model_output_to_eps(self.schedule, c.prediction, out, x_t, t)
 
+        if threshold is None and not c.residual:
+            threshold = "static"
         x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler or c.sampler,
                    steps=steps or c.steps, guidance=guidance if text is not None else None,
                    threshold=threshold, generator=generator, x_T=noise, progress=progress)
+        if c.residual:
+            x = x + bicubic_upsample(low, (size_h, size_w))
         return x.clamp(-1.0, 1.0)
 
     # -- evaluation ---------------------------------------------------------------------------------

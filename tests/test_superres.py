@@ -193,6 +193,15 @@ def test_loss_falls_on_a_fixed_batch():
     assert sum(losses[-4:]) < 0.7 * sum(losses[:4])
 
 
+def test_fresh_residual_x0_model_samples_bicubic():
+    # the output layer starts at zero, so a residual x0-predictor predicts a zero residual at every
+    # step and DDIM (eta 0) ends on x0_hat: exactly the bicubic upsampling of the input
+    stage = _stage("sr256", **TINY, residual=True, prediction="x0")
+    low = _scenes(2, 16)
+    out = stage.sample({"low_res": low}, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, bicubic_upsample(low, 64), atol=1e-5)
+
+
 def test_augmentation_level_reaches_the_network():
     torch.manual_seed(0)
     stage = _randomise(_stage("sr256", **TINY))
