@@ -162,7 +162,7 @@ def test_nearest_caption_baseline_by_hand():
     assert nearest_caption_images(val_text, train_text, train_image)[:, 0].tolist() == [2.0, 1.0, 3.0]
 
 
-def test_evaluate_reports_both_baselines(tmp_path):
+def test_evaluate_reports_both_baselines():
     stage = small_stage(eval_max_samples=20, train_pool_size=30)
     cfg = stage.config
     dims = dict(embed_dim=cfg.embed_dim, token_dim=cfg.token_dim, max_text_len=cfg.max_text_len)
