@@ -123,6 +123,31 @@ def test_sigkill_resumes_from_the_last_checkpoint(tmp_path):
     assert json.loads((run / "checkpoints" / "step-000120" / "state.json").read_text())["step"] == 120
 
 
+def test_ctrl_c_on_the_launcher_stops_both_ranks_at_one_checkpoint(tmp_path):
+    # Ctrl-C in a terminal sends SIGINT to the launcher's whole process group.
+    data = write_shards(tmp_path / "data", train=32, val=0, per_shard=16)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=5000, log_every=1, ckpt_every=1000, batch_size=4)
+    run = tmp_path / "run"
+    zero2 = ["--deepspeed_config", ROOT / "configs" / "deepspeed" / "zero2.json"]
+    launcher = subprocess.Popen([DEEPSPEED, "--master_port", str(free_port()), "--num_gpus", "2", SUPPORT,
+                                 *map(str, _args(cfg, data, run, *zero2))],
+                                env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    deadline = time.time() + 600
+    while not (run / "metrics.jsonl").is_file() or len(read_jsonl(run / "metrics.jsonl")) < 10:
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    out, _ = launcher.communicate(timeout=300)
+    stopped = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+    assert len(stopped) == 1 and 10 <= stopped[0] < 1000, out[-2000:]
+    assert f"interrupted at step {stopped[0]}" in out
+
+    resumed = _run(_args(cfg, data, run, "--max-steps", stopped[0] + 3, *zero2), procs=2)
+    assert f"resuming from step-{stopped[0]:06d}: weights, optimizer" in resumed.stdout + resumed.stderr
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, stopped[0] + 4))
+
+
 def test_clip_stage_trains_and_exports(tmp_path):
     from cascade.bundle import load_stage
 
