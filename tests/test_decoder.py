@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cascade.config import load_config, parse_config
+from cascade import diffusion
+from cascade.config import parse_config
 from cascade.errors import ConfigError
 from cascade.registry import get_stage
 from decoder import Decoder, DecoderConfig
@@ -203,17 +204,30 @@ def shapes_batch(n: int = 8):
     return {"image_32": torch.stack(images), "clip_image": torch.stack(embeddings), "json": scenes}
 
 
+def fixed_t_loss(stage: Decoder, batch: dict) -> float:
+    """The eps-MSE of the 8 images at t = 50, 250, 500, 750, 950 with fixed noise: a noise-free yardstick."""
+    n = batch["clip_image"].shape[0]
+    x0 = batch["image_32"].repeat(5, 1, 1, 1)
+    t = torch.tensor([50, 250, 500, 750, 950]).repeat_interleave(n)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(5 * n, dtype=torch.bool)
+    emb, context, mask = stage._condition({"clip_image": batch["clip_image"].repeat(5, 1)}, keep, keep)
+    with torch.no_grad():
+        return diffusion.diffusion_loss(stage.schedule, lambda x, tt: stage.unet(x, tt, emb, context, mask),
+                                        x0, t, noise).item()
+
+
 def test_overfits_a_batch_of_eight_shapes():
     batch = shapes_batch(8)
     stage = small_decoder(p_drop_image=0.0, p_drop_text=0.0)
     opt = torch.optim.AdamW(stage.parameters(), lr=2e-3)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(150):
+    before = fixed_t_loss(stage, batch)
+    for _ in range(300):
         loss = stage.loss(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    first, last = np.mean(losses[:10]), np.mean(losses[-20:])
-    assert last < 0.12 and last < 0.3 * first, (first, last)
+    after = fixed_t_loss(stage, batch)
+    # An untrained eps network scores ~1 (the noise variance); memorising 8 images drives it towards 0.
+    assert before > 0.9 and after < 0.2, (before, after)
