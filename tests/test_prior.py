@@ -201,6 +201,10 @@ def test_configs_validate(size):
     data = read_yaml(CONFIGS / size / "prior.yaml")
     assert set(data) == {"stage", "model", "train"} and data["stage"] == "prior"
     parse_config(PriorConfig, data["model"], f"{size}/prior.yaml")
+    from cascade.training.config import load_run_config
+
+    run = load_run_config(CONFIGS / size / "prior.yaml", "prior")  # the engine's own check, train: included
+    assert run.stage == "prior"
 
 
 def test_unknown_model_key_names_the_key(tmp_path):
