@@ -21,14 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_stage.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, help=f"stage to train: {', '.join(stage_names())}")
     p.add_argument("--config", required=True, type=Path, help="stage YAML with keys stage, model, train")
-    p.add_argument("--data", required=True, type=Path, help="shard directory with train/*.tar (and val/*.tar)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="shard directory with train/*.tar (and val/*.tar for evaluation)")
     p.add_argument("--run-dir", required=True, type=Path,
                    help="where checkpoints, metrics.jsonl, TensorBoard logs and sample grids go")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--deepspeed_config", "--deepspeed-config", type=Path,
                    help="DeepSpeed JSON (ZeRO stage, precision); default: ZeRO stage 0, fp32")
     p.add_argument("--export", type=Path, metavar="BUNDLE",
-                   help="after training, write the EMA weights to BUNDLE/<stage>/ and update BUNDLE/cascade.json")
+                   help="after training, write the EMA weights to BUNDLE/<stage>/ and list the stage "
+                        "in BUNDLE/cascade.json")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 

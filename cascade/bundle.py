@@ -122,7 +122,8 @@ def _load_weights(stage: nn.Module, state: dict[str, torch.Tensor], source: Path
             parts.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
         if wrong:
             k = wrong[0]
-            parts.append(f"{k} has shape {tuple(state[k].shape)}, the config builds {tuple(expected[k].shape)}")
+            parts.append(f"{k} has shape {tuple(state[k].shape)}, "
+                         f"the config builds {tuple(expected[k].shape)}")
         raise UserError(f"{source} does not match its config: " + "; ".join(parts))
     stage.load_state_dict(state, strict=False)
 
@@ -153,7 +154,8 @@ def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             raise UserError(f"{folder / CONFIG_FILE} holds stage '{data['stage']}' but the folder is "
                             f"named '{folder.name}'")
         cls = get_stage(data["stage"])
-        details[folder.name] = {"image_sizes": list(cls.image_sizes), "needs_embeddings": cls.needs_embeddings,
+        details[folder.name] = {"image_sizes": list(cls.image_sizes),
+                                "needs_embeddings": cls.needs_embeddings,
                                 "cascade_version": data.get("cascade_version")}
     if not details:
         raise UserError(f"{bundle_dir} holds no stage folders (each needs a {CONFIG_FILE})")

@@ -240,8 +240,9 @@ class Trainer:
         from cascade.data.reader import make_loader
 
         cfg = self.train_cfg
-        return iter(make_loader(self.args.data, "train", image_sizes=self.stage_cls.image_sizes,
-                                with_embeddings=self.stage_cls.needs_embeddings, batch_size=cfg.batch_size,
+        # The instance's attributes: a stage may decide them from its config (superres `text`).
+        return iter(make_loader(self.args.data, "train", image_sizes=stage.image_sizes,
+                                with_embeddings=stage.needs_embeddings, batch_size=cfg.batch_size,
                                 preprocess=stage.preprocess, shuffle=True, seed=cfg.seed,
                                 rank=self.dist.rank, world_size=self.dist.world_size,
                                 num_workers=cfg.num_workers, infinite=True,
@@ -253,8 +254,8 @@ class Trainer:
 
         if not any((Path(self.args.data) / split).glob("*.tar")):
             return None
-        return make_val_batches(self.args.data, image_sizes=self.stage_cls.image_sizes,
-                                with_embeddings=self.stage_cls.needs_embeddings, batch_size=batch_size,
+        return make_val_batches(self.args.data, image_sizes=self.stage.image_sizes,
+                                with_embeddings=self.stage.needs_embeddings, batch_size=batch_size,
                                 preprocess=self.stage.preprocess, seed=self.train_cfg.seed, split=split)
 
     # ------------------------------------------------------------------ the EMA copy on rank 0
@@ -302,7 +303,8 @@ class Trainer:
                 generator = torch.Generator().manual_seed(self.train_cfg.seed)
                 metrics = {f"eval/{k}": float(v) for k, v in model.evaluate(batches, generator).items()}
                 if metrics:
-                    self.log(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                    self.log(f"step {self.step} eval: {shown}")
         distributed.barrier()
         return metrics
 
@@ -321,7 +323,7 @@ class Trainer:
             truncate_metrics(self.run_dir, self.step)  # lines a killed run logged past its checkpoint
         log = RunLog(self.run_dir, active=self.main, start_step=self.step, max_steps=cfg.max_steps,
                      desc=f"{self.run.stage}")
-        grids = bool(cfg.sample_every) and self.stage_cls.samples_images
+        grids = bool(cfg.sample_every) and self.stage.samples_images
         preview_batch = self._preview_batch() if grids and self.main else None
         batches = self._loader(self.stage, skip_batches=self.micro_batches)
         interrupted = False

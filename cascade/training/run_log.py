@@ -67,7 +67,8 @@ class RunLog:
         """One line of metrics.jsonl (and TensorBoard scalars) for `step`."""
         if not self.active:
             return
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        # JSON has no NaN or infinity; a diverged loss is written as the string "nan".
+        clean = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
         if self.tb is not None:

@@ -19,7 +19,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_image(images: torch.Tensor, captions: list[str] | None = None, *, columns: int | None = None) -> Image.Image:
+def grid_image(images: torch.Tensor, captions: list[str] | None = None, *,
+               columns: int | None = None) -> Image.Image:
     """Tiles of (N, 3, H, W) images in [-1, 1], in rows of `columns`, captions below each tile."""
     tiles = to_uint8(images)
     n, h, w, _ = tiles.shape
