@@ -32,9 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="run the shapes scorer on the set's own 64px images (shapes sets only)")
     inspect.set_defaults(func=_inspect)
 
-    # The lead registers `cascade data embed` here:
-    #     from cascade.data import embed
-    #     embed.add_parser(data_sub)
+    from cascade.data import embed
+
+    embed.add_parser(data_sub)
 
 
 def _build(args: argparse.Namespace) -> int:
