@@ -6,7 +6,7 @@ blocks behind our 2x2 space-to-depth stem (~24M parameters); and "baseline_adm",
 the peers' ~20M U-Nets follow (64 channels at the full 64x64 resolution, 2 ResBlocks per level, mults
 1-2-3-4). Sampling is DDIM with guidance 3. Prints one JSON line.
 
-    python -m benchmarks.decoder_speed [--runs 3] [--steps 50] [--skip-baseline]
+    python -m benchmarks.decoder_speed [--runs 3] [--steps 50] [--skip-baseline] [--threads 2]
 """
 from __future__ import annotations
 
@@ -69,8 +69,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sample-batch", type=int, default=8)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 is faster when other jobs oversubscribe the cores)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     tiny = DecoderConfig(**yaml.safe_load((ROOT / "configs/tiny/decoder.yaml").read_text())["model"])
     models = {"tiny": tiny, "ours_20m": tiny.model_copy(update=LAYOUT_20M)}
     if not args.skip_baseline:

@@ -50,8 +50,14 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
 
 
 def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[str, float]:
-    """Fraction of described objects whose colour / shape / position the scorer finds in the image."""
-    from cascade.data.shapes_scorer import score_image
+    """Fraction of described objects whose colour / shape / position the scorer finds in the image;
+    empty when no scene describes objects (e.g. emoji data) or the scorer is not installed."""
+    if not any(scene.get("objects") for scene in scenes):
+        return {}
+    try:
+        from cascade.data.shapes_scorer import score_image
+    except ImportError:
+        return {}
 
     totals = {"colour": 0, "shape": 0, "position": 0}
     objects = 0
