@@ -87,11 +87,12 @@ def open_source(cache: Path, sizes: tuple[int, ...], count: int | None,
 
 def evenly_spaced(items: Sequence, count: int) -> list:
     """`count` items spread evenly over the sequence (all of it if it is shorter), keeping its order,
-    so a capped "all" set draws from both sources in proportion."""
+    so a capped "all" set draws from both sources in proportion: the middle item of each of `count`
+    equal strides."""
     n = len(items)
     if count >= n:
         return list(items)
-    return [items[i * n // count] for i in range(count)]
+    return [items[(2 * i + 1) * n // (2 * count)] for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------- fetch
@@ -101,15 +102,16 @@ def fetch(pkg: Package, cache: Path) -> Path:
     root = cache / pkg.folder
     if (root / "package.json").is_file():
         return root
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UserError(f"npm not found: install Node.js/npm to fetch {pkg.spec}, or put the extracted "
+                        f"package in {root}")
     cache.mkdir(parents=True, exist_ok=True)
     print(f"fetching {pkg.spec} with npm pack into {cache}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
         try:
-            subprocess.run(["npm", "pack", pkg.spec, "--pack-destination", tmp, "--silent"],
+            subprocess.run([npm, "pack", pkg.spec, "--pack-destination", tmp, "--silent"],
                            check=True, capture_output=True, text=True, timeout=1800, cwd=tmp)
-        except FileNotFoundError:
-            raise UserError(f"npm not found: install Node.js/npm to fetch {pkg.spec}, or put the extracted "
-                            f"package in {root}") from None
         except subprocess.CalledProcessError as exc:
             detail = (exc.stderr or exc.stdout or "").strip().splitlines()
             raise UserError(f"npm pack {pkg.spec} failed: {detail[-1] if detail else f'exit {exc.returncode}'}"
