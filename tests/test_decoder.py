@@ -231,3 +231,41 @@ def test_overfits_a_batch_of_eight_shapes():
     after = fixed_t_loss(stage, batch)
     # An untrained eps network scores ~1 (the noise variance); memorising 8 images drives it towards 0.
     assert before > 0.9 and after < 0.2, (before, after)
+
+
+def colour_accuracy(images: torch.Tensor, scenes: list[dict]) -> float:
+    """Fraction of objects whose mean colour near their true centre is nearest, among the shapes palette
+    and backgrounds, to their own colour: the colour half of the shapes scorer, with known geometry."""
+    from cascade.data import shapes
+
+    palette = {**shapes.COLORS, **{f"bg {k}": v for k, v in shapes.BACKGROUNDS.items()}}
+    names, rgb = list(palette), torch.tensor(list(palette.values()), dtype=torch.float32) / 127.5 - 1
+    size = images.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    right = total = 0
+    for image, scene in zip(images, scenes):
+        for obj in scene["objects"]:
+            cx, cy = (c * size for c in obj["center"])
+            near = (xs - cx) ** 2 + (ys - cy) ** 2 <= (0.4 * obj["radius"] * size) ** 2 + 0.5
+            mean = image[:, near].mean(dim=1)
+            right += names[int(((rgb - mean) ** 2).sum(1).argmin())] == obj["color"]
+            total += 1
+    return right / total
+
+
+@pytest.mark.slow
+def test_guided_decoding_gets_colours_right_more_often():
+    batch = shapes_batch(8)
+    stage = small_decoder(channels=32, head_dim=32, p_drop_image=0.2, p_drop_text=0.0)
+    opt = torch.optim.AdamW(stage.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    for _ in range(800):
+        loss = stage.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    stage.eval()
+    noise = fixed_noise(stage, 8, torch.Generator().manual_seed(0))
+    acc = {w: colour_accuracy(stage.sample({"clip_image": batch["clip_image"]}, steps=25, guidance=w, noise=noise),
+                              batch["json"]) for w in (0.0, 1.0, 3.0)}
+    assert acc[3.0] >= acc[1.0] and acc[3.0] > acc[0.0] and acc[3.0] >= 0.75, acc
