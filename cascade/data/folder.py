@@ -116,8 +116,11 @@ def tar_pairs(shard: Path, rel: str) -> list[Pair]:
 def unique_keys(origins: list[str]) -> list[str]:
     """Sample keys made of [A-Za-z0-9_-] from the origins; two that sanitise alike both get a short
     hash of their origin so no sample overwrites another."""
-    keys = [UNSAFE.sub("_", PurePosixPath(o.replace(":", "/")).with_suffix("").as_posix()).strip("_") or "sample"
-            for o in origins]
+    def stem(origin: str) -> str:  # "dir/a b.jpg" -> "dir_a_b", "shards/00.tar:0001.jpg" -> "shards_00_0001"
+        joined = "/".join(PurePosixPath(part).with_suffix("").as_posix() for part in origin.split(":"))
+        return UNSAFE.sub("_", joined).strip("_") or "sample"
+
+    keys = [stem(o) for o in origins]
     seen: dict[str, int] = {}
     for k in keys:
         seen[k] = seen.get(k, 0) + 1
