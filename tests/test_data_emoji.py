@@ -4,6 +4,7 @@ a few synthetic webps and SVGs with known colours, excerpts of emoji.json and op
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -118,6 +119,29 @@ def test_caption_phrasing_depends_only_on_the_key():
     assert len(set(first)) == len(emoji.OPENMOJI_PHRASINGS)  # every phrasing is used
     no_tags = {emoji._phrase(f"k{i}", emoji.OPENMOJI_PHRASINGS, **{**fields, "tags": ""}) for i in range(40)}
     assert not any("()" in t for t in no_tags)
+
+
+def test_worker_pool_gives_the_inline_result(cache, monkeypatch):
+    inline, _, _ = emoji.open_source(cache, (24,), None, "all")
+    expected = [(s.key, s.txt, s.json, s.images[24].tobytes()) for s in inline]
+    monkeypatch.setattr(emoji, "MIN_POOL", 0)
+    monkeypatch.setattr(emoji.os, "cpu_count", lambda: 3)  # two render workers even on one core
+    pooled, _, _ = emoji.open_source(cache, (24,), None, "all")
+    assert [(s.key, s.txt, s.json, s.images[24].tobytes()) for s in pooled] == expected
+
+
+def test_svg_cairosvg_cannot_draw_is_skipped_with_a_line(cache, capsys):
+    # As in a few real OpenMoji files: a marker that the SVG references but never defines.
+    om = cache / "openmoji-17.0.0"
+    (om / "color" / "svg" / "1F3F4.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72"><path stroke="#000" d="m20 40v-3" '
+        'marker-end="url(#Dot)"/></svg>\n')
+    table = json.loads((om / "data" / "openmoji.json").read_text())
+    table.append({"hexcode": "1F3F4", "group": "flags", "annotation": "black flag", "tags": "flag"})
+    (om / "data" / "openmoji.json").write_text(json.dumps(table))
+    samples, total, _ = emoji.open_source(cache, (16,), None, "openmoji")
+    assert total == 3 and [s.key for s in samples] == ["openmoji-1F34E", "openmoji-1F600"]
+    assert "skipping openmoji-1F3F4: cairosvg cannot render" in capsys.readouterr().err
 
 
 def test_bad_set_name_is_a_one_line_error(cache, tmp_path, capsys):
