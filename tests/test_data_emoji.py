@@ -90,7 +90,8 @@ def test_same_arguments_give_identical_shards(cache, tmp_path):
     digests = []
     for name in ("a", "b"):
         assert build(cache, tmp_path / name) == 0
-        digests.append(hashlib.sha256((tmp_path / name / "train" / "shard-000000.tar").read_bytes()).hexdigest())
+        shard = tmp_path / name / "train" / "shard-000000.tar"
+        digests.append(hashlib.sha256(shard.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
 
 
@@ -168,8 +169,8 @@ def test_missing_npm_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 
 def test_failed_fetch_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    fake_npm(tmp_path / "bin", "echo 'npm error code E404' >&2\necho 'npm error 404 Not Found - openmoji' >&2\n"
-                               "exit 1\n")
+    fake_npm(tmp_path / "bin", "echo 'npm error code E404' >&2\n"
+                               "echo 'npm error 404 Not Found - openmoji' >&2\nexit 1\n")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     code = main(["data", "build", "--source", "emoji:openmoji", "--out", str(tmp_path / "x"),
                  "--cache", str(tmp_path / "cache")])

@@ -59,7 +59,8 @@ def test_folder_of_ten_round_trips(tmp_path, capsys):
         sub.mkdir(parents=True, exist_ok=True)
         stem = f"photo {i}.v2" if i == 4 else f"img{i}"  # spaces and dots must not reach the key
         suffix = (".png", ".webp", ".bmp")[i % 3]
-        quadrant_image(w, h).save(sub / f"{stem}{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
+        options = {"lossless": True} if suffix == ".webp" else {}
+        quadrant_image(w, h).save(sub / f"{stem}{suffix}", **options)
         captions[f"{stem}{suffix}"] = f"  caption number {i}: a {w}x{h} picture\n"
         (sub / f"{stem}.txt").write_text(captions[f"{stem}{suffix}"])
     (src / "stray.png").write_bytes(b"")  # no caption beside it: not a pair, ignored

@@ -49,7 +49,7 @@ class Package:
         return f"{self.name.lstrip('@').replace('/', '-')}-{self.version}"
 
 
-FLUENT = Package("@lobehub/fluent-emoji-3d", "1.1.0", ("package.json", "README.md", "assets/"))
+FLUENT = Package("@lobehub/fluent-emoji-3d", "1.1.0", ("package.json", "assets/"))
 DATASOURCE = Package("emoji-datasource-google", "16.0.0", ("package.json", "LICENSE", "emoji.json"))
 OPENMOJI = Package("openmoji", "17.0.0", ("package.json", "LICENSE.txt", "data/openmoji.json", "color/svg/"))
 
@@ -77,7 +77,8 @@ class Entry:
 
 def open_source(cache: Path, sizes: tuple[int, ...], count: int | None,
                 which: str) -> tuple[Iterator[Sample], int, str]:
-    """(samples, their number, LICENSES text) for `--source emoji[:fluent|openmoji]`."""
+    """(samples, their number, LICENSES text) for `--source emoji[:fluent|openmoji]`; the number is
+    an upper bound, as a file the renderer cannot draw is skipped."""
     if which not in WHICH:
         raise UserError(f"unknown emoji set '{which}': choose emoji, emoji:fluent or emoji:openmoji")
     roots = {pkg: fetch(pkg, cache) for pkg in WHICH[which]}
@@ -121,8 +122,8 @@ def fetch(pkg: Package, cache: Path) -> Path:
                            check=True, capture_output=True, text=True, timeout=1800, cwd=tmp)
         except subprocess.CalledProcessError as exc:
             detail = (exc.stderr or exc.stdout or "").strip().splitlines()
-            raise UserError(f"npm pack {pkg.spec} failed: {detail[-1] if detail else f'exit {exc.returncode}'}"
-                            ) from None
+            reason = detail[-1] if detail else f"exit status {exc.returncode}"
+            raise UserError(f"npm pack {pkg.spec} failed: {reason}") from None
         except subprocess.TimeoutExpired:
             raise UserError(f"npm pack {pkg.spec} timed out after 30 minutes") from None
         tarballs = sorted(Path(tmp).glob("*.tgz"))
@@ -237,7 +238,8 @@ def openmoji_entries(openmoji: Path) -> list[Entry]:
         txt = _phrase(key, OPENMOJI_PHRASINGS, name=name, a_name=_article(name), tags=", ".join(tags[:4]))
         entries.append(Entry(key, svg, txt, {
             "source": "openmoji", "licence": "CC-BY-SA-4.0", "codepoint": hexcode, "name": name,
-            "category": entry.get("group") or "", "tags": tags, "author": entry.get("openmoji_author") or ""}))
+            "category": entry.get("group") or "", "tags": tags,
+            "author": entry.get("openmoji_author") or ""}))
     return entries
 
 
@@ -320,7 +322,8 @@ def licenses_text(roots: dict[Package, Path]) -> str:
     about = {
         FLUENT: ("MIT", "Microsoft Corporation (Fluent Emoji), packaged by LobeHub",
                  "images of the fluent-emoji-3d samples"),
-        DATASOURCE: ("MIT", "Cal Henderson (iamcal/emoji-data)", "names and categories of the fluent samples"),
+        DATASOURCE: ("MIT", "Cal Henderson (iamcal/emoji-data)",
+                     "names and categories of the fluent samples"),
         OPENMOJI: ("CC-BY-SA-4.0", "OpenMoji contributors (HfG Schwäbisch Gmünd); each sample's json names "
                    "its author", "images and captions of the openmoji samples; derived images are shared "
                    "under the same licence"),
@@ -332,5 +335,6 @@ def licenses_text(roots: dict[Package, Path]) -> str:
                      f"https://www.npmjs.com/package/{pkg.name}\n")
         for name in ("LICENSE", "LICENSE.txt"):
             if (root / name).is_file():
-                parts.append("\n" + (root / name).read_text(encoding="utf-8", errors="replace").strip() + "\n")
+                text = (root / name).read_text(encoding="utf-8", errors="replace")
+                parts.append("\n" + text.strip() + "\n")
     return "".join(parts)
