@@ -149,7 +149,7 @@ def load_image(pair: Pair) -> Image.Image:
             return im.convert("RGB")
     except UnidentifiedImageError:
         raise UserError(f"unreadable image {pair.where}: not an image format Pillow can decode") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"unreadable image {pair.where}: {exc}") from None
 
 
