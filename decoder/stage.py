@@ -26,6 +26,7 @@ class Decoder(Stage):
 
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
+        self.image_sizes = (config.image_size,)  # what the reader decodes for this instance
         self.conditioning = Conditioning(config)
         out_channels = 6 if config.learned_variance else 3
         self.unet = UNet(image_size=config.image_size, in_channels=3, out_channels=out_channels,
