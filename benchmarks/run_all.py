@@ -1,0 +1,37 @@
+"""Run every benchmark in turn, each in its own process; each prints one JSON line, collected into
+benchmarks/results.jsonl (with the date) so the README's numbers can be traced to a run."""
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = [
+    ["benchmarks.decoder_speed"],
+    ["benchmarks.sr_scaling", "--runs", "3"],
+    ["benchmarks.prior_train"],
+]
+
+
+def main() -> int:
+    out = Path(__file__).with_name("results.jsonl")
+    failed = 0
+    for cmd in BENCHMARKS:
+        print(f"+ python -m {' '.join(cmd)}", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode != 0 or not lines:
+            failed += 1
+            print(done.stderr[-2000:], file=sys.stderr)
+            continue
+        record = {"benchmark": cmd[0], "date": datetime.date.today().isoformat(), **json.loads(lines[-1])}
+        print(json.dumps(record), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
