@@ -122,15 +122,6 @@ def test_caption_phrasing_depends_only_on_the_key():
     assert not any("()" in t for t in no_tags)
 
 
-def test_worker_pool_gives_the_inline_result(cache, monkeypatch):
-    inline, _, _ = emoji.open_source(cache, (24,), None, "all")
-    expected = [(s.key, s.txt, s.json, s.images[24].tobytes()) for s in inline]
-    monkeypatch.setattr(emoji, "MIN_POOL", 0)
-    monkeypatch.setattr(emoji.os, "cpu_count", lambda: 3)  # two render workers even on one core
-    pooled, _, _ = emoji.open_source(cache, (24,), None, "all")
-    assert [(s.key, s.txt, s.json, s.images[24].tobytes()) for s in pooled] == expected
-
-
 def test_svg_cairosvg_cannot_draw_is_skipped_with_a_line(cache, capsys):
     # As in a few real OpenMoji files: a marker that the SVG references but never defines.
     om = cache / "openmoji-17.0.0"
