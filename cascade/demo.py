@@ -28,12 +28,12 @@ PROMPTS = ("a red circle at the top left", "a big blue square below a small yell
 class Plan:
     name: str
     shapes: int  # procedural shapes samples
-    emoji: int  # emoji samples (0 = every one)
+    emoji: int  # emoji samples (an even spread over Fluent and OpenMoji; 0 = all 7,869)
     steps: dict  # max training steps per stage
     images: int  # images per prompt
 
 
-FULL = Plan("tiny", shapes=4000, emoji=0,
+FULL = Plan("tiny", shapes=4000, emoji=2000,
             steps={"clip": 300, "prior": 2000, "decoder": 3000, "sr256": 600, "sr1024": 400}, images=2)
 QUICK = Plan("quick", shapes=600, emoji=300,
              steps={"clip": 60, "prior": 300, "decoder": 300, "sr256": 60, "sr1024": 40}, images=1)
