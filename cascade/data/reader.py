@@ -177,10 +177,11 @@ class ShardLoader:
         generator = torch.Generator()
         epoch = self.epoch
         while True:
-            produced = 0
+            produced = resumed_past = 0
             for raw in self._raw_epoch(epoch, consumer, consumers):
                 if to_skip:
                     to_skip -= 1
+                    resumed_past += 1
                     continue
                 try:
                     sample = decode_sample(raw, self.image_sizes, self.with_embeddings)
@@ -195,7 +196,9 @@ class ShardLoader:
                 yield sample
             if not self.infinite:
                 return
-            if produced == 0 and to_skip == 0:
+            # An epoch consumed entirely by `skip_batches` (a resume at an epoch boundary) is fine;
+            # one with nothing in it, or nothing decodable, would loop forever.
+            if produced == 0 and resumed_past == 0:
                 raise UserError(f"no usable samples in {Path(self.shards[0]).parent} for rank "
                                 f"{self.rank}/{self.world_size}, worker {worker}/{workers}")
             epoch += 1
