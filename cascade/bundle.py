@@ -61,25 +61,38 @@ def save_stage(stage: nn.Module, stage_dir: str | Path) -> Path:
     return stage_dir
 
 
+def _read_versioned(path: Path, missing: str, kind: str) -> dict[str, Any]:
+    """A bundle JSON file whose format version this cascade reads; one-line UserErrors otherwise."""
+    if not path.is_file():
+        raise UserError(f"{missing}: it has no {path.name}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is corrupt: {err}") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: {kind} format version {version}, this cascade ({cascade.__version__}) "
+                        f"reads version {FORMAT_VERSION}")
+    return data
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """The parsed `cascade.json` of a model bundle, with its format version checked."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise UserError(f"model bundle not found: {bundle_dir}")
+    return _read_versioned(bundle_dir / MANIFEST_FILE, f"{bundle_dir} is not a model bundle", "bundle")
+
+
 def read_stage_config(stage_dir: str | Path) -> dict[str, Any]:
     """The parsed `config.json` of a stage folder, with its format version checked."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         raise UserError(f"stage folder not found: {stage_dir}")
-    path = stage_dir / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{stage_dir} is not a bundle stage folder: it has no {CONFIG_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt: {err}") from None
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path}: stage format version {version}, this cascade ({cascade.__version__}) "
-                        f"reads version {FORMAT_VERSION}")
+    data = _read_versioned(stage_dir / CONFIG_FILE, f"{stage_dir} is not a bundle stage folder", "stage")
     for key in ("stage", "config"):
         if key not in data:
-            raise UserError(f"{path}: missing key '{key}'")
+            raise UserError(f"{stage_dir / CONFIG_FILE}: missing key '{key}'")
     return data
 
 

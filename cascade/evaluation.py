@@ -50,15 +50,13 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
                     stages: list[str] | None = None, limit: int = 64) -> dict[str, dict[str, float]]:
-    from cascade.bundle import load_stage
+    from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards
     from cascade.images import make_grid, save_png
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
-    if not (bundle / "cascade.json").is_file():
-        raise UserError(f"{bundle} is not a model bundle: it has no cascade.json")
+    present = read_manifest(bundle).get("stages", [])
     find_shards(data, "val")  # a one-line error when there is no val split
-    present = json.loads((bundle / "cascade.json").read_text()).get("stages", [])
     wanted = [s for s in ORDER if s in present and (not stages or s in stages)]
     if not wanted:
         raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")

@@ -22,7 +22,6 @@ from cascade.errors import UserError
 STAGE_ORDER = ("prior", "decoder", "sr256", "sr1024")
 IMAGE_STAGES = ("decoder", "sr256", "sr1024")
 MAX_PROMPT_CHARS = 300
-BUNDLE_FORMAT = 1
 
 DEFAULT_STEPS = {"prior": 25, "decoder": 50, "sr256": 20, "sr1024": 10}
 DEFAULT_GUIDANCE = {"prior": 4.0, "decoder": 3.0, "sr256": 1.0, "sr1024": 1.0}
@@ -86,19 +85,11 @@ class Cascade:
         from cascade.bundle import load_stage
         from cascade.encoders import load_encoder
 
+        from cascade.bundle import read_manifest
+
         path = Path(path)
         manifest_path = path / "cascade.json"
-        if not path.is_dir():
-            raise UserError(f"model bundle not found: {path}")
-        if not manifest_path.is_file():
-            raise UserError(f"{path} is not a model bundle: it has no cascade.json")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{manifest_path} is corrupt: {err}") from None
-        fmt = manifest.get("format_version")
-        if fmt != BUNDLE_FORMAT:
-            raise UserError(f"{manifest_path}: bundle format version {fmt}, this cascade reads version {BUNDLE_FORMAT}")
+        manifest = read_manifest(path)
         listed = list(manifest.get("stages", []))
         if "clip" not in listed:
             raise UserError(f"{manifest_path}: the bundle has no clip stage; every cascade needs one")
