@@ -242,9 +242,11 @@ def samples(count: int, sizes: tuple[int, ...], seed: int = 0) -> Iterator[Sampl
         yield Sample(sample_key(seed, index), {s: render(scene, s) for s in sizes}, text, scene)
 
 
-@lru_cache(maxsize=256)
-def prototype_mask(shape: str, radius_px: float) -> np.ndarray:
-    """The shape alone, centred, at a given pixel radius: (h, w) coverage. Used by the scorer."""
+@lru_cache(maxsize=4096)
+def prototype_mask(shape: str, radius_px: float, phase: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """The shape alone at a given pixel radius, its centre shifted by `phase` pixels off the pixel
+    grid: (h, w) coverage. Used by the scorer."""
     size = int(math.ceil(2 * radius_px)) + 4
-    _, _, alpha = coverage(shape, 0.5, 0.5, radius_px / size, size)
+    cx, cy = (size / 2 + phase[0]) / size, (size / 2 + phase[1]) / size
+    _, _, alpha = coverage(shape, cx, cy, radius_px / size, size)
     return alpha
