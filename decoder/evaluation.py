@@ -51,12 +51,10 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
 
 def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[str, float]:
     """Fraction of described objects whose colour / shape / position the scorer finds in the image;
-    empty when no scene describes objects (e.g. emoji data) or the scorer is not installed."""
+    empty when no scene describes objects (e.g. emoji data)."""
+    from cascade.data.shapes_scorer import score_objects
+
     if not any(scene.get("objects") for scene in scenes):
-        return {}
-    try:
-        from cascade.data.shapes_scorer import score_image
-    except ImportError:
         return {}
 
     totals = {"colour": 0, "shape": 0, "position": 0}
@@ -64,11 +62,11 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
             continue
-        for result in score_image(image, scene):
+        for result in score_objects(image, scene):
             objects += 1
-            totals["colour"] += bool(result["color"])
-            totals["shape"] += bool(result["shape"])
-            totals["position"] += bool(result["position"])
+            totals["colour"] += result.color
+            totals["shape"] += result.shape
+            totals["position"] += result.position
     if objects == 0:
         return {}
     return {f"{k}_acc": v / objects for k, v in totals.items()}

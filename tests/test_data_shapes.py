@@ -1,0 +1,64 @@
+"""The shapes set: attributes match pixels, the scorer reads the renderer's own images, inspect works."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cascade.cli import main
+from cascade.data import shapes
+from cascade.data.shapes_scorer import score_objects
+
+
+def test_attributes_match_pixels():
+    for i in range(40):
+        _, scene = shapes.scene_for(0, i)
+        image = np.asarray(shapes.render(scene, 64).convert("RGB")).astype(int)
+        for obj in scene["objects"]:
+            results = score_objects(image, {**scene, "objects": [obj]})
+            assert results[0].color and results[0].position, (i, obj)
+            row, col = obj["cell"]
+            assert 0 <= row <= 2 and 0 <= col <= 2
+            assert results[0].found_cell == tuple(obj["cell"])
+
+
+def test_scorer_is_at_least_98_percent_right_on_rendered_64px_images():
+    right = total = 0
+    for i in range(200):
+        _, scene = shapes.scene_for(1, i)
+        for result in score_objects(shapes.render(scene, 64), scene):
+            right += result.all
+            total += 1
+    assert right / total >= 0.98, right / total
+
+
+def test_scorer_rejects_a_wrong_colour_and_a_wrong_cell():
+    _, scene = shapes.scene_for(2, 0)
+    image = shapes.render(scene, 64)
+    obj = scene["objects"][0]
+    others = [c for c in shapes.COLORS if c != obj["color"] and all(o["color"] != c for o in scene["objects"])]
+    wrong_colour = {**scene, "objects": [{**obj, "color": others[0]}]}
+    assert not score_objects(image, wrong_colour)[0].color
+    row, col = obj["cell"]
+    wrong_cell = {**scene, "objects": [{**obj, "cell": [(row + 1) % 3, col]}]}
+    assert not score_objects(image, wrong_cell)[0].position
+
+
+def test_inspect_prints_counts_writes_a_sheet_and_scores(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["data", "build", "--source", "shapes", "--out", str(out), "--count", "30", "--sizes", "64"]) == 0
+    assert main(["data", "inspect", str(out), "--score", "--n", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert (out / "contact_sheet.png").is_file()
+    assert lines[-1].startswith("shapes scorer accuracy") and float(lines[-1].split(": ")[1].split()[0]) >= 0.9
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["data", "build", "--source", "nothing", "--out", "x"], "unknown source"),
+    (["data", "build", "--source", "shapes", "--out", "x", "--sizes", "a,b"], "bad --sizes"),
+    (["data", "inspect", "/nonexistent/dir"], "/nonexistent/dir"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
