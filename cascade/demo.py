@@ -2,7 +2,7 @@
 one model bundle, and generate 1024x1024 images for example prompts.
 
     python -m cascade.demo            # the full run (budget: 90 minutes on a 2-core CPU)
-    python -m cascade.demo --quick    # the same path with less data and fewer steps (about 10 minutes)
+    python -m cascade.demo --quick    # the same path with less data and fewer steps (target: 10 minutes)
 
 Run again, it reuses what exists: built shards, finished stages (their exported folder), and
 interrupted training runs resume from their last checkpoint.
@@ -84,7 +84,7 @@ def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cascade.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="less data and fewer steps (about 10 minutes)")
+    p.add_argument("--quick", action="store_true", help="less data and fewer steps (target: 10 minutes)")
     p.add_argument("--root", default=".", help="where data/, runs/, bundles/ and out/ go (default: .)")
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
