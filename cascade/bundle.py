@@ -23,6 +23,7 @@ from torch import nn
 import cascade
 from cascade.config import parse_config
 from cascade.errors import UserError
+from cascade.training.atomic import replace_dir, write_text_atomic
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -31,9 +32,7 @@ MANIFEST_FILE = "cascade.json"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_stage(stage: nn.Module, stage_dir: str | Path) -> Path:
@@ -51,13 +50,7 @@ def save_stage(stage: nn.Module, stage_dir: str | Path) -> Path:
     _write_json(tmp / CONFIG_FILE, config)
     save_model(stage, str(tmp / WEIGHTS_FILE),
                metadata={"format_version": str(FORMAT_VERSION), "stage": stage.name})
-    if stage_dir.exists():
-        old = stage_dir.with_name(f".{stage_dir.name}.old-{os.getpid()}")
-        os.replace(stage_dir, old)
-        os.replace(tmp, stage_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, stage_dir)
+    replace_dir(tmp, stage_dir)
     return stage_dir
 
 

@@ -25,13 +25,7 @@ from cascade.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tensors here are tiny; a second thread only adds synchronisation per op.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

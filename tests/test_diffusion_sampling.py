@@ -13,13 +13,7 @@ from cascade.diffusion import NoiseSchedule, Prediction, eps_to_x0, model_output
 MU, SD, N = 0.5, 0.5, 20000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The sampled tensors are tiny; a second thread only adds synchronisation per op.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_oracle(schedule, mu=MU, sd=SD):

@@ -16,13 +16,7 @@ from superres.tiling import _axis_tiles, core_bounds, tiled_apply
 from superres.unet import EfficientUNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are small: one thread avoids OpenMP barrier stalls when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scenes(b, size, seed=0):
