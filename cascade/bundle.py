@@ -145,8 +145,9 @@ def _shares_storage(expected: dict[str, torch.Tensor], name: str, state: dict[st
 def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     """Write or update `bundle_dir/cascade.json` to list every stage folder present.
 
-    Per stage it records the image sizes it reads and whether it needs CLIP embeddings, so the
-    orchestrator can check the chain before loading any weights.
+    Per stage it records the image sizes it reads and whether it needs CLIP embeddings, as its saved
+    config decides (`Stage.data_needs`), so the orchestrator can check the chain before loading any
+    weights.
     """
     from cascade.registry import get_stage
 
@@ -160,8 +161,10 @@ def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
             raise UserError(f"{folder / CONFIG_FILE} holds stage '{data['stage']}' but the folder is "
                             f"named '{folder.name}'")
         cls = get_stage(data["stage"])
-        details[folder.name] = {"image_sizes": list(cls.image_sizes),
-                                "needs_embeddings": cls.needs_embeddings,
+        image_sizes, needs_embeddings = cls.data_needs(
+            parse_config(cls.Config, data["config"], str(folder / CONFIG_FILE)))
+        details[folder.name] = {"image_sizes": list(image_sizes),
+                                "needs_embeddings": needs_embeddings,
                                 "cascade_version": data.get("cascade_version")}
     if not details:
         raise UserError(f"{bundle_dir} holds no stage folders (each needs a {CONFIG_FILE})")

@@ -30,6 +30,15 @@ class Stage(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
+        # per instance: what the reader decodes for this config (see `data_needs`)
+        self.image_sizes, self.needs_embeddings = self.data_needs(config)
+
+    @classmethod
+    def data_needs(cls, config: Config) -> tuple[tuple[int, ...], bool]:
+        """(image_sizes, needs_embeddings) for a stage built from `config`: the class attributes unless
+        the config decides (a stage overrides this then). The one source for the training reader,
+        evaluation and the bundle manifest."""
+        return tuple(cls.image_sizes), cls.needs_embeddings
 
     def preprocess(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Per-sample transform run in the data loader before collation (crops, degradations)."""

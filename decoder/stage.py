@@ -24,9 +24,12 @@ class Decoder(Stage):
     image_sizes = (64,)
     needs_embeddings = True
 
+    @classmethod
+    def data_needs(cls, config: DecoderConfig) -> tuple[tuple[int, ...], bool]:
+        return (config.image_size,), True
+
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
-        self.image_sizes = (config.image_size,)  # what the reader decodes for this instance
         self.conditioning = Conditioning(config)
         out_channels = 6 if config.learned_variance else 3
         self.unet = UNet(image_size=config.image_size, in_channels=3, out_channels=out_channels,

@@ -88,11 +88,14 @@ class SuperResStage(Stage):
     low_size: ClassVar[int] = 64
     high_size: ClassVar[int] = 256
 
+    @classmethod
+    def data_needs(cls, config: SRConfig) -> tuple[tuple[int, ...], bool]:
+        # the reader loads CLIP tokens only for a text-conditioned upsampler
+        return tuple(cls.image_sizes), config.text
+
     def __init__(self, config: SRConfig):
         super().__init__(config)
         self._check(config)
-        # an instance attribute: whether the reader must load CLIP tokens depends on the config
-        self.needs_embeddings = config.text
         self.net = EfficientUNet(base_channels=config.base_channels, channel_mults=config.channel_mults,
                                  num_res_blocks=config.num_res_blocks, dropout=config.dropout,
                                  text_dim=config.text_dim if config.text else None, head_dim=config.head_dim)

@@ -112,3 +112,31 @@ def test_manifest_lists_the_stage_folders_present(tmp_path):
     (bundle / "test_tiny_ae").rename(bundle / "other")
     with pytest.raises(UserError, match="folder is named 'other'"):
         write_manifest(bundle)
+
+
+def test_manifest_records_each_stage_data_needs_from_its_config(tmp_path):
+    import decoder  # noqa: F401  (registers the stage)
+    import superres  # noqa: F401
+    from cascade.registry import get_stage
+
+    def build(name, **model):
+        cls = get_stage(name)
+        torch.manual_seed(0)
+        return cls(cls.Config(**model))
+
+    bundle = tmp_path / "bundle"
+    sr = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
+    text_sr = build("sr256", **sr, text=True, text_dim=12, head_dim=8)
+    plain_sr = build("sr1024", **sr, train_crop=64)
+    dec = build("decoder", clip_dim=8, text_dim=8, image_size=32, channels=8, channel_mult=[1, 2],
+                num_res_blocks=1, attention_resolutions=[], head_dim=8)
+    for stage in (text_sr, plain_sr, dec):
+        save_stage(stage, bundle / stage.name)
+    details = write_manifest(bundle)["details"]
+    assert details["sr256"] == {**details["sr256"], "image_sizes": [64, 256], "needs_embeddings": True}
+    assert details["sr1024"] == {**details["sr1024"], "image_sizes": [256, 1024], "needs_embeddings": False}
+    assert details["decoder"] == {**details["decoder"], "image_sizes": [32], "needs_embeddings": True}
+    # the instances answer the same as the manifest
+    for stage in (text_sr, plain_sr, dec):
+        assert [list(stage.image_sizes), stage.needs_embeddings] == [details[stage.name]["image_sizes"],
+                                                                    details[stage.name]["needs_embeddings"]]
