@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cascade.errors import UserError
+from cascade.errors import run_cli
 from cascade.registry import stage_names
 
 
@@ -35,21 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train(args: argparse.Namespace) -> int:
+    from cascade.training.engine import TrainArgs, train
+
+    result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
+                             max_steps=args.max_steps, deepspeed_config=args.deepspeed_config, export=args.export))
+    return 130 if result.interrupted else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from cascade.training.engine import TrainArgs, train
-
-        result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
-                                 max_steps=args.max_steps, deepspeed_config=args.deepspeed_config,
-                                 export=args.export))
-    except UserError as err:
-        print(f"train_stage.py: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("train_stage.py: aborted", file=sys.stderr)
-        return 130
-    return 130 if result.interrupted else 0
+    # a second Ctrl-C stops without the checkpoint the first one asked for: "aborted", not "interrupted"
+    return run_cli("train_stage.py", lambda: _train(args), interrupted="aborted")
 
 
 if __name__ == "__main__":

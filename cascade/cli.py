@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from cascade.errors import UserError
+from cascade.errors import UserError, run_cli
 
 DEFAULT_MODEL = os.environ.get("CASCADE_MODEL", "bundles/tiny")
 UNTIL = ("decoder", "sr256", "sr1024")
@@ -249,16 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"cascade: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cascade: interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(argv)
+    return run_cli("cascade", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,17 @@ def test_bad_options_are_one_line_and_exit_2(bundle, args, needle, capsys):
     assert needle in err and len(err.splitlines()) == 1
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import cascade.cli
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cascade.cli, "cmd_generate", interrupt)
+    assert main(["generate", "--prompt", "a cat"]) == 130
+    assert capsys.readouterr().err == "cascade: interrupted\n"
+
+
 def test_missing_or_corrupt_bundle_and_non_image(bundle, tmp_path, capsys):
     assert main(["generate", "--prompt", "a cat", "--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err

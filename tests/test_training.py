@@ -124,6 +124,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "belongs to stage 'prior'" in error_of(base)
 
 
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    import cascade.training.engine as engine
+
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupt)
+    assert _main(["--stage", "test_tiny_ae", "--config", "c.yaml", "--data", tmp_path, "--run-dir", tmp_path]) == 130
+    assert capsys.readouterr().err == "train_stage.py: aborted\n"
+
+
 def test_cli_exit_code_is_2_in_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_stage.py"), "--stage", "nope", "--config", "x.yaml",
                            "--data", str(tmp_path), "--run-dir", str(tmp_path / "r")],
