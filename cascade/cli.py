@@ -67,23 +67,24 @@ def _load(args):
     return cascade
 
 
-def _stage_bar(args, until: str, first: str):
+def _stage_bars(args):
+    """progress(stage, done, total) for the pipeline: one tqdm bar per stage on stderr, labelled with the
+    stage and advancing per sampling step; None (no bars) with --quiet or on sharded ranks other than 0."""
+    if args.quiet:
+        return None
     from tqdm import tqdm
 
-    from cascade.pipeline import IMAGE_STAGES
+    bars = {}
 
-    names = ([first] if first == "prior" else []) + list(IMAGE_STAGES[: IMAGE_STAGES.index(until) + 1])
-    bar = tqdm(total=len(names), desc=names[0], unit="stage", disable=args.quiet, file=sys.stderr)
-
-    def step(done: str) -> None:
-        bar.update(1)
-        i = names.index(done) + 1
-        if i < len(names):
-            bar.set_description(names[i])
-        else:
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=f"{stage:<7}", unit="step", file=sys.stderr)
+        bar = bars[stage]
+        bar.update(done - bar.n)
+        if done >= total:
             bar.close()
 
-    return step
+    return progress
 
 
 def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -> list[Path]:
@@ -112,7 +113,7 @@ def cmd_generate(args) -> int:
     settings = _settings(args)
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
-                              progress=_stage_bar(args, args.until, "prior"))
+                              progress=_stage_bars(args))
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
             **settings.as_text()}
     _write(result, args, f"{_slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
@@ -128,7 +129,7 @@ def cmd_vary(args) -> int:
     settings = _settings(args)
     cascade = _load(args)
     result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
-                          progress=_stage_bar(args, args.until, "decoder"))
+                          progress=_stage_bars(args))
     text = {"source": str(args.image), "seed": str(args.seed), "until": args.until, **settings.as_text()}
     _write(result, args, f"vary-{_slug(Path(args.image).stem)}-s{args.seed}", text,
            [f"variation {i}" for i in range(args.num_images)])
@@ -151,7 +152,7 @@ def cmd_interpolate(args) -> int:
     settings = _settings(args)
     cascade = _load(args)
     result = cascade.interpolate(a, b, frames=frames, seed=args.seed, until=args.until, settings=settings,
-                                 progress=_stage_bar(args, args.until, "decoder"))
+                                 progress=_stage_bars(args))
     text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed), **settings.as_text()}
     stem = f"interp-{_slug(Path(args.image[0]).stem)}-{_slug(Path(args.image[1]).stem)}-s{args.seed}"
     _write(result, args, stem, text, [f"t={t:.2f}" for t in [i / (frames - 1) for i in range(frames)]])
@@ -168,7 +169,7 @@ def cmd_textdiff(args) -> int:
     settings = _settings(args)
     cascade = _load(args)
     result = cascade.textdiff(image, src, dst, frames=frames, max_theta=args.max_theta, seed=args.seed,
-                              until=args.until, settings=settings, progress=_stage_bar(args, args.until, "decoder"))
+                              until=args.until, settings=settings, progress=_stage_bars(args))
     text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed), **settings.as_text()}
     thetas = [args.max_theta * i / (frames - 1) for i in range(frames)]
     _write(result, args, f"textdiff-{_slug(dst)}-s{args.seed}", text, [f"theta={t:.2f}" for t in thetas])

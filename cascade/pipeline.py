@@ -7,6 +7,9 @@
 Text -> CLIP text tower -> prior (z_i) -> decoder (64) -> sr256 -> sr1024 (DALL-E 2, Ramesh et al. 2022,
 figure 2; with Imagen's super-resolution tricks). Each stage draws its noise from its own generator seeded
 by (seed, stage), so stopping earlier with `until` never changes the images of the stages that ran.
+
+`progress(stage, done, total)`, if given, is called with done = 0 when a stage starts and after each of
+its `total` sampling steps (the CLI draws one bar per stage from it).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from cascade.errors import UserError
 STAGE_ORDER = ("prior", "decoder", "sr256", "sr1024")
 IMAGE_STAGES = ("decoder", "sr256", "sr1024")
 MAX_PROMPT_CHARS = 300
+
+Progress = Callable[[str, int, int], None]  # progress(stage, done, total); see the module docstring
 
 DEFAULT_STEPS = {"prior": 25, "decoder": 50, "sr256": 20, "sr1024": 10}
 DEFAULT_GUIDANCE = {"prior": 4.0, "decoder": 3.0, "sr256": 1.0, "sr1024": 1.0}
@@ -54,6 +59,22 @@ class Result:
 def _generator(seed: int, stage: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 7919 + 1 + STAGE_ORDER.index(stage) if stage in STAGE_ORDER
                                          else int(seed))
+
+
+def _step_callback(progress: Progress | None, stage: str, total: int) -> Callable[[dict], None] | None:
+    """A per-step callback for `cascade.diffusion.sample` that reports (stage, done, total) to `progress`;
+    reports (stage, 0, total) now, as the stage starts."""
+    if progress is None:
+        return None
+    progress(stage, 0, total)
+    done = 0
+
+    def step(_: dict) -> None:
+        nonlocal done
+        done += 1
+        progress(stage, done, total)
+
+    return step
 
 
 def check_prompt(prompt: str) -> str:
@@ -125,7 +146,7 @@ class Cascade:
             return self.clip.encode_image(images)
 
     def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
-                 text: dict | None = None, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+                 text: dict | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Run sr256 and sr1024 (as far as `until`) on 64x64 decoder images."""
         out = {"decoder": images}
         low = images
@@ -136,21 +157,21 @@ class Cascade:
                 cond.update(text)
             low = stage.sample(cond, sampler=settings.sampler, steps=settings.steps[name],
                                guidance=settings.guidance[name], generator=_generator(seed, name),
-                               aug_level=settings.aug_level)
+                               aug_level=settings.aug_level,
+                               callback=_step_callback(progress, name, settings.steps[name]))
             out[name] = low
-            if progress:
-                progress(name)
         return out
 
     def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+               noise: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
         decoder = self._need("decoder")
         cond = {"clip_image": image_emb}
         if text is not None:
             cond.update(text)
         return decoder.sample(cond, sampler=settings.sampler, steps=settings.steps["decoder"],
                               guidance=settings.guidance["decoder"], generator=_generator(seed, "decoder"),
-                              noise=noise, threshold=0.995)
+                              noise=noise, threshold=0.995,
+                              callback=_step_callback(progress, "decoder", settings.steps["decoder"]))
 
     def decoder_noise(self, seed: int, n: int = 1) -> torch.Tensor:
         size = self._need("decoder").config.image_size
@@ -159,7 +180,7 @@ class Cascade:
     # ------------------------------------------------------------------ the four jobs
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
-                 settings: Settings | None = None, progress: Callable | None = None) -> Result:
+                 settings: Settings | None = None, progress: Progress | None = None) -> Result:
         """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until`."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
@@ -168,31 +189,26 @@ class Cascade:
         z_t, tokens, mask = self.encode_text(prompts)
         text = {"clip_tokens": tokens, "clip_mask": mask}
         z_i = prior.sample({"clip_text": z_t, **text}, sampler=settings.sampler, steps=settings.steps["prior"],
-                           guidance=settings.guidance["prior"], generator=_generator(seed, "prior"))
-        if progress:
-            progress("prior")
-        x = self.decode(z_i, settings=settings, seed=seed, text=text)
-        if progress:
-            progress("decoder")
+                           guidance=settings.guidance["prior"], generator=_generator(seed, "prior"),
+                           callback=_step_callback(progress, "prior", settings.steps["prior"]))
+        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)
 
     @torch.no_grad()
     def vary(self, image: torch.Tensor, *, num_images: int = 4, seed: int = 0, until: str = "sr1024",
-             settings: Settings | None = None, progress: Callable | None = None) -> Result:
+             settings: Settings | None = None, progress: Progress | None = None) -> Result:
         """Image variations (DALL-E 2 section 3.1): the CLIP image embedding decoded with fresh noise."""
         settings = settings or Settings()
         self.stages_until(until)
         z_i = self.encode_image(image[None]).expand(num_images, -1)
-        x = self.decode(z_i, settings=settings, seed=seed)
-        if progress:
-            progress("decoder")
+        x = self.decode(z_i, settings=settings, seed=seed, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)
 
     @torch.no_grad()
     def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, *, frames: int = 5, seed: int = 0,
                     until: str = "sr1024", settings: Settings | None = None,
-                    progress: Callable | None = None) -> Result:
+                    progress: Progress | None = None) -> Result:
         """Slerp between two images' CLIP embeddings with the decoder noise held fixed (section 3.2)."""
         from decoder.manipulation import slerp
 
@@ -201,15 +217,13 @@ class Cascade:
         z = self.encode_image(torch.stack([image_a, image_b]))
         z_i = slerp(z[:1], z[1:], torch.linspace(0, 1, frames)[:, None])
         noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
-        x = self.decode(z_i, settings=settings, seed=seed, noise=noise)
-        if progress:
-            progress("decoder")
+        x = self.decode(z_i, settings=settings, seed=seed, noise=noise, progress=progress)
         return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
 
     @torch.no_grad()
     def textdiff(self, image: torch.Tensor, text_from: str, text_to: str, *, frames: int = 5,
                  max_theta: float = 0.5, seed: int = 0, until: str = "sr1024",
-                 settings: Settings | None = None, progress: Callable | None = None) -> Result:
+                 settings: Settings | None = None, progress: Progress | None = None) -> Result:
         """Text diffs (section 3.3): move z_i towards normalize(z_t(to) - z_t(from)) by angle fractions
         theta in [0, max_theta], decoder noise fixed."""
         from decoder.manipulation import text_diff
@@ -221,9 +235,7 @@ class Cascade:
         theta = torch.linspace(0, max_theta, frames)[:, None]
         z_i = text_diff(z_img, z_t[:1], z_t[1:], theta)
         noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
-        x = self.decode(z_i, settings=settings, seed=seed, noise=noise)
-        if progress:
-            progress("decoder")
+        x = self.decode(z_i, settings=settings, seed=seed, noise=noise, progress=progress)
         return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
 
     def _upsample_fixed(self, x, until, settings, seed, progress):
@@ -236,10 +248,9 @@ class Cascade:
             noise = torch.randn(1, 3, size, size, generator=_generator(seed, name)).expand(len(x), -1, -1, -1)
             low = stage.sample({"low_res": low}, sampler=settings.sampler, steps=settings.steps[name],
                                guidance=settings.guidance[name], generator=_generator(seed, name),
-                               aug_level=settings.aug_level, noise=noise)
+                               aug_level=settings.aug_level, noise=noise,
+                               callback=_step_callback(progress, name, settings.steps[name]))
             out[name] = low
-            if progress:
-                progress(name)
         return out
 
 

@@ -4,7 +4,7 @@ section 2.1), trained with classifier-free dropout of z_i (10%) and text (50%) a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -103,16 +103,17 @@ class Decoder(Stage):
     def sample(self, conditioning: dict[str, Any], *, sampler: str = "ddim", steps: int = 50,
                guidance: float = 1.0, generator: torch.Generator | None = None,
                threshold: str | float | None = None, noise: torch.Tensor | None = None, eta: float = 0.0,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
         "clip_mask": (B, L)]}. `noise` (B, 3, S, S) fixes x_T, so equal noise and conditioning give equal
-        images with a deterministic sampler (DDIM with eta 0, DPM-Solver++)."""
+        images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called after
+        every sampling step (see `cascade.diffusion.sample`)."""
         b, s = conditioning["clip_image"].shape[0], self.config.image_size
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         x = diffusion.sample(self.denoiser(conditioning), (b, 3, s, s), schedule=self.schedule, sampler=sampler,
                              steps=steps, eta=eta, guidance=guidance, threshold=threshold, generator=generator,
-                             x_T=noise, progress=progress)
+                             x_T=noise, callback=callback, progress=progress)
         return x.clamp(-1.0, 1.0)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +70,15 @@ class PriorStage(Stage):
     @torch.no_grad()
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, generator: torch.Generator | None = None,
-               candidates: int | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+               candidates: int | None = None, x_T: torch.Tensor | None = None,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Image embeddings (B, D), L2-normalised, for conditioning {"clip_text": (B, D),
         "clip_tokens": (B, L, Dt), "clip_mask": (B, L)}.
 
         Defaults come from the config (sampler "ddim", 64 steps, guidance 1, 2 candidates). With
         `candidates` = k, k embeddings are drawn per caption and the one closest to the text embedding
-        is returned. `x_T` (B * k, D) fixes the starting noise.
+        is returned. `x_T` (B * k, D) fixes the starting noise. `callback` is called after every
+        sampling step (see `cascade.diffusion.sample`); the k candidates share the steps.
         """
         cfg = self.config
         sampler = sampler or cfg.sampler
@@ -98,7 +100,7 @@ class PriorStage(Stage):
             return model_output_to_eps(self.schedule, Prediction.X0, x0, x_t, t)
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
-                             steps=steps, guidance=guidance, generator=generator, x_T=x_T)
+                             steps=steps, guidance=guidance, generator=generator, x_T=x_T, callback=callback)
         z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
         best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)
         return z[torch.arange(b, device=device), best]

@@ -15,7 +15,7 @@ augmentation level and step count.
 from __future__ import annotations
 
 import itertools
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -187,13 +187,15 @@ class SuperResStage(Stage):
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float = 1.0, generator: torch.Generator | None = None,
                aug_level: float | None = None, threshold: str | float | None = None,
-               noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+               noise: torch.Tensor | None = None, progress: bool = False,
+               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
         The input is corrupted at `aug_level` (default: the config's), as in training. `noise`, the
         starting x_T (B, 3, H, W), is drawn from `generator` when not given. `threshold` defaults to
         "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
+        `callback` is called after every sampling step (with tiles, once all tiles of the step are done).
         """
         c = self.config
         low = conditioning["low_res"]
@@ -225,7 +227,7 @@ class SuperResStage(Stage):
             threshold = "static"
         x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler or c.sampler,
                    steps=steps or c.steps, guidance=guidance if text is not None else None,
-                   threshold=threshold, generator=generator, x_T=noise, progress=progress)
+                   threshold=threshold, generator=generator, x_T=noise, callback=callback, progress=progress)
         if c.residual:
             x = x + bicubic_upsample(low, (size_h, size_w))
         return x.clamp(-1.0, 1.0)

@@ -4,6 +4,7 @@ end-to-end test."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -89,6 +90,39 @@ def test_generate_cli_writes_pngs_with_settings_and_grid(bundle, tmp_path, capsy
     with Image.open(capsys.readouterr().out.split()[0]) as im:
         assert np.array_equal(np.asarray(im), low)  # same seed and settings -> identical pixels
     assert first.std() > 0
+
+
+def test_progress_reports_every_sampling_step_of_every_stage(cascade):
+    calls = []
+    cascade.generate(["a red circle"], seed=0, until="sr256", settings=_fast_settings(),
+                     progress=lambda *call: calls.append(call))
+    assert calls == [(stage, done, total) for stage, total in (("prior", 3), ("decoder", 3), ("sr256", 2))
+                     for done in range(total + 1)]
+
+
+def _bar_draws(err: str) -> dict[str, list[str]]:
+    """Every drawn state of each tqdm bar in `err`, by label, the labels in the order the bars appeared."""
+    draws = {}
+    for line in filter(None, re.split(r"[\r\n]+", err)):
+        draws.setdefault(line.split(":")[0].strip(), []).append(line)
+    return draws
+
+
+def test_generate_cli_shows_a_bar_per_stage_that_reaches_its_steps(bundle, tmp_path, capsys):
+    steps = {"prior": 3, "decoder": 4, "sr256": 2, "sr1024": 1}
+    args = ["generate", "--prompt", "a red circle", "--model", str(bundle), "--num-images", "1",
+            "--steps", ",".join(f"{k}={v}" for k, v in steps.items()), "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 2  # stdout: the paths only
+    draws = _bar_draws(err)
+    assert list(draws) == list(steps), err
+    for stage, total in steps.items():
+        first, last = draws[stage][0], draws[stage][-1]
+        assert re.search(rf"\b0/{total}\b", first) and re.search(rf"100%.*\b{total}/{total}\b", last), draws[stage]
+    assert main(args + ["--until", "decoder", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and len(out.split()) == 2
 
 
 def test_vary_interpolate_textdiff_write_their_frames(bundle, tmp_path, capsys):
