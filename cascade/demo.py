@@ -10,14 +10,19 @@ interrupted training runs resume from their last checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cascade.errors import UserError
+import yaml
+
+from cascade.errors import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = ("clip", "prior", "decoder", "sr256", "sr1024")
 PROMPTS = ("a red circle at the top left", "a big blue square below a small yellow triangle",
@@ -31,17 +36,37 @@ class Plan:
     emoji: int  # emoji samples (an even spread over Fluent and OpenMoji; 0 = all 7,869)
     steps: dict  # max training steps per stage
     images: int  # images per prompt
+    # Changes to configs/tiny/<stage>.yaml for this plan, {stage: {"model"|"train": {key: value}}}; the
+    # changed config is written to runs/<plan>/<stage>.yaml and trained from there.
+    overrides: dict = field(default_factory=dict)
+    generate_steps: str = ""  # `cascade generate --steps` for the example prompts ("" = its defaults)
+    eval_limit: int = 64  # val samples for `cascade eval`'s text -> prior -> decoder score
 
+
+# Every stage is evaluated once, by `cascade eval` at the end, not also at the end of its training run.
+NO_END_EVAL = {stage: {"train": {"eval_at_end": False}} for stage in STAGES}
 
 FULL = Plan("tiny", shapes=4000, emoji=2000,
-            steps={"clip": 300, "prior": 2000, "decoder": 3000, "sr256": 600, "sr1024": 400}, images=2)
+            steps={"clip": 300, "prior": 2000, "decoder": 1500, "sr256": 600, "sr1024": 400}, images=2,
+            overrides=NO_END_EVAL)
 QUICK = Plan("quick", shapes=600, emoji=300,
-             steps={"clip": 60, "prior": 300, "decoder": 300, "sr256": 60, "sr1024": 40}, images=1)
+             steps={"clip": 60, "prior": 300, "decoder": 150, "sr256": 60, "sr1024": 40}, images=1,
+             overrides={**NO_END_EVAL, "decoder": {"train": {"eval_at_end": False},
+                                                   "model": {"eval_samples": 16, "sample_steps": 25}}},
+             generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16)
 
 
-def run(cmd: list[str]) -> None:
+TIMES: dict[str, float] = {}  # wall-clock minutes of each part of this invocation, for the summary
+
+
+def run(cmd: list[str], part: str | None = None) -> None:
     print("+ " + " ".join(cmd), flush=True)
+    started = time.monotonic()
     done = subprocess.run(cmd)
+    if part:
+        TIMES[part] = TIMES.get(part, 0.0) + (time.monotonic() - started) / 60
+    if done.returncode == 130:
+        raise KeyboardInterrupt
     if done.returncode != 0:
         raise UserError(f"step failed with exit code {done.returncode}: {' '.join(cmd)}")
 
@@ -56,10 +81,10 @@ def build_data(plan: Plan, root: Path) -> Path:
     shapes, emoji, mixed = root / "shapes", root / "emoji", root / "mixed"
     if not has_shards(shapes):
         run(cascade + ["data", "build", "--source", "shapes", "--out", str(shapes), "--count", str(plan.shapes),
-                       "--sizes", "64,256,1024", "--seed", "0"])
+                       "--sizes", "64,256,1024", "--seed", "0"], "data: shapes")
     if not has_shards(emoji):
         cmd = cascade + ["data", "build", "--source", "emoji", "--out", str(emoji), "--sizes", "64,256,1024"]
-        run(cmd + (["--count", str(plan.emoji)] if plan.emoji else []))
+        run(cmd + (["--count", str(plan.emoji)] if plan.emoji else []), "data: emoji")
     if not has_shards(mixed):
         for split in ("train", "val"):
             (mixed / split).mkdir(parents=True, exist_ok=True)
@@ -77,9 +102,18 @@ def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path) -> None:
     if (bundle / stage / "model.safetensors").is_file():
         print(f"= {stage}: already trained ({bundle / stage})")
         return
-    run([sys.executable, "train_stage.py", "--stage", stage, "--config", f"configs/tiny/{stage}.yaml",
+    config = ROOT / "configs" / "tiny" / f"{stage}.yaml"
+    if plan.overrides.get(stage):
+        data_ = yaml.safe_load(config.read_text())
+        for section, values in plan.overrides[stage].items():
+            data_[section].update(values)
+        config = runs / f"{stage}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"# configs/tiny/{stage}.yaml with the {plan.name} plan's changes (cascade/demo.py)\n"
+                          + yaml.safe_dump(data_, sort_keys=False))
+    run([sys.executable, str(ROOT / "train_stage.py"), "--stage", stage, "--config", str(config),
          "--data", str(data), "--run-dir", str(runs / stage), "--max-steps", str(plan.steps[stage]),
-         "--export", str(bundle)])
+         "--export", str(bundle)], f"train {stage}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,24 +121,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="less data and fewer steps (target: 10 minutes)")
     p.add_argument("--root", default=".", help="where data/, runs/, bundles/ and out/ go (default: .)")
     args = p.parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    root = Path(args.root)
+    return run_cli("demo", lambda: demo(QUICK if args.quick else FULL, Path(args.root)),
+                   interrupted="interrupted; run it again to go on from where it stopped")
+
+
+def demo(plan: Plan, root: Path) -> int:
     data_root, runs, bundle, out = (root / "data" / plan.name, root / "runs" / plan.name,
                                     root / "bundles" / plan.name, root / "out" / plan.name)
+    cli = [sys.executable, "-m", "cascade.cli"]
     start = time.monotonic()
-    try:
-        data = build_data(plan, data_root)
-        train("clip", plan, data, runs, bundle)
-        run([sys.executable, "-m", "cascade.cli", "data", "embed", "--data", str(data), "--clip", str(bundle / "clip")])
-        for stage in STAGES[1:]:
-            train(stage, plan, data, runs, bundle)
-        for i, prompt in enumerate(PROMPTS):
-            run([sys.executable, "-m", "cascade.cli", "generate", "--prompt", prompt, "--model", str(bundle),
-                 "--num-images", str(plan.images), "--seed", str(i), "--out", str(out)])
-    except UserError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 2
-    print(f"demo finished in {(time.monotonic() - start) / 60:.1f} min; images in {out}, model in {bundle}")
+    data = build_data(plan, data_root)
+    train("clip", plan, data, runs, bundle)
+    run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
+    for stage in STAGES[1:]:
+        train(stage, plan, data, runs, bundle)
+    for i, prompt in enumerate(PROMPTS):
+        steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
+        run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),
+                   "--seed", str(i), "--out", str(out), *steps], "generate")
+    if not (out / "eval" / "eval.json").is_file():
+        run(cli + ["eval", "--model", str(bundle), "--data", str(data), "--out", str(out / "eval"),
+                   "--limit", str(plan.eval_limit)], "eval")
+    total = (time.monotonic() - start) / 60
+    TIMES["total"] = total
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in TIMES.items()}, indent=2) + "\n")
+    print("\n".join(f"  {k:<14} {v:6.1f} min" for k, v in TIMES.items()))
+    print(f"demo finished in {total:.1f} min; images in {out}, evaluation in {out / 'eval'}, model in {bundle}")
     return 0
 
 

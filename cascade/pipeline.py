@@ -170,7 +170,7 @@ class Cascade:
             cond.update(text)
         return decoder.sample(cond, sampler=settings.sampler, steps=settings.steps["decoder"],
                               guidance=settings.guidance["decoder"], generator=_generator(seed, "decoder"),
-                              noise=noise, threshold=0.995,
+                              noise=noise, threshold=decoder.config.threshold,
                               callback=_step_callback(progress, "decoder", settings.steps["decoder"]))
 
     def decoder_noise(self, seed: int, n: int = 1) -> torch.Tensor:

@@ -5,6 +5,11 @@ The CLIP image embedding z_i is projected and added to the timestep embedding, a
 refined by a small transformer when `text_layers` > 0, like GLIDE's text encoder). For
 classifier-free guidance either part can be dropped per sample: a dropped z_i is replaced by a learned
 null embedding, dropped text by a learned null token (the text tokens are then masked out).
+
+z_i arrives L2-normalised, so its entries are ~D^-1/2; it is multiplied by sqrt(D) (as the prior
+scales the embeddings it diffuses) so that at initialisation its projection into the timestep
+embedding is as large as the timestep's own. Unscaled, the conditioning starts ~5x weaker than the
+timestep and the network learns to use it only slowly.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Conditioning(nn.Module):
         super().__init__()
         width = config.context_width
         self.image_tokens = config.image_tokens
+        self.image_scale = config.clip_dim**0.5
         self.null_image = nn.Parameter(torch.randn(config.clip_dim) * config.clip_dim**-0.5)
         self.null_text = nn.Parameter(torch.randn(1, width) * 0.02)
         self.image_to_emb = nn.Linear(config.clip_dim, config.embedding_dim)
@@ -39,6 +45,7 @@ class Conditioning(nn.Module):
                 keep_image: torch.Tensor, keep_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = image_emb.shape[0]
         image = torch.where(keep_image[:, None], image_emb, self.null_image.to(image_emb.dtype))  # (B, D)
+        image = image * self.image_scale
         emb = self.image_to_emb(image)  # (B, E)
         parts = [rearrange(self.image_to_tokens(image), "b (k c) -> b k c", k=self.image_tokens),
                  self.null_text.expand(b, 1, -1)]

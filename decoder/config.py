@@ -31,12 +31,17 @@ class DecoderConfig(Config):
     p_drop_text: float = Field(0.5, ge=0.0, le=1.0)
     # Diffusion.
     prediction: Literal["eps", "v"] = "eps"
+    snr_gamma: float | None = Field(None, gt=0)  # min-SNR-gamma loss weighting (Hang et al. 2023); None = off
+    snr_plus_one: bool = False  # weight min(SNR + 1, gamma) in x0 terms: keeps the noisiest steps' v loss
     learned_variance: bool = False
     schedule: str = "cosine"
     timesteps: int = Field(1000, gt=1)
     # Previews and evaluation.
     sampler: str = "ddim"
     sample_steps: int = Field(50, ge=1)
+    # x0 clipping while sampling previews, evals and the cascade: None, "static" ([-1, 1]) or a dynamic
+    # thresholding percentile in (0, 1) (Imagen).
+    threshold: Literal["static"] | float | None = 0.995
     preview_guidance: float = 3.0
     eval_guidance: list[float] = [1.0, 3.0]
     eval_samples: int = Field(64, ge=2)

@@ -45,7 +45,8 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
     for start in tqdm(range(0, n, chunk), desc=f"decoding (guidance {guidance:g})", leave=False):
         rows = slice(start, start + chunk)
         out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=stage.config.sampler,
-                                steps=stage.config.sample_steps, guidance=guidance, noise=noise[rows]))
+                                steps=stage.config.sample_steps, guidance=guidance, noise=noise[rows],
+                                threshold=stage.config.threshold))
     return torch.cat(out)
 
 

@@ -69,7 +69,8 @@ class Decoder(Stage):
         noise = torch.randn_like(x0)
         return diffusion.diffusion_loss(
             self.schedule, lambda x_t, t_: self.unet(x_t, t_, emb, context, mask), x0, t, noise,
-            self.config.prediction, learned_variance=self.config.learned_variance)
+            self.config.prediction, learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
+            snr_plus_one=self.config.snr_plus_one)
 
     def denoiser(self, conditioning: dict[str, Any]):
         """denoise(x_t, t, cond_mask=None) -> eps (or (eps, variance output)) for `cascade.diffusion.sample`.
@@ -121,7 +122,8 @@ class Decoder(Stage):
         n = min(8, batch["clip_image"].shape[0])
         conditioning = {k: batch[k][:n] for k in ("clip_image", "clip_tokens", "clip_mask") if k in batch}
         return self.sample(conditioning, sampler=self.config.sampler, steps=self.config.sample_steps,
-                           guidance=self.config.preview_guidance, generator=generator)
+                           guidance=self.config.preview_guidance, generator=generator,
+                           threshold=self.config.threshold)
 
     @torch.no_grad()
     def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:

@@ -90,6 +90,20 @@ def test_text_mask_hides_masked_tokens_and_dropped_text():
     assert not torch.allclose(stage.denoiser(changed)(x, t), out, atol=1e-5)
 
 
+def test_image_embedding_moves_the_block_embedding_as_much_as_the_timestep_does():
+    # A unit-norm z_i is scaled by sqrt(D) before its projection, so at initialisation it moves the
+    # embedding that drives the ResBlocks' adaptive norms at least as much as the timestep does
+    # (unscaled, it would be 16x weaker at D = 256 and start out nearly ignored).
+    stage = small_decoder(clip_dim=256)
+    z = F.normalize(torch.randn(64, 256), dim=-1)
+    keep = torch.ones(64, dtype=torch.bool)
+    emb, _, _ = stage.conditioning(z, None, None, keep, keep)
+    time = stage.unet.time_embed(torch.randint(0, 1000, (64,)))
+    assert 1.0 < emb.std().item() / time.std().item() < 10.0
+    # and different embeddings give clearly different conditioning (not a near-constant offset)
+    assert emb.std(dim=0).mean().item() > 0.5 * emb.std().item()
+
+
 def test_cond_mask_contract():
     stage = small_decoder().eval()
     randomise_outputs(stage)
@@ -121,7 +135,8 @@ def test_fixed_noise_same_embedding_gives_identical_images():
     assert torch.equal(d1, d2) and d1.shape == (2, 3, 32, 32) and d1.abs().max() <= 1
 
 
-@pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(learned_variance=True), dict(text_layers=1)])
+@pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(prediction="v", snr_gamma=5.0),
+                                       dict(learned_variance=True), dict(text_layers=1)])
 def test_variants_train_and_sample(overrides):
     stage = small_decoder(**overrides)
     cond = conditioning()

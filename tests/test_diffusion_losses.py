@@ -12,6 +12,7 @@ from cascade.diffusion import (
     eps_to_x0,
     interpolated_log_variance,
     loss_terms,
+    min_snr_weight,
     model_output_to_eps,
     model_output_to_x0,
     normal_kl,
@@ -199,3 +200,29 @@ def test_vlb_vanishes_for_the_perfect_mean_and_posterior_variance(batch, predict
     model = lambda x_t, tt: torch.cat([target, -torch.ones_like(target)], dim=1)  # noqa: E731
     terms = loss_terms(s, model, x0, t, eps, prediction, learned_variance=True)
     assert terms["vlb"].abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_is_clipped_snr_times_the_x0_error(batch, prediction, plus_one):
+    # Hang et al. 2023: whatever is predicted, the weighted loss is min(SNR_t, gamma) * |x0_hat - x0|^2
+    # (min(SNR_t + 1, gamma) with plus_one).
+    s, x0, noise, t = batch
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(x0.shape, generator=g, dtype=torch.float64)  # a wrong network, so the errors are not 0
+    x_t = q_sample(s, x0, t, noise)
+    terms = loss_terms(s, lambda *_: out, x0, t, noise, prediction, snr_gamma=5.0, snr_plus_one=plus_one)
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t]) + (1.0 if plus_one else 0.0)
+    x0_error = ((model_output_to_x0(s, prediction, out, x_t, t) - x0) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(terms["loss"].double(), snr.clamp(max=5.0) * x0_error, rtol=1e-4)
+    assert torch.equal(terms["mse"], loss_terms(s, lambda *_: out, x0, t, noise, prediction)["mse"])
+    weights = min_snr_weight(s, prediction, t, 5.0, plus_one=plus_one)
+    assert weights.shape == t.shape and bool((weights > 0).all())
+    if prediction == "v" and plus_one:  # the plain v loss wherever SNR + 1 <= gamma
+        assert torch.allclose(weights[snr <= 5.0], torch.ones(()), atol=1e-6) and bool((snr <= 5.0).any())
+
+
+def test_min_snr_weight_rejects_a_non_positive_gamma(batch):
+    s, _, _, t = batch
+    with pytest.raises(ValueError, match="snr_gamma"):
+        min_snr_weight(s, "v", t, 0.0)

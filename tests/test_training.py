@@ -155,6 +155,14 @@ def data(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shapes"), train=48, val=8, per_shard=16)
 
 
+def test_eval_at_end_false_skips_the_last_evaluation(tmp_path, data):
+    cfg = write_config(tmp_path / "c.yaml", max_steps=4, log_every=2, eval_at_end=False)
+    _train(tmp_path, "run", data, cfg)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    assert not any(k.startswith("eval/") for r in records for k in r)
+
+
 def test_loss_falls_over_30_steps_with_logs_grids_eval_and_export(tmp_path, data):
     from cascade.bundle import load_stage
 

@@ -19,8 +19,8 @@ Parameterisations (`parameterization`)
     prediction_target(schedule, prediction, x0, noise, t).
 Losses (`losses`, `likelihood`, `learned_variance`)
     diffusion_loss(schedule, model_fn, x0, t, noise, prediction=Prediction.EPS, *,
-    learned_variance=False, vlb_weight=1e-3) -> scalar; loss_terms(...) -> per-sample dict;
-    sample_timesteps; vlb_term_bpd (bits/dim); normal_kl; discretized_gaussian_log_likelihood;
+    learned_variance=False, vlb_weight=1e-3, snr_gamma=None) -> scalar; loss_terms(...) -> per-sample
+    dict; min_snr_weight (min-SNR-gamma weighting); sample_timesteps; vlb_term_bpd (bits/dim); normal_kl; discretized_gaussian_log_likelihood;
     interpolated_log_variance.
 Guidance and thresholding (`guidance`, `thresholding`)
     combine_guidance(eps_c, eps_u, w); static_threshold; dynamic_threshold(x0, p); apply_threshold.
@@ -62,7 +62,7 @@ from cascade.diffusion.forward_process import q_mean_variance, q_posterior_mean_
 from cascade.diffusion.guidance import combine_guidance, guided_denoise
 from cascade.diffusion.learned_variance import fixed_large_log_variance, interpolated_log_variance
 from cascade.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl, vlb_term_bpd
-from cascade.diffusion.losses import diffusion_loss, loss_terms, sample_timesteps
+from cascade.diffusion.losses import diffusion_loss, loss_terms, min_snr_weight, sample_timesteps
 from cascade.diffusion.noise_schedule import AngleSchedule, NoiseSchedule, broadcast_at
 from cascade.diffusion.parameterization import (
     Prediction,
@@ -82,7 +82,7 @@ __all__ = [
     "AngleSchedule", "Denoiser", "DenoiserOutput", "NoiseSchedule", "Prediction", "SAMPLERS",
     "apply_threshold", "broadcast_at", "combine_guidance", "diffusion_loss", "discretized_gaussian_log_likelihood",
     "dynamic_threshold", "eps_to_x0", "fixed_large_log_variance", "guided_denoise", "interpolated_log_variance",
-    "loss_terms", "mean_flat", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
+    "loss_terms", "mean_flat", "min_snr_weight", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
     "q_mean_variance", "q_posterior_mean_variance", "q_sample", "sample", "sample_ddim", "sample_ddpm",
     "sample_dpmpp_2m", "sample_timesteps", "static_threshold", "v_to_eps", "v_to_x0", "vlb_term_bpd",
     "x0_eps_to_v", "x0_to_eps",

@@ -30,6 +30,7 @@ class TrainConfig(Config):
     ckpt_every: int = Field(500, ge=0)  # 0: only at the end and on a signal
     sample_every: int = Field(500, ge=0)  # 0: no sample grids
     eval_every: int = Field(0, ge=0)  # 0: at the end only
+    eval_at_end: bool = True  # False: no evaluation at the last step (e.g. when `cascade eval` follows)
     num_workers: int = Field(0, ge=0)
 
     @field_validator("betas")

@@ -354,7 +354,7 @@ class Trainer:
                 log.advance(step_loss)
 
                 last = self.step == cfg.max_steps
-                evaluate = (cfg.eval_every and self.step % cfg.eval_every == 0) or last
+                evaluate = (cfg.eval_every and self.step % cfg.eval_every == 0) or (last and cfg.eval_at_end)
                 metrics = self._evaluate() if evaluate else {}
                 if self.step % cfg.log_every == 0 or last or evaluate:
                     mean_loss = distributed.mean_over_ranks(window_loss / window_steps)
