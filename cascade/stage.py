@@ -50,8 +50,13 @@ class Stage(nn.Module):
 
     @torch.no_grad()
     def sample(self, conditioning: dict[str, Any], *, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw outputs for a batch of conditioning (images in [-1, 1], or embeddings)."""
+               guidance: float = 1.0, generator: torch.Generator | None = None,
+               callback=None) -> torch.Tensor:
+        """Draw outputs for a batch of conditioning (images in [-1, 1], or embeddings).
+
+        `callback(info)`, when given, is called after every sampling step (see `cascade.diffusion.sample`);
+        the pipeline draws its per-stage progress bars from it. Stages may take further keyword options
+        (noise, threshold, augmentation level)."""
         raise NotImplementedError
 
     @torch.no_grad()
