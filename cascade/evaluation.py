@@ -33,8 +33,7 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     keep = [i for i, scene in enumerate(data_["json"]) if scene.get("objects")]
     if not keep:
         return {}
-    batches = [b for b in _val(data, prior)]
-    text = torch.cat([b["clip_text"] for b in batches])[: len(data_["json"])][keep]
+    text = data_["clip_text"][keep]
     tokens, mask = data_["clip_tokens"][keep], data_["clip_mask"][keep]
     g = torch.Generator().manual_seed(seed)
     z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
@@ -70,7 +69,11 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
             if images is not None:
-                save_png(make_grid(images, list(batch["txt"])[: len(images)]), out / f"{name}-samples.png")
+                # Captioned when there is one caption per image (an SR preview shows 3 per sample).
+                captions = list(batch["txt"])
+                grid = make_grid(images, captions[: len(images)] if len(captions) >= len(images) else None)
+                save_png(grid, out / f"{name}-samples.png")
+        write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
     if "prior" in loaded and "decoder" in loaded:
         print("evaluating text -> prior -> decoder ...", flush=True)
         results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,

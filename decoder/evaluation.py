@@ -19,21 +19,35 @@ CONDITIONING_KEYS = ("clip_image", "clip_tokens", "clip_mask")
 
 
 def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> dict[str, Any]:
-    """The first `limit` samples of `batches`: conditioning tensors, real images and json, concatenated."""
-    parts: dict[str, list] = {}
-    n = 0
+    """`limit` validation samples: conditioning tensors, real images and json, concatenated.
+
+    Samples whose json describes a shapes scene come first (the scorer can only judge those), so a
+    mixed val split whose other shards sort first still yields a scored evaluation; the rest fill up.
+    """
+    scenes: dict[str, list] = {}
+    others: dict[str, list] = {}
+    n_scenes = 0
     for batch in batches:
-        take = min(limit - n, batch["clip_image"].shape[0])
-        for key in (*CONDITIONING_KEYS, image_key):
-            if key in batch:
-                parts.setdefault(key, []).append(batch[key][:take])
-        parts.setdefault("json", []).extend(list(batch.get("json", [{}] * take))[:take])
-        n += take
-        if n >= limit:
+        b = batch["clip_image"].shape[0]
+        jsons = list(batch.get("json", [{}] * b))
+        for i in range(b):
+            is_scene = bool(jsons[i].get("objects"))
+            if is_scene and n_scenes >= limit:
+                continue
+            target = scenes if is_scene else others
+            if not is_scene and len(others.get("json", [])) >= limit:
+                continue
+            for key in (*CONDITIONING_KEYS, "clip_text", image_key):
+                if key in batch:
+                    target.setdefault(key, []).append(batch[key][i : i + 1])
+            target.setdefault("json", []).append(jsons[i])
+            n_scenes += is_scene
+        if n_scenes >= limit:
             break
-    if n == 0:
+    parts = {k: scenes.get(k, []) + others.get(k, []) for k in set(scenes) | set(others)}
+    if not parts:
         raise ValueError("no validation samples to evaluate the decoder on")
-    return {k: (v if k == "json" else torch.cat(v)) for k, v in parts.items()}
+    return {k: (v[:limit] if k == "json" else torch.cat(v)[:limit]) for k, v in parts.items()}
 
 
 @torch.no_grad()

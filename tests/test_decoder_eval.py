@@ -42,3 +42,22 @@ def test_evaluate_reports_fd_effnet_per_guidance():
     metrics = stage.evaluate(batches, torch.Generator().manual_seed(0))
     assert set(metrics) == {"fd_effnet@g1", "fd_effnet@g3"}
     assert all(np.isfinite(v) and v > 0 for v in metrics.values())
+
+
+def test_collect_puts_scored_scenes_first_and_keeps_rows_aligned():
+    # A mixed val split whose emoji shards come first must still give the scorer its shapes scenes.
+    from decoder.evaluation import collect
+
+    def batch(start, n, scene):
+        idx = torch.arange(start, start + n, dtype=torch.float32)
+        return {"clip_image": idx[:, None].repeat(1, 4), "clip_text": -idx[:, None].repeat(1, 4),
+                "image_64": idx[:, None, None, None].expand(n, 3, 2, 2),
+                "json": [{"objects": [{"id": int(i)}]} if scene else {"emoji": int(i)} for i in idx]}
+
+    got = collect([batch(0, 4, False), batch(4, 4, False), batch(8, 3, True), batch(11, 4, True)], "image_64", 5)
+    assert [j["objects"][0]["id"] for j in got["json"]] == [8, 9, 10, 11, 12]  # scenes only, in order
+    assert got["clip_image"][:, 0].tolist() == [8, 9, 10, 11, 12]
+    assert got["clip_text"][:, 0].tolist() == [-8, -9, -10, -11, -12]
+    assert got["image_64"][:, 0, 0, 0].tolist() == [8, 9, 10, 11, 12]
+    few = collect([batch(0, 3, False), batch(3, 2, True)], "image_64", 4)  # scenes first, then the rest
+    assert few["clip_image"][:, 0].tolist() == [3, 4, 0, 1] and len(few["json"]) == 4

@@ -205,3 +205,36 @@ def test_chain_mismatch_is_named(bundle, tmp_path):
                odd / "prior")
     with pytest.raises(UserError, match="prior was trained with embed_dim=48"):
         Cascade.from_bundle(odd)
+
+
+def test_eval_cli_reports_every_stage_and_the_text_to_image_score(bundle, tmp_path, capsys):
+    """`cascade eval` on embedded shapes shards: one JSON and Markdown report over the stages asked for,
+    the prior -> decoder score, and a sample grid per image stage (the SR grid shows 3 images per sample)."""
+    from cascade.data.shapes import samples
+    from cascade.data.shards import ShardWriter
+
+    data = tmp_path / "data"
+    items = list(samples(10, (64, 256), seed=0))
+    for split, chosen in (("train", items[:6]), ("val", items[6:])):
+        with ShardWriter(data / split, max_count=8) as writer:
+            for s in chosen:
+                writer.write(s.key, {"64.png": s.images[64], "256.png": s.images[256], "txt": s.txt, "json": s.json})
+    assert main(["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")]) == 0
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(bundle), "--data", str(data), "--out", str(out),
+                 "--stages", "clip,prior,decoder,sr256", "--limit", "4"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"clip", "prior", "decoder", "sr256", "cascade"}
+    assert {"i2t_r1", "ridge_i2t_r1"} <= set(report["clip"])
+    assert {"prior_cos", "text_cos", "nn_cos"} <= set(report["prior"])
+    assert {"colour_acc@g1", "colour_acc@g3", "fd_effnet@g1"} <= set(report["decoder"])
+    assert {"psnr_bicubic", "ssim_bicubic", "psnr_best"} <= set(report["sr256"])
+    assert {"colour_acc@prior_g1", "colour_acc@prior_g3"} <= set(report["cascade"])
+    assert all(0.0 <= v <= 1.0 for k, v in report["decoder"].items() if k.endswith(("acc@g1", "acc@g3")))
+    table = (out / "eval.md").read_text()
+    assert table.count("\n") == 2 + sum(len(m) for m in report.values())  # header, rule, one row per metric
+    assert "| sr256 | psnr_bicubic |" in table and "| cascade | colour_acc@prior_g3 |" in table
+    for name in ("decoder", "sr256"):
+        assert Image.open(out / f"{name}-samples.png").size[0] > 64
+    assert str(out / "eval.json") in capsys.readouterr().out
