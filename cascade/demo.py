@@ -139,9 +139,11 @@ def demo(plan: Plan, root: Path) -> int:
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),
                    "--seed", str(i), "--out", str(out), *steps], "generate")
-    if not (out / "eval" / "eval.json").is_file():
+    done = out / "eval" / ".complete"  # eval.json is written after every stage, so it may be partial
+    if not done.is_file():
         run(cli + ["eval", "--model", str(bundle), "--data", str(data), "--out", str(out / "eval"),
                    "--limit", str(plan.eval_limit)], "eval")
+        done.write_text("")
     total = (time.monotonic() - start) / 60
     TIMES["total"] = total
     out.mkdir(parents=True, exist_ok=True)
