@@ -24,30 +24,20 @@ def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> di
     Samples whose json describes a shapes scene come first (the scorer can only judge those), so a
     mixed val split whose other shards sort first still yields a scored evaluation; the rest fill up.
     """
-    scenes: dict[str, list] = {}
-    others: dict[str, list] = {}
-    n_scenes = 0
+    scenes, others = [], []  # (batch, row, json)
     for batch in batches:
-        b = batch["clip_image"].shape[0]
-        jsons = list(batch.get("json", [{}] * b))
-        for i in range(b):
-            is_scene = bool(jsons[i].get("objects"))
-            if is_scene and n_scenes >= limit:
-                continue
-            target = scenes if is_scene else others
-            if not is_scene and len(others.get("json", [])) >= limit:
-                continue
-            for key in (*CONDITIONING_KEYS, "clip_text", image_key):
-                if key in batch:
-                    target.setdefault(key, []).append(batch[key][i : i + 1])
-            target.setdefault("json", []).append(jsons[i])
-            n_scenes += is_scene
-        if n_scenes >= limit:
+        jsons = list(batch.get("json", [{}] * batch["clip_image"].shape[0]))
+        for i, scene in enumerate(jsons):
+            (scenes if scene.get("objects") else others).append((batch, i, scene))
+        if len(scenes) >= limit:
             break
-    parts = {k: scenes.get(k, []) + others.get(k, []) for k in set(scenes) | set(others)}
-    if not parts:
+    chosen = (scenes + others)[:limit]
+    if not chosen:
         raise ValueError("no validation samples to evaluate the decoder on")
-    return {k: (v[:limit] if k == "json" else torch.cat(v)[:limit]) for k, v in parts.items()}
+    keys = [k for k in (*CONDITIONING_KEYS, "clip_text", image_key) if k in chosen[0][0]]
+    out: dict[str, Any] = {k: torch.stack([batch[k][i] for batch, i, _ in chosen]) for k in keys}
+    out["json"] = [scene for _, _, scene in chosen]
+    return out
 
 
 @torch.no_grad()
