@@ -51,7 +51,7 @@ FULL = Plan("tiny", shapes=4000, emoji=2000,
             overrides=NO_END_EVAL)
 QUICK = Plan("quick", shapes=600, emoji=300,
              steps={"clip": 60, "prior": 300, "decoder": 150, "sr256": 60, "sr1024": 40}, images=1,
-             overrides={**NO_END_EVAL, "decoder": {"train": {"eval_at_end": False},
+             overrides={**NO_END_EVAL, "decoder": {**NO_END_EVAL["decoder"],
                                                    "model": {"eval_samples": 16, "sample_steps": 25}}},
              generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16)
 
