@@ -271,7 +271,10 @@ def colour_accuracy(images: torch.Tensor, scenes: list[dict]) -> float:
 @pytest.mark.slow
 def test_guided_decoding_gets_colours_right_more_often():
     batch = shapes_batch(8)
-    stage = small_decoder(channels=32, head_dim=32, p_drop_image=0.2, p_drop_text=0.0)
+    # v prediction with min-SNR weighting, as configs/tiny/decoder.yaml trains: with eps and no weighting
+    # 800 steps left colour near chance (0.09 / 0.11 / 0.21), too close for a threshold-free comparison.
+    stage = small_decoder(channels=32, head_dim=32, p_drop_image=0.2, p_drop_text=0.0, prediction="v",
+                          snr_gamma=5.0)
     opt = torch.optim.AdamW(stage.parameters(), lr=2e-3)
     torch.manual_seed(0)
     for _ in range(800):
@@ -280,8 +283,11 @@ def test_guided_decoding_gets_colours_right_more_often():
         loss.backward()
         opt.step()
     stage.eval()
-    noise = fixed_noise(stage, 8, torch.Generator().manual_seed(0))
-    acc = {w: colour_accuracy(stage.sample({"clip_image": batch["clip_image"]}, steps=25, guidance=w, noise=noise),
-                              batch["json"]) for w in (0.0, 1.0, 3.0)}
-    # Measured (1 thread): 800 steps gave 0.14 / 0.21 / 0.29 at w = 0 / 1 / 3.
-    assert acc[3.0] > acc[1.0] > acc[0.0], acc
+    # Four noise draws per embedding: 56 objects, so one object's luck moves the score by < 0.02.
+    draws = 4
+    noise = fixed_noise(stage, 8 * draws, torch.Generator().manual_seed(0))
+    acc = {w: colour_accuracy(stage.sample({"clip_image": batch["clip_image"].repeat(draws, 1)}, steps=25,
+                                           guidance=w, noise=noise), batch["json"] * draws)
+           for w in (0.0, 1.0, 3.0)}
+    # Measured (1 thread): 0.05 / 0.79 / 0.93 at w = 0 / 1 / 3; unconditional decoding is at chance (~0.1).
+    assert acc[0.0] < 0.3 and acc[1.0] > acc[0.0] + 0.3 and acc[3.0] >= acc[1.0] and acc[3.0] > 0.6, acc
