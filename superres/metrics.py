@@ -18,8 +18,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """10 log10(1 / MSE) in dB per image for (B, C, H, W) pairs in [-1, 1]; identical images give inf."""
-    mse = (_unit(x) - _unit(y)).pow(2).flatten(1).mean(dim=1)
+    """10 log10(1 / MSE) in dB per image for (B, C, H, W) pairs in [-1, 1], capped at 100 dB (MSE floored
+    at 1e-10) so that one identical pair does not turn a mean into inf."""
+    mse = (_unit(x) - _unit(y)).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
     return 10 * torch.log10(1.0 / mse)
 
 

@@ -69,7 +69,7 @@ class SRConfig(Config):
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
     steps: int = 25
     eval_images: int = 8
-    eval_crop: int | None = None  # evaluate on centre crops of this high-res size (None: whole images)
+    eval_crop: int | None = None  # evaluate on the most detailed crop of this high-res size (None: whole)
     eval_steps: list[int] = [5, 25]
     eval_aug_levels: list[float] = [0.0, 0.1, 0.2, 0.4]
 
@@ -234,60 +234,113 @@ class SuperResStage(Stage):
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    def _eval_pairs(self, batches, limit: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """Up to `limit` clean (low, high) pairs, centre-cropped to eval_crop; plus text conditioning."""
-        lows, highs, texts, masks = [], [], [], []
+    def _eval_pairs(self, batches, limit: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], list[str]]:
+        """Up to `limit` clean (low, high) pairs, split evenly over the sources present (shapes scenes and
+        emoji renders, from each sample's json), each cut to its most detailed eval_crop; plus text
+        conditioning and the source of every pair."""
+        kept: dict[str, list[tuple]] = {}
         for batch in batches:
-            lows.append(batch[f"image_{self.low_size}"])
-            highs.append(batch[f"image_{self.high_size}"])
-            if self.config.text:
-                texts.append(batch["clip_tokens"].float())
-                masks.append(batch["clip_mask"].bool())
-            if sum(len(x) for x in lows) >= limit:
+            lows, highs = batch[f"image_{self.low_size}"], batch[f"image_{self.high_size}"]
+            scenes = batch.get("json") or [{}] * len(lows)
+            for i in range(len(lows)):
+                text = (batch["clip_tokens"][i].float(), batch["clip_mask"][i].bool()) if self.config.text else None
+                group = kept.setdefault(source_of(scenes[i]), [])
+                if len(group) < limit:
+                    group.append((lows[i].clone(), highs[i].clone(), text))  # not views: a batch is big
+            if len(kept) > 1 and all(len(g) >= limit for g in kept.values()):
                 break
-        if not lows:
+        if not kept:
             raise UserError("no validation images to evaluate on")
-        low, high = torch.cat(lows)[:limit], torch.cat(highs)[:limit]
-        crop = self.config.eval_crop
-        if crop is not None and crop < self.high_size:
-            lc = crop // self.scale
-            o = (self.low_size - lc) // 2
-            low, high = low[..., o:o + lc, o:o + lc], high[..., o * self.scale:(o + lc) * self.scale,
-                                                            o * self.scale:(o + lc) * self.scale]
+        picked = balanced(kept, limit)
+        low = torch.stack([p[0] for _, p in picked])
+        high = torch.stack([p[1] for _, p in picked])
+        if self.config.eval_crop is not None and self.config.eval_crop < self.high_size:
+            low, high = detailed_crops(low, high, self.config.eval_crop // self.scale, self.scale)
         cond = {"low_res": low}
-        if texts:
-            cond.update(clip_tokens=torch.cat(texts)[:limit], clip_mask=torch.cat(masks)[:limit])
-        return low, high, cond
+        if self.config.text:
+            cond.update(clip_tokens=torch.stack([p[2][0] for _, p in picked]),
+                        clip_mask=torch.stack([p[2][1] for _, p in picked]))
+        return low, high, cond, [g for g, _ in picked]
 
     @torch.no_grad()
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Rows of [bicubic, upsampled, real] for up to 4 validation images (centre crops if eval_crop)."""
-        low, high, cond = self._eval_pairs([batch], 4)
+        """Rows of [bicubic, upsampled, real] for up to 4 validation images (detailed crops if eval_crop)."""
+        low, high, cond, _ = self._eval_pairs([batch], 4)
         out = self.sample(cond, generator=generator)
         bicubic = bicubic_upsample(low, high.shape[-1])
         return torch.stack([bicubic, out, high], dim=1).flatten(0, 1)  # (3N, 3, H, W)
 
     @torch.no_grad()
     def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:
-        """PSNR (dB) and SSIM against the real high-res image for bicubic and for every (aug level, steps).
+        """PSNR (dB, capped at 100) and SSIM against the real high-res image for bicubic and for every
+        (aug level, steps), on up to eval_images pairs split evenly over the val sources.
 
-        Keys: psnr_bicubic, ssim_bicubic, psnr_aug{s}_steps{n}, ssim_aug{s}_steps{n}, and psnr_best /
-        ssim_best over the sweep.
+        Keys: psnr_bicubic, ssim_bicubic, psnr_aug{s}_steps{n}, ssim_aug{s}_steps{n}, psnr_best /
+        ssim_best over the sweep; with more than one source, also psnr_bicubic_{source},
+        psnr_best_{source} (and ssim_) for each, source being "shapes" or "emoji".
         """
         c = self.config
-        low, high, cond = self._eval_pairs(batches, c.eval_images)
+        low, high, cond, sources = self._eval_pairs(batches, c.eval_images)
         bicubic = bicubic_upsample(low, high.shape[-1])
-        metrics = {"psnr_bicubic": psnr(bicubic, high).mean().item(), "ssim_bicubic": ssim(bicubic, high).mean().item()}
+        scores = {"bicubic": (psnr(bicubic, high), ssim(bicubic, high))}
         seed = int(torch.randint(2 ** 31, (), generator=generator))
         for level, steps in itertools.product(c.eval_aug_levels, c.eval_steps):
             g = torch.Generator().manual_seed(seed)  # the same noise for every setting of the sweep
             out = self.sample(cond, steps=steps, generator=g, aug_level=level)
-            metrics[f"psnr_aug{level:g}_steps{steps}"] = psnr(out, high).mean().item()
-            metrics[f"ssim_aug{level:g}_steps{steps}"] = ssim(out, high).mean().item()
-        metrics["psnr_best"] = max(v for k, v in metrics.items() if k.startswith("psnr_aug"))
-        metrics["ssim_best"] = max(v for k, v in metrics.items() if k.startswith("ssim_aug"))
-        metrics["eval_images"] = float(len(low))
+            scores[f"aug{level:g}_steps{steps}"] = (psnr(out, high), ssim(out, high))
+        groups = {"": torch.ones(len(low), dtype=torch.bool)}
+        if len(set(sources)) > 1:
+            groups.update({f"_{name}": torch.tensor([s == name for s in sources]) for name in sorted(set(sources))})
+        metrics = {}
+        for suffix, rows in groups.items():
+            for key, (p, s_) in scores.items():
+                if suffix and key != "bicubic":
+                    continue
+                metrics[f"psnr_{key}{suffix}"] = p[rows].mean().item()
+                metrics[f"ssim_{key}{suffix}"] = s_[rows].mean().item()
+            sweep = [k for k in scores if k != "bicubic"]
+            metrics[f"psnr_best{suffix}"] = max(scores[k][0][rows].mean().item() for k in sweep)
+            metrics[f"ssim_best{suffix}"] = max(scores[k][1][rows].mean().item() for k in sweep)
+            metrics[f"eval_images{suffix}"] = float(rows.sum())
         return metrics
+
+
+def source_of(scene: dict) -> str:
+    """"shapes" for a procedural scene, "emoji" for a Fluent / OpenMoji render, "other" otherwise."""
+    source = scene.get("source", "") if isinstance(scene, dict) else ""
+    return "shapes" if source == "shapes" else "emoji" if source in ("fluent-emoji-3d", "openmoji") else "other"
+
+
+def balanced(groups: dict[str, list], limit: int) -> list[tuple[str, Any]]:
+    """Up to `limit` items taken round-robin over the groups (in name order), so each source gets an
+    even share and a short group's share goes to the others."""
+    picked: list[tuple[str, Any]] = []
+    for i in itertools.count():
+        row = [(name, items[i]) for name, items in sorted(groups.items()) if i < len(items)]
+        if not row or len(picked) >= limit:
+            break
+        picked.extend(row[: limit - len(picked)])
+    return picked
+
+
+def detailed_crops(low: torch.Tensor, high: torch.Tensor, crop: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the aligned (low crop x crop, high crop*scale square) pair whose low-res crop has the
+    most edge energy (sum of absolute neighbour differences), searched on a grid of stride crop / 4.
+    A centre crop of a shapes scene is often flat background, where every upsampler is exact (PSNR inf)
+    and the eval would say nothing."""
+    stride = max(1, crop // 4)
+    edges = torch.zeros(low.shape[0], 1, *low.shape[-2:])
+    edges[..., :, 1:] += (low[..., :, 1:] - low[..., :, :-1]).abs().sum(1, keepdim=True)
+    edges[..., 1:, :] += (low[..., 1:, :] - low[..., :-1, :]).abs().sum(1, keepdim=True)
+    energy = F.avg_pool2d(edges, crop, stride=stride)  # (B, 1, ny, nx): windows at multiples of stride
+    best = energy.flatten(1).argmax(1)
+    nx = energy.shape[-1]
+    lows, highs = [], []
+    for i, b in enumerate(best.tolist()):
+        y, x = (b // nx) * stride, (b % nx) * stride
+        lows.append(low[i, :, y:y + crop, x:x + crop])
+        highs.append(high[i, :, y * scale:(y + crop) * scale, x * scale:(x + crop) * scale])
+    return torch.stack(lows), torch.stack(highs)
 
 
 @register_stage("sr256")

@@ -12,6 +12,7 @@ from cascade.registry import get_stage
 from cascade.training.config import load_run_config
 from superres.augmentation import alpha_bar_at_level, noise_augment
 from superres.metrics import bicubic_upsample, psnr, ssim
+from superres.stage import balanced, detailed_crops
 from superres.tiling import _axis_tiles, core_bounds, tiled_apply
 from superres.unet import EfficientUNet
 
@@ -121,6 +122,7 @@ def test_psnr_closed_form_and_ssim_identities():
     x = torch.zeros(2, 3, 32, 32)
     # an offset of 0.2 in [-1, 1] is 0.1 in [0, 1]: PSNR = 10 log10(1 / 0.01) = 20 dB
     assert psnr(x + 0.2, x).tolist() == pytest.approx([20.0, 20.0])
+    assert psnr(x, x).tolist() == [100.0, 100.0]  # capped, so a flat pair cannot make a mean inf
     y = torch.rand(2, 3, 32, 32) * 2 - 1
     assert ssim(y, y).tolist() == pytest.approx([1.0, 1.0])
     assert (ssim(y, y.flip(-1)) < 0.5).all()
@@ -283,3 +285,38 @@ def test_tiny_configs_build_and_validate(path):
     stage = get_stage(rc.stage)(rc.model)
     assert sum(p.numel() for p in stage.parameters()) < 5e6
     assert rc.train.batch_size > 0
+
+
+def test_eval_crops_are_the_most_detailed_and_aligned():
+    low = torch.zeros(2, 3, 64, 64)
+    low[0, :, 40:48, 8:16] = 1.0  # one small object per image, away from the centre
+    low[1, :, 4:10, 50:60] = -0.5
+    high = F.interpolate(low, scale_factor=4.0)
+    lo, hi = detailed_crops(low, high, crop=16, scale=4)
+    assert lo.shape == (2, 3, 16, 16) and hi.shape == (2, 3, 64, 64)
+    for i in range(2):  # the whole object is inside its crop, and the high crop is the same region
+        assert lo[i].abs().sum() == low[i].abs().sum()
+        assert torch.equal(F.interpolate(lo[i:i + 1], scale_factor=4.0)[0], hi[i])
+    centre = low[:, :, 24:40, 24:40]
+    assert centre.abs().sum() == 0  # where a centre crop would have looked
+
+
+def test_balanced_takes_an_even_share_of_each_source():
+    groups = {"shapes": list(range(10)), "emoji": ["a", "b"]}
+    picked = balanced(groups, 6)
+    assert [g for g, _ in picked].count("emoji") == 2 and len(picked) == 6  # emoji short: shapes fill up
+    assert [g for g, _ in balanced(groups, 3)] == ["emoji", "shapes", "emoji"]
+
+
+def test_evaluate_reports_each_source_beside_bicubic():
+    stage = _stage("sr256", **TINY, eval_images=4, eval_steps=[1], eval_aug_levels=[0.0])
+    high = F.interpolate(_scenes(6, 64), size=256, mode="bilinear", align_corners=False)
+    scenes = [{"source": "shapes"}] * 4 + [{"source": "openmoji"}, {"source": "fluent-emoji-3d"}]
+    m = stage.evaluate([{"image_64": F.avg_pool2d(high, 4), "image_256": high, "json": scenes}],
+                       torch.Generator().manual_seed(0))
+    assert m["eval_images"] == 4 and m["eval_images_shapes"] == 2 and m["eval_images_emoji"] == 2
+    bic = psnr(bicubic_upsample(F.avg_pool2d(high, 4), 256), high)
+    assert m["psnr_bicubic_shapes"] == pytest.approx(bic[:2].mean().item())
+    assert m["psnr_bicubic_emoji"] == pytest.approx(bic[4:].mean().item())
+    assert m["psnr_bicubic"] == pytest.approx((m["psnr_bicubic_shapes"] + m["psnr_bicubic_emoji"]) / 2)
+    assert math.isfinite(m["psnr_best_emoji"]) and m["psnr_best"] == m["psnr_aug0_steps1"]
