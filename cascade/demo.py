@@ -51,8 +51,11 @@ FULL = Plan("tiny", shapes=4000, emoji=2000,
             overrides=NO_END_EVAL)
 QUICK = Plan("quick", shapes=600, emoji=300,
              steps={"clip": 60, "prior": 300, "decoder": 150, "sr256": 60, "sr1024": 40}, images=1,
-             overrides={**NO_END_EVAL, "decoder": {**NO_END_EVAL["decoder"],
-                                                   "model": {"eval_samples": 16, "sample_steps": 25}}},
+             overrides={**NO_END_EVAL,
+                        "decoder": {**NO_END_EVAL["decoder"], "model": {"eval_samples": 16, "sample_steps": 25}},
+                        **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [5],
+                                                             "eval_aug_levels": [0.0, 0.2]}}
+                           for sr in ("sr256", "sr1024")}},
              generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16)
 
 

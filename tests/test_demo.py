@@ -1,0 +1,32 @@
+"""The demo's plans: every stage's config, with the plan's changes, is a valid config, and a stage that
+is already exported is not trained again."""
+from pathlib import Path
+
+import pytest
+
+from cascade import demo
+from cascade.training.config import load_run_config
+
+
+@pytest.mark.parametrize("plan", [demo.FULL, demo.QUICK], ids=lambda p: p.name)
+@pytest.mark.parametrize("stage", demo.STAGES)
+def test_plan_configs_validate_with_their_changes(plan, stage, tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    demo.train(stage, plan, tmp_path / "data", tmp_path / "runs", tmp_path / "bundle")
+    (cmd,) = commands
+    config = Path(cmd[cmd.index("--config") + 1])
+    rc = load_run_config(config, stage)  # a mistyped override key fails here, naming the key
+    assert cmd[cmd.index("--max-steps") + 1] == str(plan.steps[stage])
+    for section, values in plan.overrides.get(stage, {}).items():
+        parsed = getattr(rc, section)
+        for key, value in values.items():
+            assert getattr(parsed, key) == value, (section, key)
+    assert rc.train.eval_at_end is False  # every stage is evaluated once, by `cascade eval` at the end
+
+
+def test_an_exported_stage_is_not_trained_again(tmp_path, monkeypatch):
+    (tmp_path / "bundle" / "prior").mkdir(parents=True)
+    (tmp_path / "bundle" / "prior" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: pytest.fail(f"ran {cmd}"))
+    demo.train("prior", demo.QUICK, tmp_path / "data", tmp_path / "runs", tmp_path / "bundle")
