@@ -50,7 +50,7 @@ FULL = Plan("tiny", shapes=4000, emoji=2000,
             steps={"clip": 300, "prior": 2000, "decoder": 1500, "sr256": 600, "sr1024": 400}, images=2,
             overrides=NO_END_EVAL)
 QUICK = Plan("quick", shapes=600, emoji=300,
-             steps={"clip": 60, "prior": 300, "decoder": 150, "sr256": 60, "sr1024": 40}, images=1,
+             steps={"clip": 60, "prior": 300, "decoder": 120, "sr256": 60, "sr1024": 40}, images=1,
              overrides={**NO_END_EVAL,
                         "decoder": {**NO_END_EVAL["decoder"], "model": {"eval_samples": 16, "sample_steps": 25}},
                         **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [5],
