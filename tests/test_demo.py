@@ -25,8 +25,10 @@ def test_plan_configs_validate_with_their_changes(plan, stage, tmp_path, monkeyp
     assert rc.train.eval_at_end is False  # every stage is evaluated once, by `cascade eval` at the end
 
 
-def test_an_exported_stage_is_not_trained_again(tmp_path, monkeypatch):
+def test_an_exported_stage_is_not_trained_again(tmp_path, monkeypatch, capsys):
     (tmp_path / "bundle" / "prior").mkdir(parents=True)
     (tmp_path / "bundle" / "prior" / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(demo, "run", lambda cmd, part=None: pytest.fail(f"ran {cmd}"))
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
     demo.train("prior", demo.QUICK, tmp_path / "data", tmp_path / "runs", tmp_path / "bundle")
+    assert commands == [] and "prior: already trained" in capsys.readouterr().out
