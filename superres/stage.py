@@ -291,14 +291,13 @@ class SuperResStage(Stage):
         groups = {"": torch.ones(len(low), dtype=torch.bool)}
         if len(set(sources)) > 1:
             groups.update({f"_{name}": torch.tensor([s == name for s in sources]) for name in sorted(set(sources))})
+        sweep = [k for k in scores if k != "bicubic"]
         metrics = {}
         for suffix, rows in groups.items():
-            for key, (p, s_) in scores.items():
-                if suffix and key != "bicubic":
-                    continue
-                metrics[f"psnr_{key}{suffix}"] = p[rows].mean().item()
-                metrics[f"ssim_{key}{suffix}"] = s_[rows].mean().item()
-            sweep = [k for k in scores if k != "bicubic"]
+            # every setting overall; per source only bicubic and the best of the sweep
+            for key in scores if not suffix else ["bicubic"]:
+                metrics[f"psnr_{key}{suffix}"] = scores[key][0][rows].mean().item()
+                metrics[f"ssim_{key}{suffix}"] = scores[key][1][rows].mean().item()
             metrics[f"psnr_best{suffix}"] = max(scores[k][0][rows].mean().item() for k in sweep)
             metrics[f"ssim_best{suffix}"] = max(scores[k][1][rows].mean().item() for k in sweep)
             metrics[f"eval_images{suffix}"] = float(rows.sum())
