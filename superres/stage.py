@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from cascade.config import Config
 from cascade.data.degradations import mixed_degradation, random_blur
+from cascade.data.sources import balanced, source_of
 from cascade.diffusion import NoiseSchedule, model_output_to_eps, prediction_target, q_sample, sample
 from cascade.errors import UserError
 from cascade.registry import register_stage
@@ -302,24 +303,6 @@ class SuperResStage(Stage):
             metrics[f"ssim_best{suffix}"] = max(scores[k][1][rows].mean().item() for k in sweep)
             metrics[f"eval_images{suffix}"] = float(rows.sum())
         return metrics
-
-
-def source_of(scene: dict) -> str:
-    """"shapes" for a procedural scene, "emoji" for a Fluent / OpenMoji render, "other" otherwise."""
-    source = scene.get("source", "") if isinstance(scene, dict) else ""
-    return "shapes" if source == "shapes" else "emoji" if source in ("fluent-emoji-3d", "openmoji") else "other"
-
-
-def balanced(groups: dict[str, list], limit: int) -> list[tuple[str, Any]]:
-    """Up to `limit` items taken round-robin over the groups (in name order), so each source gets an
-    even share and a short group's share goes to the others."""
-    picked: list[tuple[str, Any]] = []
-    for i in itertools.count():
-        row = [(name, items[i]) for name, items in sorted(groups.items()) if i < len(items)]
-        if not row or len(picked) >= limit:
-            break
-        picked.extend(row[: limit - len(picked)])
-    return picked
 
 
 def detailed_crops(low: torch.Tensor, high: torch.Tensor, crop: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:

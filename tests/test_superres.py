@@ -12,7 +12,7 @@ from cascade.registry import get_stage
 from cascade.training.config import load_run_config
 from superres.augmentation import alpha_bar_at_level, noise_augment
 from superres.metrics import bicubic_upsample, psnr, ssim
-from superres.stage import balanced, detailed_crops
+from superres.stage import detailed_crops
 from superres.tiling import _axis_tiles, core_bounds, tiled_apply
 from superres.unet import EfficientUNet
 
@@ -299,13 +299,6 @@ def test_eval_crops_are_the_most_detailed_and_aligned():
         assert torch.equal(F.interpolate(lo[i:i + 1], scale_factor=4.0)[0], hi[i])
     centre = low[:, :, 24:40, 24:40]
     assert centre.abs().sum() == 0  # where a centre crop would have looked
-
-
-def test_balanced_takes_an_even_share_of_each_source():
-    groups = {"shapes": list(range(10)), "emoji": ["a", "b"]}
-    picked = balanced(groups, 6)
-    assert [g for g, _ in picked].count("emoji") == 2 and len(picked) == 6  # emoji short: shapes fill up
-    assert [g for g, _ in balanced(groups, 3)] == ["emoji", "shapes", "emoji"]
 
 
 def test_evaluate_reports_each_source_beside_bicubic():

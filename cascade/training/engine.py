@@ -309,9 +309,12 @@ class Trainer:
         return metrics
 
     def _preview_batch(self) -> dict[str, Any] | None:
-        """Rank 0: the first val batch (train, if there is no val split) that every grid shows."""
+        """Rank 0: the val rows (train, if there is no val split) that every grid shows, spread evenly
+        over the sources of a mixed split (shapes scenes and emoji alternate)."""
+        from cascade.data.sources import balanced_batch
+
         batches = self._val_batches(PREVIEW_COUNT) or self._val_batches(PREVIEW_COUNT, split="train")
-        return next(iter(batches), None)
+        return balanced_batch(batches, PREVIEW_COUNT)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:

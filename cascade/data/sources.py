@@ -1,0 +1,51 @@
+"""Which set a sample came from, and even picks over sets: a mixed split (shapes scenes beside emoji
+renders) sorts one source's shards first, so "the first N samples" would show or score only that one."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable
+
+import torch
+
+
+def source_of(scene: dict) -> str:
+    """"shapes" for a procedural scene, "emoji" for a Fluent / OpenMoji render, "other" otherwise."""
+    source = scene.get("source", "") if isinstance(scene, dict) else ""
+    return "shapes" if source == "shapes" else "emoji" if source in ("fluent-emoji-3d", "openmoji") else "other"
+
+
+def balanced(groups: dict[str, list], limit: int) -> list[tuple[str, Any]]:
+    """Up to `limit` items taken round-robin over the groups (in name order), so each source gets an
+    even share and a short group's share goes to the others."""
+    picked: list[tuple[str, Any]] = []
+    for i in itertools.count():
+        row = [(name, items[i]) for name, items in sorted(groups.items()) if i < len(items)]
+        if not row or len(picked) >= limit:
+            break
+        picked.extend(row[: limit - len(picked)])
+    return picked
+
+
+def balanced_batch(batches: Iterable[dict[str, Any]], limit: int, max_batches: int = 64) -> dict[str, Any] | None:
+    """One collated batch of up to `limit` rows spread evenly over the sources in `batches` (read until
+    every source seen has `limit` rows, or `max_batches` were read), or None when there are no rows."""
+    kept: dict[str, list[tuple[dict, int]]] = {}
+    for n, batch in enumerate(batches, 1):
+        size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
+        scenes = batch.get("json") or [{}] * size
+        for i in range(size):
+            group = kept.setdefault(source_of(scenes[i]), [])
+            if len(group) < limit:
+                group.append((batch, i))
+        if n >= max_batches or (len(kept) > 1 and all(len(g) >= limit for g in kept.values())):
+            break
+    picked = [row for _, row in balanced(kept, limit)]
+    if not picked:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in picked[0][0].items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.stack([batch[key][i] for batch, i in picked])
+        elif isinstance(value, list):
+            out[key] = [batch[key][i] for batch, i in picked]
+    return out
