@@ -23,6 +23,9 @@ class DecoderConfig(Config):
     emb_dim: int | None = None  # timestep/conditioning embedding width; 4 * channels when None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     patch_size: Literal[1, 2, 4] = 1  # space-to-depth stem: the first level runs at image_size / patch_size
+    # Two input channels holding each pixel's (x, y) in [-1, 1] ("CoordConv", Liu et al. 2018): where a pixel
+    # is, which zero-padded convolutions only learn slowly, for text like "at the top left" to act on.
+    coord_channels: bool = False
     # Conditioning: text tokens projected to context_dim, optionally refined by a GLIDE-style transformer.
     context_dim: int | None = None  # width of the context tokens; the widest level when None
     text_layers: int = Field(0, ge=0)

@@ -36,7 +36,8 @@ class Decoder(Stage):
                          channels=config.channels, channel_mult=config.channel_mult,
                          num_res_blocks=config.block_counts, attention_resolutions=config.attention_resolutions,
                          head_dim=config.head_dim, context_dim=config.context_width,
-                         emb_dim=config.embedding_dim, dropout=config.dropout, patch_size=config.patch_size)
+                         emb_dim=config.embedding_dim, dropout=config.dropout, patch_size=config.patch_size,
+                         coord_channels=config.coord_channels)
         self._schedule = None
 
     @property

@@ -21,6 +21,15 @@ from torch import nn
 from cascade.nn import ResBlock, SelfAttention2d, TimestepEmbedding, group_norm, zero_module
 
 
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each position's x and y in [-1, 1] (pixel centres), for the rows of `x` (B, C, H, W)."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): [0] = x, [1] = y
+    return grid.expand(b, 2, h, w)
+
+
 class Downsample(nn.Module):
     """3x3 convolution with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
 
@@ -68,11 +77,13 @@ class UNet(nn.Module):
 
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, channels: int,
                  channel_mult: list[int], num_res_blocks: list[int], attention_resolutions: list[int],
-                 head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1):
+                 head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1,
+                 coord_channels: bool = False):
         super().__init__()
         self.patch_size = patch_size
+        self.coord_channels = coord_channels
         self.time_embed = TimestepEmbedding(emb_dim, freq_dim=channels)
-        self.stem = nn.Conv2d(in_channels * patch_size**2, channels, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels * patch_size**2 + 2 * coord_channels, channels, 3, padding=1)
 
         widths = [channels * m for m in channel_mult]
         res = image_size // patch_size
@@ -109,6 +120,8 @@ class UNet(nn.Module):
         emb = self.time_embed(t) + emb_cond  # (B, E)
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
+        if self.coord_channels:
+            x = torch.cat([x, coordinate_grid(x)], dim=1)
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
         for layer in self.down:

@@ -271,7 +271,8 @@ def colour_accuracy(images: torch.Tensor, scenes: list[dict]) -> float:
 @pytest.mark.slow
 def test_guided_decoding_gets_colours_right_more_often():
     batch = shapes_batch(8)
-    # v prediction with min-SNR weighting, as configs/tiny/decoder.yaml trains: with eps and no weighting
+    # v prediction with min-SNR weighting (as configs/tiny/decoder.yaml, which also keeps the noisiest steps'
+    # weight with snr_plus_one; this one-object-per-image task has no layout to learn): with eps and no weighting
     # 800 steps left colour near chance (0.09 / 0.11 / 0.21), too close for a threshold-free comparison.
     stage = small_decoder(channels=32, head_dim=32, p_drop_image=0.2, p_drop_text=0.0, prediction="v",
                           snr_gamma=5.0)
@@ -291,3 +292,24 @@ def test_guided_decoding_gets_colours_right_more_often():
            for w in (0.0, 1.0, 3.0)}
     # Measured (1 thread): 0.05 / 0.79 / 0.93 at w = 0 / 1 / 3; unconditional decoding is at chance (~0.1).
     assert acc[0.0] < 0.3 and acc[1.0] > acc[0.0] + 0.3 and acc[3.0] >= acc[1.0] and acc[3.0] > 0.6, acc
+
+
+def test_coordinate_channels_tell_the_network_where_each_pixel_is():
+    from decoder.unet import coordinate_grid
+
+    grid = coordinate_grid(torch.zeros(2, 5, 4, 8))
+    assert grid.shape == (2, 2, 4, 8)
+    assert torch.allclose(grid[0, 0, 0], torch.linspace(-7 / 8, 7 / 8, 8))  # x runs along a row
+    assert torch.allclose(grid[0, 1, :, 0], torch.linspace(-3 / 4, 3 / 4, 4))  # y runs down a column
+    assert torch.allclose(grid[0, 0].mean(), torch.tensor(0.0)) and torch.equal(grid[0], grid[1])
+    with_coords, without = small_decoder(coord_channels=True), small_decoder()
+    assert with_coords.unet.stem.in_channels == without.unet.stem.in_channels + 2 == 3 * 4 + 2
+    cond, x = conditioning(), torch.randn(2, 3, 32, 32)
+    t = torch.tensor([10, 500])
+    for model in (with_coords, without):
+        torch.nn.init.normal_(model.unet.out.weight, std=0.1)  # the zero-initialised output would hide a bad shape
+        emb, context, mask = model._condition(cond, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+        assert model.unet(x, t, emb, context, mask).shape == x.shape
+    # A network that sees coordinates can tell two positions of the same input apart at its first layer.
+    h = with_coords.unet.stem(torch.cat([torch.zeros(1, 12, 16, 16), coordinate_grid(torch.zeros(1, 12, 16, 16))], 1))
+    assert not torch.allclose(h[0, :, 4, 4], h[0, :, 11, 11])
