@@ -11,6 +11,10 @@ Made cheap on CPU: an optional space-to-depth stem (`patch_size` 2 folds 2x2 pix
 "simple diffusion", Hoogeboom et al. 2023), so the costliest level runs at a quarter of the positions
 with wider, better-utilised convolutions; a per-level block count, so the high-resolution levels can be
 shallow; attention only at the low resolutions; channels_last memory throughout.
+
+Optionally (`coord_channels`) two input channels hold each position's (x, y) ("CoordConv", Liu et al. 2018),
+so absolute position, which zero-padded convolutions only infer slowly from the borders, is there from
+the first layer for the cross-attention to tie words like "top left" to.
 """
 from __future__ import annotations
 
