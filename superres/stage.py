@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cascade.config import Config
 from cascade.data.degradations import mixed_degradation, random_blur
-from cascade.data.sources import balanced, source_of
+from cascade.data.sources import balanced_batch, source_of
 from cascade.diffusion import NoiseSchedule, model_output_to_eps, prediction_target, q_sample, sample
 from cascade.errors import UserError
 from cascade.registry import register_stage
@@ -239,29 +239,17 @@ class SuperResStage(Stage):
         """Up to `limit` clean (low, high) pairs, split evenly over the sources present (shapes scenes and
         emoji renders, from each sample's json), each cut to its most detailed eval_crop; plus text
         conditioning and the source of every pair."""
-        kept: dict[str, list[tuple]] = {}
-        for batch in batches:
-            lows, highs = batch[f"image_{self.low_size}"], batch[f"image_{self.high_size}"]
-            scenes = batch.get("json") or [{}] * len(lows)
-            for i in range(len(lows)):
-                text = (batch["clip_tokens"][i].float(), batch["clip_mask"][i].bool()) if self.config.text else None
-                group = kept.setdefault(source_of(scenes[i]), [])
-                if len(group) < limit:
-                    group.append((lows[i].clone(), highs[i].clone(), text))  # not views: a batch is big
-            if len(kept) > 1 and all(len(g) >= limit for g in kept.values()):
-                break
-        if not kept:
+        picked = balanced_batch(batches, limit, max_batches=None)
+        if picked is None:
             raise UserError("no validation images to evaluate on")
-        picked = balanced(kept, limit)
-        low = torch.stack([p[0] for _, p in picked])
-        high = torch.stack([p[1] for _, p in picked])
+        low, high = picked[f"image_{self.low_size}"], picked[f"image_{self.high_size}"]
+        sources = [source_of(scene) for scene in picked.get("json") or [{}] * len(low)]
         if self.config.eval_crop is not None and self.config.eval_crop < self.high_size:
             low, high = detailed_crops(low, high, self.config.eval_crop // self.scale, self.scale)
         cond = {"low_res": low}
         if self.config.text:
-            cond.update(clip_tokens=torch.stack([p[2][0] for _, p in picked]),
-                        clip_mask=torch.stack([p[2][1] for _, p in picked]))
-        return low, high, cond, [g for g, _ in picked]
+            cond.update(clip_tokens=picked["clip_tokens"].float(), clip_mask=picked["clip_mask"].bool())
+        return low, high, cond, sources
 
     @torch.no_grad()
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:

@@ -26,26 +26,24 @@ def balanced(groups: dict[str, list], limit: int) -> list[tuple[str, Any]]:
     return picked
 
 
-def balanced_batch(batches: Iterable[dict[str, Any]], limit: int, max_batches: int = 64) -> dict[str, Any] | None:
+def balanced_batch(batches: Iterable[dict[str, Any]], limit: int, max_batches: int | None = 64) -> dict[str, Any] | None:
     """One collated batch of up to `limit` rows spread evenly over the sources in `batches` (read until
-    every source seen has `limit` rows, or `max_batches` were read), or None when there are no rows."""
-    kept: dict[str, list[tuple[dict, int]]] = {}
+    every source seen has `limit` rows, or `max_batches` were read; None: no cap), or None when there
+    are no rows. Rows are copied out, so the (possibly large) batches they came from are not kept."""
+    kept: dict[str, list[dict[str, Any]]] = {}
     for n, batch in enumerate(batches, 1):
         size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
         scenes = batch.get("json") or [{}] * size
         for i in range(size):
             group = kept.setdefault(source_of(scenes[i]), [])
             if len(group) < limit:
-                group.append((batch, i))
-        if n >= max_batches or (len(kept) > 1 and all(len(g) >= limit for g in kept.values())):
+                group.append({k: v[i].clone() if isinstance(v, torch.Tensor) else v[i]
+                              for k, v in batch.items() if isinstance(v, (torch.Tensor, list))})
+        if (max_batches is not None and n >= max_batches) or (
+                len(kept) > 1 and all(len(g) >= limit for g in kept.values())):
             break
-    picked = [row for _, row in balanced(kept, limit)]
-    if not picked:
+    rows = [row for _, row in balanced(kept, limit)]
+    if not rows:
         return None
-    out: dict[str, Any] = {}
-    for key, value in picked[0][0].items():
-        if isinstance(value, torch.Tensor):
-            out[key] = torch.stack([batch[key][i] for batch, i in picked])
-        elif isinstance(value, list):
-            out[key] = [batch[key][i] for batch, i in picked]
-    return out
+    return {k: torch.stack([r[k] for r in rows]) if isinstance(v, torch.Tensor) else [r[k] for r in rows]
+            for k, v in rows[0].items()}
