@@ -124,6 +124,28 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert "belongs to stage 'prior'" in error_of(base)
 
 
+def test_a_run_recorded_before_an_option_existed_resumes_while_the_option_keeps_its_default(tmp_path):
+    from cascade.errors import UserError
+    from cascade.training import run_dir as run_dirs
+    from decoder import DecoderConfig
+    from cascade.training.config import RunConfig, TrainConfig
+
+    run = RunConfig("decoder", DecoderConfig(), TrainConfig(batch_size=4, lr=1e-3, max_steps=10), "new.yaml")
+    defaults = run.defaults()
+    assert defaults["model"]["attention_positions"] is False and defaults["train"]["betas"] == [0.9, 0.999]
+    assert "lr" not in defaults["train"]  # required: no default to stand in
+    old = run.as_dict()
+    del old["model"]["attention_positions"], old["train"]["eval_at_end"]  # as a run from an older cascade
+    (tmp_path / "run.json").write_text(json.dumps({**old, "source": "old.yaml"}))
+    run_dirs.claim(tmp_path, run.as_dict(), "new.yaml", write=False, defaults=run.defaults())
+    changed = run.as_dict()
+    changed["model"]["attention_positions"] = True  # not what the old run trained with
+    with pytest.raises(UserError, match="model.attention_positions: false -> true"):
+        run_dirs.claim(tmp_path, changed, "new.yaml", write=False, defaults=run.defaults())
+    with pytest.raises(UserError, match="attention_positions: null -> false"):  # without defaults: strict
+        run_dirs.claim(tmp_path, run.as_dict(), "new.yaml", write=False)
+
+
 def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     import cascade.training.engine as engine
 

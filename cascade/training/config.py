@@ -4,6 +4,7 @@ Unknown or mistyped keys are `ConfigError`s that name the key and the file, at e
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,13 @@ class RunConfig:
     def as_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "model": self.model.model_dump(mode="json"),
                 "train": self.train.model_dump(mode="json")}
+
+    def defaults(self) -> dict[str, Any]:
+        """Each model and train field's default, JSON-typed like `as_dict` (fields without one left out)."""
+        def of(config) -> dict[str, Any]:
+            return {name: json.loads(json.dumps(field.get_default(call_default_factory=True)))
+                    for name, field in type(config).model_fields.items() if not field.is_required()}
+        return {"model": of(self.model), "train": of(self.train)}
 
 
 def load_run_config(path: str | Path, stage: str | None = None) -> RunConfig:

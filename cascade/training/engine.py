@@ -165,13 +165,15 @@ class Trainer:
         find_shards(args.data, "train")
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
-        run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False)
+        run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False,
+                       defaults=self.run.defaults())
 
         self.dist = distributed.setup()
         _quiet_deepspeed()
         self.main = self.dist.is_main
         if self.main:
-            run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=True)
+            run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=True,
+                           defaults=self.run.defaults())
         distributed.barrier()
         self._eval_stage: nn.Module | None = None
 

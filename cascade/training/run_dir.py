@@ -3,6 +3,8 @@
 A run directory holds one experiment: resuming it with another stage, model config or optimisation
 setting is refused with a one-line UserError naming what differs. Keys that only say how long to
 train or how often to log/save (`max_steps`, `*_every`, `num_workers`) may change between resumes.
+A key the recorded config lacks (an option added to cascade after the run began) counts as its
+default, which by convention keeps the old behaviour: an upgrade does not orphan a run.
 """
 from __future__ import annotations
 
@@ -24,17 +26,21 @@ def identity(run_config: dict[str, Any]) -> dict[str, Any]:
     return {"stage": run_config["stage"], "model": run_config["model"], "train": train}
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         out: list[str] = []
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            before = old[key] if key in old else defaults.get(key)
+            out += _differences(before, new.get(key), f"{prefix}{key}.", defaults.get(key))
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
-def claim(run_dir: Path, run_config: dict[str, Any], source: str, *, write: bool) -> None:
-    """Check that `run_dir` is new or belongs to this run config; record it there when `write`."""
+def claim(run_dir: Path, run_config: dict[str, Any], source: str, *, write: bool,
+          defaults: dict[str, Any] | None = None) -> None:
+    """Check that `run_dir` is new or belongs to this run config; record it there when `write`.
+    `defaults` ({"model": {...}, "train": {...}}) stand in for keys the recorded config lacks."""
     path = run_dir / RUN_FILE
     if path.is_file():
         try:
@@ -45,7 +51,7 @@ def claim(run_dir: Path, run_config: dict[str, Any], source: str, *, write: bool
         if old["stage"] != new["stage"]:
             raise UserError(f"run dir {run_dir} belongs to stage '{old['stage']}', not '{new['stage']}'; "
                             f"use another --run-dir")
-        diff = _differences(old, new)
+        diff = _differences(old, new, defaults=defaults)
         if diff:
             shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             raise UserError(f"run dir {run_dir} belongs to another {old['stage']} config "
