@@ -26,6 +26,9 @@ class DecoderConfig(Config):
     # Two input channels holding each pixel's (x, y) in [-1, 1] ("CoordConv", Liu et al. 2018): where a pixel
     # is, which zero-padded convolutions only learn slowly, for text like "at the top left" to act on.
     coord_channels: bool = False
+    # A learned absolute position embedding (ViT; initialised to 2D sines and cosines) added to the
+    # features each attention block computes its queries from: where a query is, for "at the top left".
+    attention_positions: bool = False
     # Conditioning: text tokens projected to context_dim, optionally refined by a GLIDE-style transformer.
     context_dim: int | None = None  # width of the context tokens; the widest level when None
     text_layers: int = Field(0, ge=0)

@@ -14,7 +14,10 @@ shallow; attention only at the low resolutions; channels_last memory throughout.
 
 Optionally (`coord_channels`) two input channels hold each position's (x, y) ("CoordConv", Liu et al. 2018),
 so absolute position, which zero-padded convolutions only infer slowly from the borders, is there from
-the first layer for the cross-attention to tie words like "top left" to.
+the first layer for the cross-attention to tie words like "top left" to; and (`attention_positions`)
+each attention block adds a learned position embedding to the features its queries come from (as a ViT
+does). The coordinates alone did not get the text's positions learned on the shapes set; the embedding
+in the attention blocks did (README, "What the decoder learns in an hour").
 """
 from __future__ import annotations
 
@@ -57,13 +60,14 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One ResBlock, optionally followed by attention to the feature map and the context tokens."""
+    """One ResBlock, optionally followed by attention to the feature map and the context tokens (with a
+    learned position embedding when `size` is given)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool,
-                 head_dim: int, context_dim: int):
+                 head_dim: int, context_dim: int, size: int | None = None):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
-        self.attn = SelfAttention2d(out_ch, head_dim, context_dim) if attention else None
+        self.attn = SelfAttention2d(out_ch, head_dim, context_dim, size=size) if attention else None
 
     def forward(self, x, emb, context, context_mask):
         x = self.res(x, emb)
@@ -82,12 +86,15 @@ class UNet(nn.Module):
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, channels: int,
                  channel_mult: list[int], num_res_blocks: list[int], attention_resolutions: list[int],
                  head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1,
-                 coord_channels: bool = False):
+                 coord_channels: bool = False, attention_positions: bool = False):
         super().__init__()
         self.patch_size = patch_size
         self.coord_channels = coord_channels
         self.time_embed = TimestepEmbedding(emb_dim, freq_dim=channels)
         self.stem = nn.Conv2d(in_channels * patch_size**2 + 2 * coord_channels, channels, 3, padding=1)
+
+        def pos(size: int) -> int | None:
+            return size if attention_positions else None
 
         widths = [channels * m for m in channel_mult]
         res = image_size // patch_size
@@ -96,7 +103,8 @@ class UNet(nn.Module):
         ch = channels
         for i, (width, n) in enumerate(zip(widths, num_res_blocks)):
             for _ in range(n):
-                self.down.append(Level(ch, width, emb_dim, dropout, res in attention_resolutions, head_dim, context_dim))
+                self.down.append(Level(ch, width, emb_dim, dropout, res in attention_resolutions, head_dim, context_dim,
+                                        pos(res)))
                 ch = width
                 skips.append(ch)
             if i < len(widths) - 1:
@@ -104,14 +112,14 @@ class UNet(nn.Module):
                 skips.append(ch)
                 res //= 2
         self.mid = nn.ModuleList([
-            Level(ch, ch, emb_dim, dropout, True, head_dim, context_dim),
+            Level(ch, ch, emb_dim, dropout, True, head_dim, context_dim, pos(res)),
             Level(ch, ch, emb_dim, dropout, False, head_dim, context_dim),
         ])
         self.up = nn.ModuleList()
         for i, (width, n) in reversed(list(enumerate(zip(widths, num_res_blocks)))):
             for _ in range(n + 1):
                 self.up.append(Level(ch + skips.pop(), width, emb_dim, dropout, res in attention_resolutions,
-                                     head_dim, context_dim))
+                                     head_dim, context_dim, pos(res)))
                 ch = width
             if i > 0:
                 self.up.append(Upsample(ch))

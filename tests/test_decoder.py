@@ -313,3 +313,19 @@ def test_coordinate_channels_tell_the_network_where_each_pixel_is():
     # A network that sees coordinates can tell two positions of the same input apart at its first layer.
     h = with_coords.unet.stem(torch.cat([torch.zeros(1, 12, 16, 16), coordinate_grid(torch.zeros(1, 12, 16, 16))], 1))
     assert not torch.allclose(h[0, :, 4, 4], h[0, :, 11, 11])
+
+
+def test_attention_positions_give_each_attention_block_a_learned_embedding_of_its_size():
+    model = small_decoder(attention_positions=True)
+    blocks = [m.attn for m in model.unet.modules() if type(m).__name__ == "Level" and m.attn is not None]
+    sizes = {b.pos.shape for b in blocks}
+    assert blocks and all(b.pos is not None for b in blocks) and sizes == {(8 * 8, 32)}  # 32 px / patch 2 -> 16 -> 8
+    assert all(m.attn.pos is None for m in small_decoder().unet.modules()
+               if type(m).__name__ == "Level" and m.attn is not None)
+    randomise_outputs(model)
+    cond, x, t = conditioning(), torch.randn(2, 3, 32, 32), torch.tensor([10, 500])
+    keep = torch.ones(2, dtype=torch.bool)
+    emb, context, mask = model._condition(cond, keep, keep)
+    out = model.unet(x, t, emb, context, mask)
+    out.square().mean().backward()
+    assert out.shape == x.shape and all(b.pos.grad is not None and b.pos.grad.abs().sum() > 0 for b in blocks)

@@ -92,6 +92,33 @@ def test_self_attention_2d_identity_at_init_and_context_mask():
     assert not torch.allclose(attn(x, ctx2, mask), out)
 
 
+def test_sincos_2d_features_are_row_major_and_tell_every_position_apart():
+    from cascade.nn.attention import sincos_2d
+
+    pos = sincos_2d(5, 16).view(5, 5, 16)  # [row, col]
+    assert torch.equal(pos[0, :, :8], pos[3, :, :8])  # first half: the column only
+    assert torch.equal(pos[:, 2, 8:], pos[:, 4, 8:])  # second half: the row only
+    torch.testing.assert_close(pos[2, 3, :4], torch.sin(3 * 100.0 ** (-torch.arange(4.0) / 4)))
+    flat = pos.reshape(25, 16)
+    assert torch.cdist(flat, flat).add(torch.eye(25)).min() > 0.1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 10)
+
+
+def test_self_attention_2d_position_embedding_breaks_translation_symmetry():
+    torch.manual_seed(0)
+    x = torch.randn(1, 32, 1, 1).expand(2, 32, 4, 4).contiguous()  # the same features at every position
+    plain, placed = SelfAttention2d(32, head_dim=16), SelfAttention2d(32, head_dim=16, size=4)
+    assert placed.pos.shape == (16, 32) and placed.pos.requires_grad
+    for attn in (plain, placed):
+        torch.nn.init.normal_(attn.proj.weight)
+    out_plain, out_placed = plain(x), placed(x)
+    assert torch.allclose(out_plain, out_plain[..., :1, :1].expand_as(out_plain), atol=1e-5)
+    assert (out_placed - out_placed[..., :1, :1]).abs().amax() > 0.01  # positions now differ (plain: < 1e-5)
+    with pytest.raises(ValueError, match="16 positions"):
+        placed(torch.randn(1, 32, 8, 8))
+
+
 def test_transformer_block_causal_ignores_future():
     torch.manual_seed(0)
     block = TransformerBlock(32, head_dim=16, causal=True).eval()

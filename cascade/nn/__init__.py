@@ -3,7 +3,8 @@
 - `timestep_embedding(t, dim)`, `TimestepEmbedding(emb_dim)`: sinusoidal features + MLP (embeddings.py)
 - `ResBlock(in_ch, out_ch, emb_dim, dropout, up=, down=)`: ADM block with adaptive group norm (resblock.py)
 - `SelfAttention2d(channels, head_dim, context_dim)`: attention over a feature map, optionally also to
-  context tokens with a key mask (GLIDE); `CrossAttention(dim, context_dim)` (attention.py)
+  context tokens with a key mask (GLIDE), and a learned position embedding given `size`;
+  `CrossAttention(dim, context_dim)` (attention.py)
 - `TransformerBlock(dim, head_dim, mlp_ratio, causal=, context_dim=)`: pre-norm block (transformer.py)
 
 Masks are bool with True meaning "may attend". Every attention runs F.scaled_dot_product_attention.

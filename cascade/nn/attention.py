@@ -24,6 +24,21 @@ def _key_mask(mask: torch.Tensor | None, n_self: int = 0) -> torch.Tensor | None
     return mask[:, None, None, :]
 
 
+def sincos_2d(size: int, channels: int, max_period: float = 100.0) -> torch.Tensor:
+    """(size*size, channels) fixed 2D position features, row-major: the first half of the channels are
+    sines and cosines of the column at geometric frequencies, the second half of the row."""
+    if channels % 4:
+        raise ValueError(f"2D sine-cosine features need channels divisible by 4, not {channels}")
+    quarter = channels // 4
+    freqs = max_period ** (-torch.arange(quarter, dtype=torch.float32) / quarter)  # (Q,)
+    coords = torch.arange(size, dtype=torch.float32)
+    angles = coords[:, None] * freqs[None, :]  # (S, Q)
+    along = torch.cat([angles.sin(), angles.cos()], dim=1)  # (S, C/2)
+    cols = along[None, :, :].expand(size, size, -1)  # [row, col] -> features of col
+    rows = along[:, None, :].expand(size, size, -1)
+    return torch.cat([cols, rows], dim=-1).reshape(size * size, channels)
+
+
 def _heads(channels: int, head_dim: int) -> int:
     if channels % head_dim:
         raise ValueError(f"channels {channels} are not a multiple of head_dim {head_dim}")
@@ -37,18 +52,27 @@ class SelfAttention2d(nn.Module):
     Returns (B, C, H, W). The residual branch starts at zero, so a new block is the identity.
     """
 
-    def __init__(self, channels: int, head_dim: int = 64, context_dim: int | None = None, max_groups: int = 32):
+    def __init__(self, channels: int, head_dim: int = 64, context_dim: int | None = None, max_groups: int = 32,
+                 size: int | None = None):
         super().__init__()
         self.heads = _heads(channels, head_dim)
         self.norm = group_norm(channels, max_groups)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj = zero_module(nn.Linear(channels, channels))
+        # Given the (square) feature-map size: a learned absolute position embedding added to the
+        # normalised features before q, k, v (ViT), initialised to 2D sines and cosines, so every query
+        # knows where it is from the first step.
+        self.pos = nn.Parameter(sincos_2d(size, channels)) if size else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        if self.pos is not None:
+            if self.pos.shape[0] != h * w:
+                raise ValueError(f"this block's position embedding is for {self.pos.shape[0]} positions, not {h}x{w}")
+            tokens = tokens + self.pos.to(tokens.dtype)
         q, k, v = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         mask = None
         if context is not None and self.context_kv is not None:
