@@ -1,11 +1,14 @@
 """What the tiny decoder learns in a given training time: train it on an embedded set (the shapes set is
 the one the scorer can judge) for --steps, timed, then decode the val scenes from their true CLIP
 image embeddings and text and score colour / shape / position with the shapes scorer, beside the
-same scorer on the real val images (the ceiling) and chance.
+same scorer on the real val images (the ceiling) and chance. Given the CLIP the set was embedded with
+(--clip), also the placement probe (`decoder.evaluation.placement_probe`): is one object put in the
+cell the text names, when the image embedding is that of the object at the centre?
 
     cascade data build --source shapes --out data/shapes --count 4000 --sizes 64 --seed 0
     cascade data embed --data data/shapes --clip bundles/tiny/clip
-    python -m benchmarks.decoder_learning --data data/shapes --steps 3000 --run-dir runs/decoder-learning
+    python -m benchmarks.decoder_learning --data data/shapes --steps 3000 --run-dir runs/decoder-learning \
+        --clip bundles/tiny/clip
 
 Prints one JSON line. The run directory keeps checkpoints, metrics.jsonl and sample grids; run again
 with the same --run-dir and training resumes (the reported minutes are then this invocation's only).
@@ -33,13 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny" / "decoder.yaml")
     p.add_argument("--run-dir", type=Path, default=Path("runs/decoder-learning"))
     p.add_argument("--eval-samples", type=int, default=64, help="val scenes decoded at each guidance scale")
+    p.add_argument("--clip", type=Path, help="the CLIP stage the set was embedded with: adds the placement probe")
     args = p.parse_args(argv)
 
     from cascade.bundle import load_stage
     from cascade.data.reader import make_val_batches
     from cascade.training.engine import TrainArgs, train
-    from decoder.evaluation import collect, shapes_accuracy
+    from cascade.encoders import load_encoder
+    from decoder.evaluation import collect, placement_probe, shapes_accuracy
 
+    clip = load_encoder(args.clip) if args.clip else None  # a bad path fails now, not after an hour
     config = yaml.safe_load(args.config.read_text())
     config["model"]["eval_samples"] = args.eval_samples
     config["train"]["eval_at_end"] = False  # evaluated below, outside the timed training
@@ -59,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     real = collect(batches, f"image_{decoder.config.image_size}", args.eval_samples)  # one pass over val
     started = time.monotonic()
     metrics = decoder.evaluate([real], torch.Generator().manual_seed(0))  # the same scenes, as one batch
+    placement = {}
+    if clip is not None:
+        for w in decoder.config.eval_guidance:
+            placement.update({f"{k}@g{w:g}": round(v, 3)
+                              for k, v in placement_probe(decoder, clip, w,
+                                                          grid=args.run_dir / f"placement-g{w:g}.png").items()})
     eval_minutes = (time.monotonic() - started) / 60
     ceiling = shapes_accuracy(real[f"image_{decoder.config.image_size}"], real["json"])
     batch = config["train"]["batch_size"] * config["train"].get("grad_accum", 1)
@@ -66,11 +78,12 @@ def main(argv: list[str] | None = None) -> None:
           "train_minutes": round(train_minutes, 1), "s_per_step": round(train_minutes * 60 / max(result.step, 1), 2),
           "eval_minutes": round(eval_minutes, 1), "eval_scenes": len(real["json"]),
           "decoded": {k: round(v, 3) for k, v in metrics.items()},
+          "placement": placement,
           "real_images": {k: round(v, 3) for k, v in ceiling.items()},
           "chance": {"colour_acc": round(1 / len(COLORS), 3), "shape_acc": round(1 / len(SHAPES), 3),
                      "position_acc": round(1 / 9, 3)},
           "config": {k: config["model"].get(k) for k in ("channels", "prediction", "snr_gamma", "snr_plus_one",
-                                                          "p_drop_text", "coord_channels")}})
+                                                          "p_drop_text", "coord_channels", "attention_positions")}})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`cascade eval`: every stage's own evaluation on the validation split, plus the cascade's text-to-image
-score (prior samples decoded and judged by the shapes scorer), written as JSON, a Markdown table and
-sample grids."""
+score (prior samples decoded and judged by the shapes scorer) and the decoder's placement probe (one
+object asked for in each cell by the text, `decoder.evaluation.placement_probe`), written as JSON, a
+Markdown table and sample grids."""
 from __future__ import annotations
 
 import json
@@ -47,6 +48,20 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     return metrics
 
 
+def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dict[str, float]:
+    """The decoder's placement probe (each probe object asked for in each of the 9 cells) at each eval
+    guidance scale, its images in out/decoder-placement-g<w>.png; `limit` bounds them too (9 per
+    object, at least one object)."""
+    from cascade.encoders import load_encoder
+    from decoder.evaluation import PROBE_OBJECTS, placement_probe
+
+    clip = load_encoder(clip_dir)
+    objects = PROBE_OBJECTS[:max(1, limit // 9)]
+    return {f"{k}@g{w:g}": float(v) for w in decoder.config.eval_guidance
+            for k, v in placement_probe(decoder, clip, w, seed=seed, objects=objects,
+                                        grid=out / f"decoder-placement-g{w:g}.png").items()}
+
+
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
                     stages: list[str] | None = None, limit: int = 64) -> dict[str, dict[str, float]]:
     from cascade.bundle import load_stage, read_manifest
@@ -65,6 +80,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
         stage = loaded[name] = load_stage(bundle / name)
         print(f"evaluating {name} ...", flush=True)
         results[name] = {k: float(v) for k, v in stage.evaluate(_val(data, stage), torch.Generator().manual_seed(seed)).items()}
+        if name == "decoder" and "clip" in present:
+            results[name].update(_placement(stage, bundle / "clip", seed, limit, out))
         if stage.samples_images:
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
@@ -98,12 +115,16 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="every stage's evaluation on a validation split",
                        description="Evaluate a model bundle on the val split of a shard directory (embedded "
                                    "with `cascade data embed`): each stage's metrics, the text -> prior -> "
-                                   "decoder shapes score, sample grids; writes OUT/eval.json and OUT/eval.md.")
+                                   "decoder shapes score, the decoder's placement probe (is an object put in "
+                                   "the cell the text names?), sample grids; writes OUT/eval.json and "
+                                   "OUT/eval.md.")
     p.add_argument("--model", required=True, help="model bundle directory")
     p.add_argument("--data", required=True, help="shard directory with val/*.tar")
     p.add_argument("--out", default="eval", help="where eval.json, eval.md and grids go (default: %(default)s)")
     p.add_argument("--stages", default="", help="comma-separated subset of stages (default: all in the bundle)")
-    p.add_argument("--limit", type=int, default=64, help="val samples for the text-to-image score")
+    p.add_argument("--limit", type=int, default=64,
+                   help="val samples for the text-to-image score; also bounds the placement probe "
+                        "(9 images per probe object, 1-4 objects)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run)
 

@@ -5,9 +5,11 @@ each guidance scale in `eval_guidance`, then
   - FD-EffNet between the decoded and the real validation images (`decoder.fd_effnet`).
 Every guidance scale decodes from the same x_T, so the scales differ only in guidance.
 `score_decodes` is the part that takes any embeddings, e.g. the prior's samples in an end-to-end eval.
+`placement_probe` asks whether the decoder puts an object where the text alone says.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -54,27 +56,43 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
     return torch.cat(out)
 
 
+def cell_stated(scene: dict[str, Any]) -> list[bool]:
+    """Per object of a shapes scene: does its caption name the object's own cell? Not in the
+    "relation" phrasing's pair ("a blue heart above a purple star" states only their order); scenes
+    without a recorded phrasing count as stated."""
+    objects = scene.get("objects", [])
+    if scene.get("phrasing") != "relation":
+        return [True] * len(objects)
+    return [i >= 2 for i in range(len(objects))]  # the pair is relative, a third object has its cell
+
+
 def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[str, float]:
-    """Fraction of described objects whose colour / shape / position the scorer finds in the image;
-    empty when no scene describes objects (e.g. emoji data)."""
+    """Fraction of described objects whose colour / shape / position the scorer finds in the image,
+    and position accuracy over the objects whose caption names their cell (`position_stated_acc`:
+    what following the text can reach); empty when no scene describes objects (e.g. emoji data)."""
     from cascade.data.shapes_scorer import score_objects
 
     if not any(scene.get("objects") for scene in scenes):
         return {}
 
-    totals = {"colour": 0, "shape": 0, "position": 0}
-    objects = 0
+    totals = {"colour": 0, "shape": 0, "position": 0, "position_stated": 0}
+    objects = stated = 0
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
             continue
-        for result in score_objects(image, scene):
+        for result, named in zip(score_objects(image, scene), cell_stated(scene)):
             objects += 1
             totals["colour"] += result.color
             totals["shape"] += result.shape
             totals["position"] += result.position
+            stated += named
+            totals["position_stated"] += result.position and named
     if objects == 0:
         return {}
-    return {f"{k}_acc": v / objects for k, v in totals.items()}
+    out = {f"{k}_acc": v / objects for k, v in totals.items() if k != "position_stated"}
+    if stated:
+        out["position_stated_acc"] = totals["position_stated"] / stated
+    return out
 
 
 def score_decodes(images: torch.Tensor, scenes: list[dict[str, Any]], real_features=None, net=None,
@@ -100,3 +118,57 @@ def evaluate_decoder(stage, batches: Iterable[dict[str, Any]], generator: torch.
         images = decode_all(stage, conditioning, noise, w)
         metrics.update(score_decodes(images, data["json"], real, net, suffix=f"@g{w:g}"))
     return metrics
+
+
+PROBE_OBJECTS = (("circle", "red"), ("square", "blue"), ("star", "yellow"), ("heart", "green"))
+
+
+def placement_scenes(objects=PROBE_OBJECTS, background: str = "white") -> list[tuple[dict[str, Any], str]]:
+    """(scene json, caption) for each (shape, colour) in each of the 9 cells: one big object, plain background."""
+    from cascade.data.shapes import CELL, SIZES, position_name, position_phrase
+
+    out = []
+    for shape, colour in objects:
+        for cell in range(9):
+            row, col = divmod(cell, 3)
+            obj = {"shape": shape, "color": colour, "size": "big", "cell": [row, col],
+                   "position": position_name(row, col), "center": [(col + 0.5) * CELL, (row + 0.5) * CELL],
+                   "radius": SIZES["big"] * CELL}
+            out.append(({"objects": [obj], "background": {"colors": [background], "split": "none"}},
+                        f"a big {colour} {shape} {position_phrase(row, col)}"))
+    return out
+
+
+@torch.no_grad()
+def placement_probe(stage, clip, guidance: float, seed: int = 0, objects=PROBE_OBJECTS,
+                    grid: str | Path | None = None) -> dict[str, float]:
+    """Position from the text alone. Each probe object is asked for in each of the 9 cells ("a big red
+    circle at the top left"), with the CLIP image embedding of the same object drawn at the centre, so
+    the embedding says nothing about the asked cell (and points at the centre). Returns
+    `placed_acc`, the fraction decoded with the object in the asked cell (chance 1/9; a decoder that
+    follows the embedding's position scores 1/9 too), and `centre_when_asked_elsewhere`, how often the
+    object sits at the centre when another cell was asked for (following the embedding). `grid`: save
+    the decoded images there, one row per object, one column per asked cell (TL, T, TR, L, C, ...)."""
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render
+    from cascade.data.shapes_scorer import score_objects
+
+    cases = placement_scenes(objects)
+    size = stage.config.image_size
+    centred = []
+    for scene, _ in cases:
+        at_centre = {**scene, "objects": [{**scene["objects"][0], "center": [0.5, 0.5], "cell": [1, 1]}]}
+        centred.append(image_to_tensor(render(at_centre, size)))
+    z_i = clip.encode_image(torch.stack(centred))
+    _, tokens, mask = clip.encode_text([caption for _, caption in cases])
+    noise = torch.randn(len(cases), 3, size, size, generator=torch.Generator().manual_seed(seed))
+    images = decode_all(stage, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, guidance)
+    if grid is not None:
+        from cascade.images import make_grid, save_png
+
+        cells = ("TL", "T", "TR", "L", "C", "R", "BL", "B", "BR")
+        save_png(make_grid(images, [cells[i % 9] for i in range(len(cases))], ncols=9), grid)
+    found = [score_objects(image, scene)[0] for image, (scene, _) in zip(images, cases)]
+    elsewhere = [f for f, (scene, _) in zip(found, cases) if scene["objects"][0]["cell"] != [1, 1]]
+    return {"placed_acc": sum(f.position for f in found) / len(found),
+            "centre_when_asked_elsewhere": sum(f.found_cell == (1, 1) for f in elsewhere) / len(elsewhere)}

@@ -61,3 +61,91 @@ def test_collect_puts_scored_scenes_first_and_keeps_rows_aligned():
     assert got["image_64"][:, 0, 0, 0].tolist() == [8, 9, 10, 11, 12]
     few = collect([batch(0, 3, False), batch(3, 2, True)], "image_64", 4)  # scenes first, then the rest
     assert few["clip_image"][:, 0].tolist() == [3, 4, 0, 1] and len(few["json"]) == 4
+
+
+def test_position_stated_counts_only_objects_whose_caption_names_their_cell():
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render, scene_for
+    from decoder.evaluation import cell_stated, shapes_accuracy
+
+    scenes = [scene_for(0, i)[1] for i in range(80)]
+    by_phrasing = {s["phrasing"]: s for s in scenes}
+    assert cell_stated(by_phrasing["noun_pos"]) == [True]
+    relation_pairs = [s for s in scenes if s["phrasing"] == "relation" and len(s["objects"]) == 2]
+    relation_three = [s for s in scenes if s["phrasing"] == "relation" and len(s["objects"]) == 3]
+    assert relation_pairs and relation_three
+    assert cell_stated(relation_pairs[0]) == [False, False] and cell_stated(relation_three[0]) == [False, False, True]
+    # Real images: everything right. Then draw each relation pair mirrored top-bottom: their cells are
+    # wrong, so overall position accuracy drops while the stated-cell accuracy stays exact.
+    chosen = [s for s in scenes if s["phrasing"] != "relation"][:12] + relation_pairs[:6]
+    images = torch.stack([image_to_tensor(render(s, 64)) for s in chosen])
+    real = shapes_accuracy(images, chosen)
+    assert real["position_acc"] == real["position_stated_acc"] == 1.0
+    mirrored = images.clone()
+    mirrored[12:] = images[12:].flip(-2)
+    moved = sum(o["cell"][0] != 1 for s in chosen[12:] for o in s["objects"])  # the middle row stays put
+    objects = sum(len(s["objects"]) for s in chosen)
+    acc = shapes_accuracy(mirrored, chosen)
+    assert acc["position_stated_acc"] == 1.0
+    assert moved > 0 and acc["position_acc"] == pytest.approx(1 - moved / objects)
+
+
+class _CellTokenClip:
+    """A stand-in CLIP whose first token state is the one-hot cell named in the caption."""
+
+    image_size = 64
+
+    def encode_image(self, images):
+        return F.normalize(images.mean(dim=(2, 3)), dim=-1)
+
+    def encode_text(self, texts):
+        from cascade.data.shapes import position_phrase
+
+        phrases = [position_phrase(*divmod(c, 3)) for c in range(9)]
+        tokens = torch.zeros(len(texts), 2, 9)
+        for i, text in enumerate(texts):
+            tokens[i, 0, next(c for c, p in enumerate(phrases) if text.endswith(p))] = 1
+        return torch.zeros(len(texts), 4), tokens, torch.ones(len(texts), 2, dtype=torch.bool)
+
+
+class _RenderingDecoder:
+    """A stand-in decoder that draws the probe's object in the cell its text names, or always at the centre."""
+
+    def __init__(self, follow_text: bool):
+        from types import SimpleNamespace
+
+        self.follow_text = follow_text
+        self.config = SimpleNamespace(image_size=64, sampler="ddim", sample_steps=1, threshold=None)
+
+    def sample(self, cond, **_):
+        from cascade.data.reader import image_to_tensor
+        from cascade.data.shapes import CELL, render
+        from decoder.evaluation import placement_scenes
+
+        images = []
+        for z, tokens in zip(cond["clip_image"], cond["clip_tokens"]):
+            cell = int(tokens[0].argmax()) if self.follow_text else 4
+            row, col = divmod(cell, 3)
+            # which probe object: the one whose centred drawing has this mean colour
+            scene = min((s for s, _ in placement_scenes()), key=lambda s: (
+                F.normalize(image_to_tensor(render({**s, "objects": [{**s["objects"][0], "center": [0.5, 0.5]}]},
+                                                   64)).mean(dim=(1, 2)), dim=0) - z).abs().sum())
+            obj = {**scene["objects"][0], "center": [(col + 0.5) * CELL, (row + 0.5) * CELL]}
+            images.append(image_to_tensor(render({**scene, "objects": [obj]}, 64)))
+        return torch.stack(images)
+
+
+def test_placement_probe_scores_text_following_against_embedding_following(tmp_path):
+    from decoder.evaluation import PROBE_OBJECTS, placement_probe, placement_scenes
+
+    cases = placement_scenes()
+    assert len(cases) == 9 * len(PROBE_OBJECTS)
+    assert cases[0][1] == "a big red circle at the top left" and cases[5][1] == "a big red circle on the right"
+    follows = placement_probe(_RenderingDecoder(follow_text=True), _CellTokenClip(), guidance=3.0,
+                              grid=tmp_path / "placement.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "placement.png").size[0] >= 9 * 64  # one column per asked cell
+    assert follows == {"placed_acc": 1.0, "centre_when_asked_elsewhere": 0.0}
+    ignores = placement_probe(_RenderingDecoder(follow_text=False), _CellTokenClip(), guidance=3.0)
+    assert ignores == {"placed_acc": pytest.approx(1 / 9), "centre_when_asked_elsewhere": 1.0}

@@ -228,13 +228,15 @@ def test_eval_cli_reports_every_stage_and_the_text_to_image_score(bundle, tmp_pa
     assert set(report) == {"clip", "prior", "decoder", "sr256", "cascade"}
     assert {"i2t_r1", "ridge_i2t_r1"} <= set(report["clip"])
     assert {"prior_cos", "text_cos", "nn_cos"} <= set(report["prior"])
-    assert {"colour_acc@g1", "colour_acc@g3", "fd_effnet@g1"} <= set(report["decoder"])
+    assert {"colour_acc@g1", "colour_acc@g3", "fd_effnet@g1", "placed_acc@g3"} <= set(report["decoder"])
     assert {"psnr_bicubic", "ssim_bicubic", "psnr_best"} <= set(report["sr256"])
     assert {"colour_acc@prior_g1", "colour_acc@prior_g3"} <= set(report["cascade"])
     assert all(0.0 <= v <= 1.0 for k, v in report["decoder"].items() if k.endswith(("acc@g1", "acc@g3")))
+    assert 0.0 <= report["decoder"]["centre_when_asked_elsewhere@g1"] <= 1.0
     table = (out / "eval.md").read_text()
     assert table.count("\n") == 2 + sum(len(m) for m in report.values())  # header, rule, one row per metric
     assert "| sr256 | psnr_bicubic |" in table and "| cascade | colour_acc@prior_g3 |" in table
     for name in ("decoder", "sr256"):
         assert Image.open(out / f"{name}-samples.png").size[0] > 64
+    assert Image.open(out / "decoder-placement-g3.png").size[0] >= 9 * 64  # --limit 4: one object in 9 cells
     assert str(out / "eval.json") in capsys.readouterr().out
