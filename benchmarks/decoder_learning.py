@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     from cascade.data.reader import make_val_batches
     from cascade.training.engine import TrainArgs, train
     from cascade.encoders import load_encoder
-    from decoder.evaluation import collect, placement_probe, shapes_accuracy
+    from decoder.evaluation import collect, placement_report, shapes_accuracy
 
     clip = load_encoder(args.clip) if args.clip else None  # a bad path fails now, not after an hour
     config = yaml.safe_load(args.config.read_text())
@@ -65,12 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     real = collect(batches, f"image_{decoder.config.image_size}", args.eval_samples)  # one pass over val
     started = time.monotonic()
     metrics = decoder.evaluate([real], torch.Generator().manual_seed(0))  # the same scenes, as one batch
-    placement = {}
-    if clip is not None:
-        for w in decoder.config.eval_guidance:
-            placement.update({f"{k}@g{w:g}": round(v, 3)
-                              for k, v in placement_probe(decoder, clip, w,
-                                                          grid=args.run_dir / f"placement-g{w:g}.png").items()})
+    placement = {} if clip is None else placement_report(decoder, clip, args.run_dir)  # + grids there
     eval_minutes = (time.monotonic() - started) / 60
     ceiling = shapes_accuracy(real[f"image_{decoder.config.image_size}"], real["json"])
     batch = config["train"]["batch_size"] * config["train"].get("grad_accum", 1)
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
           "train_minutes": round(train_minutes, 1), "s_per_step": round(train_minutes * 60 / max(result.step, 1), 2),
           "eval_minutes": round(eval_minutes, 1), "eval_scenes": len(real["json"]),
           "decoded": {k: round(v, 3) for k, v in metrics.items()},
-          "placement": placement,
+          "placement": {k: round(v, 3) for k, v in placement.items()},
           "real_images": {k: round(v, 3) for k, v in ceiling.items()},
           "chance": {"colour_acc": round(1 / len(COLORS), 3), "shape_acc": round(1 / len(SHAPES), 3),
                      "position_acc": round(1 / 9, 3)},

@@ -49,17 +49,12 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
 
 
 def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dict[str, float]:
-    """The decoder's placement probe (each probe object asked for in each of the 9 cells) at each eval
-    guidance scale, its images in out/decoder-placement-g<w>.png; `limit` bounds them too (9 per
-    object, at least one object)."""
+    """The decoder's placement probe at each eval guidance scale, grids in `out`; `limit` bounds it
+    too (9 images per probe object, at least one object)."""
     from cascade.encoders import load_encoder
-    from decoder.evaluation import PROBE_OBJECTS, placement_probe
+    from decoder.evaluation import PROBE_OBJECTS, placement_report
 
-    clip = load_encoder(clip_dir)
-    objects = PROBE_OBJECTS[:max(1, limit // 9)]
-    return {f"{k}@g{w:g}": float(v) for w in decoder.config.eval_guidance
-            for k, v in placement_probe(decoder, clip, w, seed=seed, objects=objects,
-                                        grid=out / f"decoder-placement-g{w:g}.png").items()}
+    return placement_report(decoder, load_encoder(clip_dir), out, seed, PROBE_OBJECTS[:max(1, limit // 9)])
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,

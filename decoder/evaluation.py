@@ -172,3 +172,14 @@ def placement_probe(stage, clip, guidance: float, seed: int = 0, objects=PROBE_O
     elsewhere = [f for f, (scene, _) in zip(found, cases) if scene["objects"][0]["cell"] != [1, 1]]
     return {"placed_acc": sum(f.position for f in found) / len(found),
             "centre_when_asked_elsewhere": sum(f.found_cell == (1, 1) for f in elsewhere) / len(elsewhere)}
+
+
+def placement_report(stage, clip, grid_dir: str | Path | None = None, seed: int = 0,
+                     objects=PROBE_OBJECTS) -> dict[str, float]:
+    """`placement_probe` at each of the stage's eval guidance scales, keys suffixed "@g<w>"; with
+    `grid_dir`, the images go to grid_dir/decoder-placement-g<w>.png."""
+    out = {}
+    for w in stage.config.eval_guidance:
+        grid = None if grid_dir is None else Path(grid_dir) / f"decoder-placement-g{w:g}.png"
+        out.update({f"{k}@g{w:g}": v for k, v in placement_probe(stage, clip, w, seed, objects, grid).items()})
+    return out

@@ -115,7 +115,8 @@ class _RenderingDecoder:
         from types import SimpleNamespace
 
         self.follow_text = follow_text
-        self.config = SimpleNamespace(image_size=64, sampler="ddim", sample_steps=1, threshold=None)
+        self.config = SimpleNamespace(image_size=64, sampler="ddim", sample_steps=1, threshold=None,
+                                      eval_guidance=[1.0, 3.0])
 
     def sample(self, cond, **_):
         from cascade.data.reader import image_to_tensor
@@ -149,3 +150,13 @@ def test_placement_probe_scores_text_following_against_embedding_following(tmp_p
     assert follows == {"placed_acc": 1.0, "centre_when_asked_elsewhere": 0.0}
     ignores = placement_probe(_RenderingDecoder(follow_text=False), _CellTokenClip(), guidance=3.0)
     assert ignores == {"placed_acc": pytest.approx(1 / 9), "centre_when_asked_elsewhere": 1.0}
+
+
+def test_placement_report_runs_the_probe_at_each_eval_guidance_and_saves_its_grids(tmp_path):
+    from decoder.evaluation import PROBE_OBJECTS, placement_report
+
+    report = placement_report(_RenderingDecoder(follow_text=True), _CellTokenClip(), tmp_path,
+                              objects=PROBE_OBJECTS[:1])
+    assert report == {"placed_acc@g1": 1.0, "centre_when_asked_elsewhere@g1": 0.0,
+                      "placed_acc@g3": 1.0, "centre_when_asked_elsewhere@g3": 0.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder-placement-g1.png", "decoder-placement-g3.png"]
