@@ -75,8 +75,8 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
     if not any(scene.get("objects") for scene in scenes):
         return {}
 
-    totals = {"colour": 0, "shape": 0, "position": 0, "position_stated": 0}
-    objects = stated = 0
+    totals = {"colour": 0, "shape": 0, "position": 0}
+    objects = stated = placed_stated = 0
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
             continue
@@ -86,12 +86,12 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
             totals["shape"] += result.shape
             totals["position"] += result.position
             stated += named
-            totals["position_stated"] += result.position and named
+            placed_stated += result.position and named
     if objects == 0:
         return {}
-    out = {f"{k}_acc": v / objects for k, v in totals.items() if k != "position_stated"}
+    out = {f"{k}_acc": v / objects for k, v in totals.items()}
     if stated:
-        out["position_stated_acc"] = totals["position_stated"] / stated
+        out["position_stated_acc"] = placed_stated / stated
     return out
 
 
