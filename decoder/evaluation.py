@@ -5,7 +5,9 @@ each guidance scale in `eval_guidance`, then
   - FD-EffNet between the decoded and the real validation images (`decoder.fd_effnet`).
 Every guidance scale decodes from the same x_T, so the scales differ only in guidance.
 `score_decodes` is the part that takes any embeddings, e.g. the prior's samples in an end-to-end eval.
-`placement_probe` asks whether the decoder puts an object where the text alone says.
+`placement_probe` asks whether the decoder puts an object where the text alone says; `denoise_from`
+(SDEdit) decodes real images noised part of the way, to see whether what is lost from pure noise (the
+shapes, say) is lost in deciding the layout or in drawing it.
 """
 from __future__ import annotations
 
@@ -54,6 +56,28 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
                                 steps=stage.config.sample_steps, guidance=guidance, noise=noise[rows],
                                 threshold=stage.config.threshold))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def denoise_from(stage, conditioning: dict[str, torch.Tensor], images: torch.Tensor, start: float,
+                 guidance: float, noise: torch.Tensor, steps: int = 25) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): `images` (B, 3, S, S) in [-1, 1] noised to timestep round(start (T - 1))
+    of the stage's schedule with `noise`, then denoised with `steps` DDIM steps (eta 0) at `guidance`.
+    start near 1 is decoding from noise; the smaller it is, the more of the real image (its layout
+    first, then its shapes) the noised input still holds."""
+    from cascade.diffusion import Denoiser, NoiseSchedule, q_sample
+    from cascade.diffusion.ddim import sample_ddim
+
+    schedule = stage.schedule
+    t0 = round(start * (schedule.timesteps - 1))
+    if not 0 < start <= 1 or not 1 <= steps <= t0 + 1:
+        raise ValueError(f"need 0 < start <= 1 and 1 <= steps <= {t0 + 1} (the timesteps up to the start), "
+                         f"got start {start}, steps {steps}")
+    kept = torch.linspace(0, t0, steps, dtype=torch.float64).round().long()
+    respaced = NoiseSchedule.from_alphas_cumprod(schedule.alphas_cumprod[kept])
+    x = q_sample(schedule, images.float(), torch.full((images.shape[0],), t0), noise)
+    model = Denoiser(stage.denoiser(conditioning), respaced, kept, guidance=guidance, threshold=stage.config.threshold)
+    return sample_ddim(model, x, respaced).clamp(-1.0, 1.0)
 
 
 def cell_stated(scene: dict[str, Any]) -> list[bool]:

@@ -160,3 +160,57 @@ def test_placement_report_runs_the_probe_at_each_eval_guidance_and_saves_its_gri
     assert report == {"placed_acc@g1": 1.0, "centre_when_asked_elsewhere@g1": 0.0,
                       "placed_acc@g3": 1.0, "centre_when_asked_elsewhere@g3": 0.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder-placement-g1.png", "decoder-placement-g3.png"]
+
+
+class _OracleDecoder:
+    """A stand-in whose denoiser is exact for one known image: eps = (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t)."""
+
+    def __init__(self, target: torch.Tensor):
+        from types import SimpleNamespace
+
+        from cascade.diffusion import NoiseSchedule
+
+        self.target, self.schedule = target, NoiseSchedule.from_name("cosine", 1000)
+        self.config = SimpleNamespace(threshold=None)
+
+    def denoiser(self, conditioning):
+        ab = self.schedule.alphas_cumprod
+
+        def denoise(x, t, cond_mask=None):
+            a = ab[t].view(-1, 1, 1, 1).float()
+            target = self.target[torch.arange(x.shape[0]) % self.target.shape[0]]  # guidance stacks cond, uncond
+            return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+        return denoise
+
+
+def test_denoise_from_reaches_the_oracle_image_from_any_start():
+    from decoder.evaluation import denoise_from
+
+    g = torch.Generator().manual_seed(0)
+    target, start_image = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8, generator=g)
+    for start, steps in ((1.0, 10), (0.7, 25), (0.2, 3)):
+        out = denoise_from(_OracleDecoder(target), {}, start_image, start, guidance=3.0, noise=noise, steps=steps)
+        assert torch.allclose(out, target, atol=1e-4)  # the model, not the noised input, decides the result
+    with pytest.raises(ValueError, match="start"):
+        denoise_from(_OracleDecoder(target), {}, start_image, 0.0, 1.0, noise)
+    with pytest.raises(ValueError, match="steps"):
+        denoise_from(_OracleDecoder(target), {}, start_image, 0.002, 1.0, noise, steps=25)  # only 3 timesteps
+
+
+def test_denoise_from_the_first_timestep_keeps_the_image_with_an_untrained_decoder():
+    """An untrained decoder's output layer is zero (v = 0): from t = 1 it returns its input almost unchanged."""
+    from decoder.evaluation import denoise_from
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    stage = Decoder(DecoderConfig(image_size=32, clip_dim=8, text_dim=8, channels=16, channel_mult=[1, 2],
+                                  num_res_blocks=1, attention_resolutions=[8], head_dim=16, patch_size=2)).eval()
+    images = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    cond = {"clip_image": F.normalize(torch.randn(2, 8), dim=-1)}
+    out = denoise_from(stage, cond, images, 1 / 999, guidance=3.0, noise=torch.randn_like(images), steps=2)
+    assert out.shape == images.shape
+    assert (out - images).abs().mean() < 0.01  # the noise at t = 1 has std 0.01
+    far = denoise_from(stage, cond, images, 1.0, guidance=3.0, noise=torch.randn_like(images), steps=2)
+    assert (far - images).abs().mean() > 0.3  # from pure noise the image is gone

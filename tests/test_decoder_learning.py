@@ -31,4 +31,6 @@ def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path
                                       "fd_effnet@g1"}
     assert record["decoded"]["fd_effnet@g1"] > 0  # two steps of training draw noise, not scenes
     assert record["config"]["coord_channels"] is True
+    assert set(record["layout_given"]) == {"from_0.5@g3", "from_0.7@g3"}
+    assert all(0 <= v <= 1 for m in record["layout_given"].values() for v in m.values())
     assert (tmp_path / "run" / "bundle" / "decoder" / "model.safetensors").is_file()
