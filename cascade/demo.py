@@ -47,7 +47,7 @@ class Plan:
 NO_END_EVAL = {stage: {"train": {"eval_at_end": False}} for stage in STAGES}
 
 FULL = Plan("tiny", shapes=4000, emoji=2000,
-            steps={"clip": 300, "prior": 2000, "decoder": 2500, "sr256": 600, "sr1024": 400}, images=2,
+            steps={"clip": 300, "prior": 2000, "decoder": 6000, "sr256": 600, "sr1024": 400}, images=2,
             overrides=NO_END_EVAL)
 QUICK = Plan("quick", shapes=600, emoji=300,
              steps={"clip": 60, "prior": 300, "decoder": 120, "sr256": 60, "sr1024": 40}, images=1,
