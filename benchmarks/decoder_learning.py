@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from cascade.data.reader import make_val_batches
     from cascade.training.engine import TrainArgs, train
     from cascade.encoders import load_encoder
-    from decoder.evaluation import collect, denoise_from, placement_report, shapes_accuracy
+    from decoder.evaluation import CONDITIONING_KEYS, collect, denoise_from, placement_report, shapes_accuracy
 
     clip = load_encoder(args.clip) if args.clip else None  # a bad path fails now, not after an hour
     config = yaml.safe_load(args.config.read_text())
@@ -65,19 +65,17 @@ def main(argv: list[str] | None = None) -> None:
 
     decoder = load_stage(bundle / "decoder").eval()
     batches = make_val_batches(args.data, image_sizes=decoder.image_sizes, with_embeddings=True, batch_size=16)
-    real = collect(batches, f"image_{decoder.config.image_size}", args.eval_samples)  # one pass over val
+    image_key = f"image_{decoder.config.image_size}"
+    real = collect(batches, image_key, args.eval_samples)  # one pass over val
     started = time.monotonic()
     metrics = decoder.evaluate([real], torch.Generator().manual_seed(0))  # the same scenes, as one batch
     placement = {} if clip is None else placement_report(decoder, clip, args.run_dir)  # + grids there
-    image_key = f"image_{decoder.config.image_size}"
-    conditioning = {k: real[k] for k in ("clip_image", "clip_tokens", "clip_mask") if k in real}
+    conditioning = {k: real[k] for k in CONDITIONING_KEYS if k in real}
     noise = torch.randn(real[image_key].shape, generator=torch.Generator().manual_seed(0))
     layout_given = {f"from_{start:g}@g3": shapes_accuracy(
-        torch.cat([denoise_from(decoder, {k: v[i:i + 16] for k, v in conditioning.items()}, real[image_key][i:i + 16],
-                                start, 3.0, noise[i:i + 16]) for i in range(0, len(real["json"]), 16)]),
-        real["json"]) for start in (0.5, 0.7)}
+        denoise_from(decoder, conditioning, real[image_key], start, 3.0, noise), real["json"]) for start in (0.5, 0.7)}
     eval_minutes = (time.monotonic() - started) / 60
-    ceiling = shapes_accuracy(real[f"image_{decoder.config.image_size}"], real["json"])
+    ceiling = shapes_accuracy(real[image_key], real["json"])
     batch = config["train"]["batch_size"] * config["train"].get("grad_accum", 1)
     emit({"steps": result.step, "batch": batch, "samples_seen": result.step * batch,
           "train_minutes": round(train_minutes, 1), "s_per_step": round(train_minutes * 60 / max(result.step, 1), 2),
