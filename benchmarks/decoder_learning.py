@@ -10,7 +10,7 @@ yet decide from pure noise.
 
     cascade data build --source shapes --out data/shapes --count 4000 --sizes 64 --seed 0
     cascade data embed --data data/shapes --clip bundles/tiny/clip
-    python -m benchmarks.decoder_learning --data data/shapes --steps 3000 --run-dir runs/decoder-learning \
+    python -m benchmarks.decoder_learning --data data/shapes --steps 8500 --run-dir runs/decoder-learning \
         --clip bundles/tiny/clip
 
 Prints one JSON line. The run directory keeps checkpoints, metrics.jsonl and sample grids; run again
