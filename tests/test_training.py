@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -163,6 +164,26 @@ def test_cli_exit_code_is_2_in_a_real_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "nope" in proc.stderr
+
+
+def test_a_finished_run_leaves_the_process_group_before_the_interpreter_goes(tmp_path):
+    """Left to interpreter teardown, gloo can abort a finished 2-process run (exit -6, seen in CI)."""
+    data = write_shards(tmp_path / "data", train=8, val=0)
+    cfg = write_config(tmp_path / "c.yaml", max_steps=2, log_every=1)
+    probe = (
+        "import atexit, sys, torch.distributed as dist\n"
+        "from train_stage import main\n"
+        "import test_training_support\n"
+        # atexit runs handlers last in, first out: registered before training, this one runs last
+        "atexit.register(lambda: print('group left at exit:', not dist.is_initialized()))\n"
+        "code = main(sys.argv[1:])\n"
+        "assert code == 0 and dist.is_initialized()\n"
+    )
+    argv = ["--stage", "test_tiny_ae", "--config", cfg, "--data", data, "--run-dir", tmp_path / "run"]
+    proc = subprocess.run([sys.executable, "-c", probe, *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "group left at exit: True" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -6,6 +6,7 @@ backend is gloo; each process gets its share of the cores for its torch threads.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -55,8 +56,25 @@ def setup() -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        atexit.register(_leave_process_group)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_process_group() -> None:
+    """At exit, while the interpreter is still whole, leave the process group.
+
+    Left to interpreter teardown, gloo's worker threads can still be joinable when their owner is
+    destroyed, and the C++ runtime aborts the finished process ("terminate called without an active
+    exception", exit -6) now and then, failing a run that had exported its weights. It runs at exit,
+    not when training returns, because DeepSpeed keeps its own groups and cannot set up again in a
+    process that left (tests and benchmarks train several times in one process). No barrier: after
+    an error the other ranks may never reach it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
