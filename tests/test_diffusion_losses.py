@@ -226,3 +226,20 @@ def test_min_snr_weight_rejects_a_non_positive_gamma(batch):
     s, _, _, t = batch
     with pytest.raises(ValueError, match="snr_gamma"):
         min_snr_weight(s, "v", t, 0.0)
+
+
+def test_logit_normal_timesteps_follow_their_closed_form():
+    """P(t/T in [1/3, 2/3)) is 1/3 for uniform t and 2 Phi(ln 2) - 1 for t/T = sigmoid(N(0, 1)); a mix
+    with probability p lies between, linearly in p."""
+    s, n = NoiseSchedule.from_name("cosine", 1000), 200_000
+    normal = torch.distributions.Normal(0.0, 1.0)
+    mid_ln = float(2 * normal.cdf(torch.tensor(math.log(2.0))) - 1)  # 0.512
+    for p in (0.0, 0.5, 1.0):
+        t = sample_timesteps(s, n, torch.Generator().manual_seed(0), logit_normal=p)
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+        middle = float(((t >= 333) & (t < 667)).float().mean())
+        assert middle == pytest.approx((1 - p) / 3 + p * mid_ln, abs=0.005)
+    assert torch.equal(sample_timesteps(s, 64, torch.Generator().manual_seed(1)),
+                       torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1)))  # uniform as before
+    with pytest.raises(ValueError, match="probability"):
+        sample_timesteps(s, 4, logit_normal=1.5)
