@@ -93,14 +93,17 @@ def cell_stated(scene: dict[str, Any]) -> list[bool]:
 def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[str, float]:
     """Fraction of described objects whose colour / shape / position the scorer finds in the image,
     and position accuracy over the objects whose caption names their cell (`position_stated_acc`:
-    what following the text can reach); empty when no scene describes objects (e.g. emoji data)."""
-    from cascade.data.shapes_scorer import score_objects
+    what following the text can reach); per scene, whether it shows as many objects as described
+    (`count_acc`) and whether it shows more (`too_many`: a second copy drawn); empty when no scene
+    describes objects (e.g. emoji data)."""
+    from cascade.data.shapes_scorer import count_objects, score_objects
 
     if not any(scene.get("objects") for scene in scenes):
         return {}
 
     totals = {"colour": 0, "shape": 0, "position": 0}
     objects = stated = placed_stated = 0
+    counted = right_count = too_many = 0
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
             continue
@@ -111,11 +114,17 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
             totals["position"] += result.position
             stated += named
             placed_stated += result.position and named
+        found = count_objects(image)
+        counted += 1
+        right_count += found == len(scene["objects"])
+        too_many += found > len(scene["objects"])
     if objects == 0:
         return {}
     out = {f"{k}_acc": v / objects for k, v in totals.items()}
     if stated:
         out["position_stated_acc"] = placed_stated / stated
+    out["count_acc"] = right_count / counted
+    out["too_many"] = too_many / counted
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from cascade.cli import main
 from cascade.data import shapes
-from cascade.data.shapes_scorer import score_objects
+from cascade.data.shapes_scorer import count_objects, score_objects
 
 
 def test_attributes_match_pixels():
@@ -29,6 +29,24 @@ def test_scorer_is_at_least_98_percent_right_on_rendered_64px_images():
             right += result.all
             total += 1
     assert right / total >= 0.98, right / total
+
+
+def _one_object_scene(seed: int = 3) -> dict:
+    for i in range(100):
+        _, scene = shapes.scene_for(seed, i)
+        if len(scene["objects"]) == 1 and scene["objects"][0]["cell"] != [2, 2]:
+            return scene
+    raise AssertionError("no one-object scene")
+
+
+def test_count_objects_counts_the_rendered_objects_and_a_second_copy():
+    scenes = [shapes.scene_for(4, i)[1] for i in range(150)]
+    right = [count_objects(shapes.render(s, 64)) == len(s["objects"]) for s in scenes]
+    assert sum(right) / len(right) >= 0.98, sum(right) / len(right)  # a small thin star can fall under the noise area
+    scene = _one_object_scene()
+    obj = scene["objects"][0]
+    copy = {**obj, "cell": [2, 2], "center": [2.5 * shapes.CELL, 2.5 * shapes.CELL]}  # the same object again
+    assert count_objects(shapes.render({**scene, "objects": [obj, copy]}, 64)) == 2
 
 
 def test_scorer_rejects_a_wrong_colour_and_a_wrong_cell():

@@ -88,6 +88,23 @@ def test_position_stated_counts_only_objects_whose_caption_names_their_cell():
     acc = shapes_accuracy(mirrored, chosen)
     assert acc["position_stated_acc"] == 1.0
     assert moved > 0 and acc["position_acc"] == pytest.approx(1 - moved / objects)
+    assert real["count_acc"] == acc["count_acc"] == 1.0 and real["too_many"] == 0.0
+
+
+def test_count_acc_and_too_many_see_a_second_copy_and_a_missing_object():
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import CELL, render, scene_for
+    from decoder.evaluation import shapes_accuracy
+
+    scenes = [s for s in (scene_for(5, i)[1] for i in range(200))
+              if len(s["objects"]) == 1 and s["objects"][0]["cell"] != [0, 0]][:4]
+    images = [render(s, 64) for s in scenes]
+    obj = scenes[0]["objects"][0]
+    images[0] = render({**scenes[0], "objects": [obj, {**obj, "cell": [0, 0], "center": [CELL / 2, CELL / 2]}]}, 64)
+    images[1] = render({**scenes[1], "objects": []}, 64)  # the background alone
+    acc = shapes_accuracy(torch.stack([image_to_tensor(i) for i in images]), scenes)
+    assert acc["count_acc"] == 0.5 and acc["too_many"] == 0.25
+    assert acc["colour_acc"] == 0.75  # the copy does not cost the first its colour; the empty image does
 
 
 class _CellTokenClip:

@@ -161,13 +161,26 @@ def _components(labels: np.ndarray, color: str, min_area: float) -> list[np.ndar
     return out
 
 
+def _min_area(size: int) -> float:
+    """Pixels below which a blob is noise, not an object, in an image `size` pixels wide."""
+    return MIN_AREA_FRACTION * math.pi * (SIZES["small"] * CELL * size) ** 2
+
+
+def count_objects(image: Any) -> int:
+    """How many objects the image shows: connected components of the object colours (not the
+    backgrounds') at least `_min_area` large. A second copy of an object counts twice."""
+    array = to_array(image)
+    labels = segment(array)
+    return sum(len(_components(labels, color, _min_area(array.shape[0]))) for color in COLORS)
+
+
 def score_objects(image: Any, attributes: dict[str, Any]) -> list[ObjectScore]:
     """One `ObjectScore` per object in `attributes["objects"]` (a shapes sample's json)."""
     array = to_array(image)
     size = array.shape[0]
     labels = segment(array)
     cell_px = CELL * size
-    min_area = MIN_AREA_FRACTION * math.pi * (SIZES["small"] * cell_px) ** 2
+    min_area = _min_area(size)
     size_cut = (SIZES["small"] + SIZES["big"]) * cell_px  # between the two nominal diameters
     cache: dict[str, list[np.ndarray]] = {}
     scores = []
