@@ -180,8 +180,11 @@ def test_a_finished_run_leaves_the_process_group_before_the_interpreter_goes(tmp
         "assert code == 0 and dist.is_initialized()\n"
     )
     argv = ["--stage", "test_tiny_ae", "--config", cfg, "--data", data, "--run-dir", tmp_path / "run"]
+    # not this process's launcher variables: an in-process run earlier in the session set them, port included
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", probe, *map(str, argv)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+                          timeout=300, cwd=ROOT, env={**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "group left at exit: True" in proc.stdout
 
