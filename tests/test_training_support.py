@@ -101,4 +101,6 @@ if __name__ == "__main__":
     # train_stage.py would (the stage is registered by importing this file).
     from train_stage import main
 
-    sys.exit(main())
+    from cascade.training.distributed import exit_process
+
+    exit_process(main())
