@@ -254,5 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli("cascade", lambda: args.func(args))
 
 
+def entry() -> None:
+    """The `cascade` command: main(), then an exit that suits a process in a process group (--shard)."""
+    from cascade.training.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -93,9 +93,8 @@ def exit_process(code: int) -> NoReturn:
     streams and leaves with os._exit, which runs no destructors. Not calling destroy_process_group:
     after an error the other ranks may never reach it.
     """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and `--help` stays quick)
+    if dist is None or not dist.is_initialized():
         sys.exit(code)
     atexit._run_exitfuncs()
     sys.stdout.flush()
