@@ -1,8 +1,10 @@
 """benchmarks/decoder_learning.py end to end on a small embedded shapes set: it trains, evaluates the
-exported decoder and reports the scorer's ceiling on the real val images beside the decoded scores."""
+exported decoder and reports the scorer's ceiling on the real val images beside the decoded scores; and
+benchmarks/decoder_sampling.py's sweep of sampling settings over one exported decoder."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from tests.test_decoder_engine import write_embedded_shards
@@ -35,3 +37,61 @@ def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path
     assert set(record["layout_given"]) == {"from_0.5@g3", "from_0.7@g3"}
     assert all(0 <= v <= 1 for m in record["layout_given"].values() for v in m.values())
     assert (tmp_path / "run" / "bundle" / "decoder" / "model.safetensors").is_file()
+
+
+def _tiny_decoder(tmp_path):
+    from cascade.bundle import save_stage
+    from cascade.registry import get_stage
+
+    cls = get_stage("decoder")
+    torch.manual_seed(0)
+    stage = cls(cls.Config(clip_dim=16, text_dim=12, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                           attention_resolutions=[16], head_dim=16, patch_size=2))
+    return save_stage(stage.eval(), tmp_path / "bundle" / "decoder"), stage.eval()
+
+
+def test_decoder_sampling_sweeps_settings_on_the_same_scenes(tmp_path, capsys):
+    from benchmarks.decoder_sampling import main
+
+    data = write_embedded_shards(tmp_path / "data", train=0, val=5)
+    path, _ = _tiny_decoder(tmp_path)
+    main(["--decoder", str(path), "--data", str(data), "--eval-samples", "5",
+          "--setting", "ddpm:2:1", "--setting", "ddim:3:2:0.5"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["eval_scenes"] == 5
+    rows = record["settings"]
+    assert [(r["sampler"], r["steps"], r["guidance"], r["eta"]) for r in rows] == [("ddpm", 2, 1.0, 0.0),
+                                                                                   ("ddim", 3, 2.0, 0.5)]
+    for r in rows:
+        assert r["s_per_image"] > 0
+        assert all(0 <= r[k] <= 1 for k in ("colour_acc", "shape_acc", "position_acc", "count_acc", "too_many"))
+    assert record["real_images"]["colour_acc"] == 1.0 and record["real_images"]["count_acc"] == 1.0
+
+
+def test_decoder_sampling_decodes_every_setting_from_the_same_noise(tmp_path):
+    from benchmarks.decoder_sampling import decode, parse_setting
+
+    _, decoder = _tiny_decoder(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    conditioning = {"clip_image": torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1),
+                    "clip_tokens": torch.randn(3, 6, 12, generator=g), "clip_mask": torch.ones(3, 6, dtype=torch.bool)}
+    noise = torch.randn(3, 3, 64, 64, generator=g)
+    ddpm = parse_setting("ddpm:2:3")
+    # a stochastic sampler repeats itself: its generator is seeded per setting
+    torch.testing.assert_close(decode(decoder, conditioning, noise, ddpm, seed=1, chunk=2),
+                               decode(decoder, conditioning, noise, ddpm, seed=1, chunk=2))
+    # the deterministic sampler is the stage's own sampling of that noise
+    ddim = parse_setting("ddim:2:3")
+    torch.testing.assert_close(decode(decoder, conditioning, noise, ddim, seed=1, chunk=2),
+                               decoder.sample(conditioning, sampler="ddim", steps=2, guidance=3.0, noise=noise,
+                                              threshold=decoder.config.threshold))
+
+
+@pytest.mark.parametrize("bad", ["ddim:50", "euler:50:3", "ddim:0:3", "ddim:50:-1", "ddim:x:3", "ddim:50:3:1:2"])
+def test_decoder_sampling_rejects_a_malformed_setting_in_one_line(bad, capsys):
+    from benchmarks.decoder_sampling import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--decoder", "x", "--data", "y", "--setting", bad])
+    assert exc.value.code == 2
+    assert "SAMPLER:STEPS:GUIDANCE[:ETA]" in capsys.readouterr().err
