@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
           "chance": {"colour_acc": round(1 / len(COLORS), 3), "shape_acc": round(1 / len(SHAPES), 3),
                      "position_acc": round(1 / 9, 3)},
           "config": {k: config["model"].get(k) for k in ("channels", "prediction", "snr_gamma", "snr_plus_one",
-                                                          "t_logit_normal", "p_drop_text", "coord_channels",
+                                                          "t_logit_normal", "t_logit_mean", "p_drop_text", "coord_channels",
                                                           "attention_positions")}})
 
 

@@ -42,6 +42,7 @@ class DecoderConfig(Config):
     # Probability that a sample's t is drawn logit-normal (mid noise, where shapes are finished; the
     # layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
     t_logit_normal: float = Field(0.0, ge=0.0, le=1.0)
+    t_logit_mean: float = 0.0  # where those t centre: median t/T = sigmoid(t_logit_mean); > 0 is noisier
     learned_variance: bool = False
     schedule: str = "cosine"
     timesteps: int = Field(1000, gt=1)

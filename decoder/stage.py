@@ -66,7 +66,8 @@ class Decoder(Stage):
         keep_image = torch.rand(b, device=self.device) >= self.config.p_drop_image
         keep_text = torch.rand(b, device=self.device) >= self.config.p_drop_text
         emb, context, mask = self._condition(batch, keep_image, keep_text)
-        t = diffusion.sample_timesteps(self.schedule, b, device=self.device, logit_normal=self.config.t_logit_normal)
+        t = diffusion.sample_timesteps(self.schedule, b, device=self.device, logit_normal=self.config.t_logit_normal,
+                                        logit_mean=self.config.t_logit_mean)
         noise = torch.randn_like(x0)
         return diffusion.diffusion_loss(
             self.schedule, lambda x_t, t_: self.unet(x_t, t_, emb, context, mask), x0, t, noise,

@@ -149,6 +149,26 @@ def test_variants_train_and_sample(overrides):
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_training_draws_its_timesteps_as_configured(monkeypatch):
+    """t_logit_normal / t_logit_mean reach the timestep draw: all logit-normal around sigmoid(3) = 0.95 of T."""
+    import cascade.diffusion as diffusion
+
+    drawn = []
+    original = diffusion.sample_timesteps
+
+    def recording(*args, **kwargs):
+        drawn.append(original(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(diffusion, "sample_timesteps", recording)
+    batch = {**conditioning(b=64), "image_32": torch.rand(64, 3, 32, 32) * 2 - 1}
+    small_decoder(t_logit_normal=1.0, t_logit_mean=3.0).loss(batch)
+    small_decoder().loss(batch)
+    noisy, uniform = drawn
+    assert float(noisy.float().median()) > 850 and float((noisy < 500).float().mean()) < 0.05
+    assert 0.3 < float((uniform < 500).float().mean()) < 0.7
+
+
 def test_sample_without_text():
     stage = small_decoder().eval()
     out = stage.sample({"clip_image": conditioning()["clip_image"]}, steps=2, guidance=3.0,

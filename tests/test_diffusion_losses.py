@@ -241,5 +241,10 @@ def test_logit_normal_timesteps_follow_their_closed_form():
         assert middle == pytest.approx((1 - p) / 3 + p * mid_ln, abs=0.005)
     assert torch.equal(sample_timesteps(s, 64, torch.Generator().manual_seed(1)),
                        torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1)))  # uniform as before
+    # shifted by m, the logit-normal's median is T sigmoid(m) and P(t/T >= 1/2) = Phi(m)
+    m = 1.0
+    t = sample_timesteps(s, n, torch.Generator().manual_seed(0), logit_normal=1.0, logit_mean=m)
+    assert float(t.float().median()) == pytest.approx(1000 * 1 / (1 + math.exp(-m)), abs=3)
+    assert float((t >= 500).float().mean()) == pytest.approx(float(normal.cdf(torch.tensor(m))), abs=0.005)
     with pytest.raises(ValueError, match="probability"):
         sample_timesteps(s, 4, logit_normal=1.5)

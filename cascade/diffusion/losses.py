@@ -88,15 +88,17 @@ def min_snr_weight(schedule: NoiseSchedule, prediction: Prediction | str, t: tor
 
 
 def sample_timesteps(schedule: NoiseSchedule, batch_size: int, generator: torch.Generator | None = None,
-                     device: torch.device | str = "cpu", logit_normal: float = 0.0) -> torch.Tensor:
+                     device: torch.device | str = "cpu", logit_normal: float = 0.0,
+                     logit_mean: float = 0.0) -> torch.Tensor:
     """t in [0, T) for training, (B,) long: uniform (Ho et al. Algorithm 1), or with probability
-    `logit_normal` per sample t = floor(T sigmoid(z)), z ~ N(0, 1) (the logit-normal of Esser et al. 2024,
-    section 3.1), which puts more of the samples at mid noise and fewer at the two ends."""
+    `logit_normal` per sample t = floor(T sigmoid(z)), z ~ N(logit_mean, 1) (the logit-normal of Esser et
+    al. 2024, section 3.1): mean 0 puts more of the samples at mid noise and fewer at the two ends, a
+    positive mean moves them towards the noisy end (median t/T = sigmoid(logit_mean))."""
     if not 0.0 <= logit_normal <= 1.0:
         raise ValueError(f"logit_normal is a probability, got {logit_normal}")
     t = torch.randint(0, schedule.timesteps, (batch_size,), generator=generator)
     if logit_normal > 0:
-        z = torch.randn(batch_size, generator=generator)
-        mid = (torch.sigmoid(z) * schedule.timesteps).long().clamp(max=schedule.timesteps - 1)
-        t = torch.where(torch.rand(batch_size, generator=generator) < logit_normal, mid, t)
+        z = torch.randn(batch_size, generator=generator) + logit_mean
+        drawn = (torch.sigmoid(z) * schedule.timesteps).long().clamp(max=schedule.timesteps - 1)
+        t = torch.where(torch.rand(batch_size, generator=generator) < logit_normal, drawn, t)
     return t.to(device)
