@@ -10,7 +10,6 @@ or the same with `python train_stage.py ...` in one process. Running it again wi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from cascade.errors import run_cli

@@ -39,8 +39,8 @@ class DecoderConfig(Config):
     prediction: Literal["eps", "v"] = "eps"
     snr_gamma: float | None = Field(None, gt=0)  # min-SNR-gamma loss weighting (Hang et al. 2023); None = off
     snr_plus_one: bool = False  # weight min(SNR + 1, gamma) in x0 terms: keeps the noisiest steps' v loss
-    # Probability that a sample's t is drawn logit-normal (mid noise, where shapes are finished; the
-    # layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
+    # Probability that a sample's t is drawn logit-normal (with mean 0: mid noise, where shapes are
+    # finished; the layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
     t_logit_normal: float = Field(0.0, ge=0.0, le=1.0)
     t_logit_mean: float = 0.0  # where those t centre: median t/T = sigmoid(t_logit_mean); > 0 is noisier
     learned_variance: bool = False
