@@ -41,20 +41,6 @@ def parse_setting(text: str) -> dict:
     return {"sampler": parts[0], "steps": steps, "guidance": guidance, "eta": eta}
 
 
-@torch.no_grad()
-def decode(decoder, conditioning: dict[str, torch.Tensor], noise: torch.Tensor, setting: dict, seed: int,
-           chunk: int = 16) -> torch.Tensor:
-    """Every row of `conditioning` decoded from the same row of `noise` with one setting, `chunk` rows at a
-    time; a stochastic sampler's noise comes from a generator seeded with `seed` (the same for every setting)."""
-    generator = torch.Generator().manual_seed(seed)
-    n = noise.shape[0]
-    return torch.cat([
-        decoder.sample({k: v[i:i + chunk] for k, v in conditioning.items()}, sampler=setting["sampler"],
-                       steps=setting["steps"], guidance=setting["guidance"], eta=setting["eta"],
-                       noise=noise[i:i + chunk], generator=generator, threshold=decoder.config.threshold)
-        for i in range(0, n, chunk)])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decoder_sampling", description=__doc__.split("\n\n")[0])
     p.add_argument("--decoder", required=True, type=Path, help="an exported decoder (BUNDLE/decoder)")
@@ -72,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from cascade.bundle import load_stage
     from cascade.data.reader import make_val_batches
-    from decoder.evaluation import CONDITIONING_KEYS, collect, shapes_accuracy
+    from decoder.evaluation import CONDITIONING_KEYS, collect, decode_all, shapes_accuracy
 
     decoder = load_stage(args.decoder).eval()
     image_key = f"image_{decoder.config.image_size}"
@@ -84,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for s in settings:
         started = time.perf_counter()
-        images = decode(decoder, conditioning, noise, s, seed=args.seed + 1)
+        # a stochastic sampler's noise: the same seed for every setting
+        images = decode_all(decoder, conditioning, noise, s["guidance"], sampler=s["sampler"], steps=s["steps"],
+                            eta=s["eta"], generator=torch.Generator().manual_seed(args.seed + 1))
         seconds = time.perf_counter() - started
         scores = shapes_accuracy(images, real["json"])
         rows.append({**s, "s_per_image": round(seconds / n, 3), **{k: round(v, 3) for k, v in scores.items()}})

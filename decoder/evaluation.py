@@ -46,14 +46,17 @@ def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> di
 
 @torch.no_grad()
 def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor, guidance: float,
-               chunk: int = 16) -> torch.Tensor:
-    """Decode every row of `conditioning` from the matching rows of `noise`, `chunk` rows at a time."""
+               chunk: int = 16, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decode every row of `conditioning` from the matching rows of `noise`, `chunk` rows at a time, with
+    the stage's sampler and steps unless given; a stochastic sampler draws from `generator`."""
     out = []
     n = conditioning["clip_image"].shape[0]
     for start in tqdm(range(0, n, chunk), desc=f"decoding (guidance {guidance:g})", leave=False):
         rows = slice(start, start + chunk)
-        out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=stage.config.sampler,
-                                steps=stage.config.sample_steps, guidance=guidance, noise=noise[rows],
+        out.append(stage.sample({k: v[rows] for k, v in conditioning.items()},
+                                sampler=sampler or stage.config.sampler, steps=steps or stage.config.sample_steps,
+                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator,
                                 threshold=stage.config.threshold))
     return torch.cat(out)
 

@@ -68,21 +68,24 @@ def test_decoder_sampling_sweeps_settings_on_the_same_scenes(tmp_path, capsys):
     assert record["real_images"]["colour_acc"] == 1.0 and record["real_images"]["count_acc"] == 1.0
 
 
-def test_decoder_sampling_decodes_every_setting_from_the_same_noise(tmp_path):
-    from benchmarks.decoder_sampling import decode, parse_setting
+def test_decode_all_takes_a_sweep_setting_and_a_seeded_generator(tmp_path):
+    from decoder.evaluation import decode_all
 
     _, decoder = _tiny_decoder(tmp_path)
     g = torch.Generator().manual_seed(0)
     conditioning = {"clip_image": torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1),
                     "clip_tokens": torch.randn(3, 6, 12, generator=g), "clip_mask": torch.ones(3, 6, dtype=torch.bool)}
     noise = torch.randn(3, 3, 64, 64, generator=g)
-    ddpm = parse_setting("ddpm:2:3")
-    # a stochastic sampler repeats itself: its generator is seeded per setting
-    torch.testing.assert_close(decode(decoder, conditioning, noise, ddpm, seed=1, chunk=2),
-                               decode(decoder, conditioning, noise, ddpm, seed=1, chunk=2))
-    # the deterministic sampler is the stage's own sampling of that noise
-    ddim = parse_setting("ddim:2:3")
-    torch.testing.assert_close(decode(decoder, conditioning, noise, ddim, seed=1, chunk=2),
+
+    def ddpm(seed):
+        return decode_all(decoder, conditioning, noise, 3.0, chunk=2, sampler="ddpm", steps=2,
+                          generator=torch.Generator().manual_seed(seed))
+
+    # a stochastic sampler repeats itself from the same seed, and not from another
+    torch.testing.assert_close(ddpm(1), ddpm(1))
+    assert not torch.allclose(ddpm(1), ddpm(2))
+    # the deterministic sampler, chunked, is the stage's own sampling of that noise
+    torch.testing.assert_close(decode_all(decoder, conditioning, noise, 3.0, chunk=2, sampler="ddim", steps=2, eta=0.0),
                                decoder.sample(conditioning, sampler="ddim", steps=2, guidance=3.0, noise=noise,
                                               threshold=decoder.config.threshold))
 
