@@ -43,6 +43,11 @@ class DecoderConfig(Config):
     # finished; the layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
     t_logit_normal: float = Field(0.0, ge=0.0, le=1.0)
     t_logit_mean: float = 0.0  # where those t centre: median t/T = sigmoid(t_logit_mean); > 0 is noisier
+    # Self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", section 3.2): the U-Net also sees an x0
+    # estimate (3 more input channels). In training, half the samples get the net's own no-grad estimate
+    # at the same x_t (the rest zeros), so it learns to refine a guess; sampling passes each step the
+    # previous step's estimate. Costs one extra forward pass on half the batch per training step.
+    self_condition: bool = False
     learned_variance: bool = False
     schedule: str = "cosine"
     timesteps: int = Field(1000, gt=1)

@@ -32,7 +32,8 @@ class Decoder(Stage):
         super().__init__(config)
         self.conditioning = Conditioning(config)
         out_channels = 6 if config.learned_variance else 3
-        self.unet = UNet(image_size=config.image_size, in_channels=3, out_channels=out_channels,
+        in_channels = 6 if config.self_condition else 3
+        self.unet = UNet(image_size=config.image_size, in_channels=in_channels, out_channels=out_channels,
                          channels=config.channels, channel_mult=config.channel_mult,
                          num_res_blocks=config.block_counts, attention_resolutions=config.attention_resolutions,
                          head_dim=config.head_dim, context_dim=config.context_width,
@@ -69,21 +70,43 @@ class Decoder(Stage):
         t = diffusion.sample_timesteps(self.schedule, b, device=self.device, logit_normal=self.config.t_logit_normal,
                                         logit_mean=self.config.t_logit_mean)
         noise = torch.randn_like(x0)
+
+        def model(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
+            if not self.config.self_condition:
+                return self.unet(x_t, t_, emb, context, mask)
+            estimate = torch.zeros_like(x_t)
+            rows = torch.nonzero(torch.rand(b, device=self.device) < 0.5).flatten()
+            if rows.numel():
+                with torch.no_grad():
+                    estimate[rows] = self._x0_estimate(x_t[rows], t_[rows], estimate[rows], emb[rows],
+                                                       context[rows], None if mask is None else mask[rows])
+            return self.unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask)
+
         return diffusion.diffusion_loss(
-            self.schedule, lambda x_t, t_: self.unet(x_t, t_, emb, context, mask), x0, t, noise,
+            self.schedule, model, x0, t, noise,
             self.config.prediction, learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
             snr_plus_one=self.config.snr_plus_one)
+
+    def _x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor, emb: torch.Tensor,
+                     context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The self-conditioning input: the net's x0 at (x_t, t) given `estimate`, clipped to [-1, 1]."""
+        out = self.unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask)[:, :3]
+        return diffusion.model_output_to_x0(self.schedule, self.config.prediction, out, x_t, t).clamp(-1.0, 1.0)
 
     def denoiser(self, conditioning: dict[str, Any]):
         """denoise(x_t, t, cond_mask=None) -> eps (or (eps, variance output)) for `cascade.diffusion.sample`.
 
         The conditioning is encoded once; rows where cond_mask is False get the null image embedding
         and null text (the classifier-free unconditional model). Row r uses conditioning row r % B.
+        With `self_condition` the function keeps each row's last x0 estimate and passes it on to the
+        next call; a call whose t is not below the previous call's (a new trajectory) or whose batch
+        differs starts again from zeros.
         """
         b = conditioning["clip_image"].shape[0]
         ones = torch.ones(b, dtype=torch.bool)
         cond = self._condition(conditioning, ones, ones)
         uncond = self._condition(conditioning, ~ones, ~ones)
+        state: dict[str, torch.Tensor] = {}
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
             rows = torch.arange(x.shape[0], device=x.device) % b
@@ -93,7 +116,15 @@ class Decoder(Stage):
                 pick = cond_mask.to(x.device)
                 emb, context, mask = (torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c[rows], u[rows])
                                       for c, u in zip(cond, uncond))
-            out = self.unet(x, t, emb, context, mask)
+            if self.config.self_condition:
+                last = state.get("x0")
+                fresh = last is None or last.shape != x.shape or bool((t >= state["t"]).any())
+                estimate = torch.zeros_like(x) if fresh else last
+                out = self.unet(torch.cat([x, estimate], dim=1), t, emb, context, mask)
+                x0 = diffusion.model_output_to_x0(self.schedule, self.config.prediction, out[:, :3], x, t)
+                state["x0"], state["t"] = x0.clamp(-1.0, 1.0), t
+            else:
+                out = self.unet(x, t, emb, context, mask)
             variance = None
             if self.config.learned_variance:
                 out, variance = out.chunk(2, dim=1)

@@ -136,7 +136,8 @@ def test_fixed_noise_same_embedding_gives_identical_images():
 
 
 @pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(prediction="v", snr_gamma=5.0),
-                                       dict(learned_variance=True), dict(text_layers=1)])
+                                       dict(learned_variance=True), dict(text_layers=1),
+                                       dict(self_condition=True, prediction="v", learned_variance=True)])
 def test_variants_train_and_sample(overrides):
     stage = small_decoder(**overrides)
     cond = conditioning()
@@ -147,6 +148,57 @@ def test_variants_train_and_sample(overrides):
     out = stage.eval().sample(cond, sampler="ddpm", steps=3, guidance=2.0, threshold=0.99,
                               generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def record_unet_calls(stage: Decoder) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input, t, output) of every U-Net forward from now on."""
+    calls = []
+    stage.unet.register_forward_hook(lambda module, args, out: calls.append((args[0].detach().clone(),
+                                                                             args[1].clone(), out.detach())))
+    return calls
+
+
+def test_self_conditioning_trains_on_the_nets_own_estimate_for_half_the_batch():
+    stage = small_decoder(self_condition=True, prediction="v")
+    randomise_outputs(stage)
+    assert stage.unet.stem.in_channels == 6 * 2**2  # (x_t, x0 estimate) after the 2x2 space-to-depth stem
+    calls = record_unet_calls(stage)
+    torch.manual_seed(0)
+    batch = {**conditioning(b=64), "image_32": torch.rand(64, 3, 32, 32) * 2 - 1}
+    stage.loss(batch)
+    (first_in, first_t, first_out), (train_in, train_t, _) = calls
+    # The estimate pass sees its rows' x_t and zeros; the trained pass sees that pass's x0 on those rows.
+    n = first_in.shape[0]
+    assert 16 < n < 48 and torch.all(first_in[:, 3:] == 0)
+    rows = [int(torch.nonzero((train_in[:, :3] == x).flatten(1).all(1))[0]) for x in first_in[:, :3]]
+    assert torch.equal(train_t[rows], first_t)
+    x0 = diffusion.model_output_to_x0(stage.schedule, "v", first_out, first_in[:, :3], first_t).clamp(-1, 1)
+    assert torch.allclose(train_in[rows, 3:], x0) and x0.abs().sum() > 0
+    others = [r for r in range(64) if r not in rows]
+    assert torch.all(train_in[others, 3:] == 0)
+
+
+def test_self_conditioned_sampling_passes_each_step_the_previous_estimate():
+    stage = small_decoder(self_condition=True, prediction="v").eval()
+    randomise_outputs(stage)
+    calls = record_unet_calls(stage)
+    cond, noise = conditioning(), fixed_noise(stage, 2, torch.Generator().manual_seed(5))
+    a = stage.sample(cond, steps=3, guidance=3.0, noise=noise)
+    assert len(calls) == 3 and torch.all(calls[0][0][:, 3:] == 0)
+    for (x, t, out), (x_next, t_next, _) in zip(calls, calls[1:]):
+        assert torch.all(t_next < t)
+        estimate = diffusion.model_output_to_x0(stage.schedule, "v", out, x[:, :3], t).clamp(-1, 1)
+        assert torch.equal(x_next[:, 3:], estimate)  # guided: the cond and uncond rows keep their own
+    # A new call starts from zeros, so fixed noise still gives the same image.
+    assert torch.equal(stage.sample(cond, steps=3, guidance=3.0, noise=noise), a)
+    assert torch.all(calls[3][0][:, 3:] == 0)
+    # One denoiser reused for a second trajectory starts again from zeros when t goes back up.
+    denoise = stage.denoiser(cond)
+    x = torch.randn(2, 3, 32, 32)
+    for t in (900, 500, 900):
+        denoise(x, torch.full((2,), t))
+    assert torch.all(calls[-3][0][:, 3:] == 0) and calls[-2][0][:, 3:].abs().sum() > 0
+    assert torch.all(calls[-1][0][:, 3:] == 0)
 
 
 def test_training_draws_its_timesteps_as_configured(monkeypatch):
