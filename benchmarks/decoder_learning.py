@@ -14,7 +14,8 @@ yet decide from pure noise.
         --clip bundles/tiny/clip
 
 Prints one JSON line. The run directory keeps checkpoints, metrics.jsonl and sample grids; run again
-with the same --run-dir and training resumes (the reported minutes are then this invocation's only).
+with the same --run-dir and training resumes (the reported minutes, steps_timed and s_per_step are then
+this invocation's only).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
 
     clip = load_encoder(args.clip) if args.clip else None  # a bad path fails now, not after an hour
     config = yaml.safe_load(args.config.read_text())
-    config["model"]["eval_samples"] = args.eval_samples
+    # --eval-samples sizes the evaluation below only, so that a finished run dir can be scored again
+    # with another size (a changed run config would be refused on resume)
     config["train"]["eval_at_end"] = False  # evaluated below, outside the timed training
     bundle = args.run_dir / "bundle"
     with tempfile.TemporaryDirectory() as tmp:  # the run directory keeps its own copy (run.json)
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("interrupted; run again with the same --run-dir to resume")
 
     decoder = load_stage(bundle / "decoder").eval()
+    decoder.config.eval_samples = args.eval_samples  # decoder.evaluate below scores this many scenes
     batches = make_val_batches(args.data, image_sizes=decoder.image_sizes, with_embeddings=True, batch_size=16)
     image_key = f"image_{decoder.config.image_size}"
     real = collect(batches, image_key, args.eval_samples)  # one pass over val
@@ -77,8 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_minutes = (time.monotonic() - started) / 60
     ceiling = shapes_accuracy(real[image_key], real["json"])
     batch = config["train"]["batch_size"] * config["train"].get("grad_accum", 1)
-    emit({"steps": result.step, "batch": batch, "samples_seen": result.step * batch,
-          "train_minutes": round(train_minutes, 1), "s_per_step": round(train_minutes * 60 / max(result.step, 1), 2),
+    timed = result.step - result.start_step  # steps this invocation ran: fewer than steps when it resumed
+    emit({"steps": result.step, "batch": batch, "samples_seen": result.step * batch, "steps_timed": timed,
+          "train_minutes": round(train_minutes, 1), "s_per_step": round(train_minutes * 60 / timed, 2) if timed else None,
           "eval_minutes": round(eval_minutes, 1), "eval_scenes": len(real["json"]),
           "decoded": {k: round(v, 3) for k, v in metrics.items()},
           "placement": {k: round(v, 3) for k, v in placement.items()},
@@ -92,4 +96,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cascade.errors import run_cli
+
+    raise SystemExit(run_cli("benchmarks.decoder_learning", main, interrupted="interrupted; run again to resume"))

@@ -11,8 +11,14 @@ from tests.test_decoder_engine import write_embedded_shards
 
 
 @pytest.mark.slow
-def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path, capsys):
+def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path, capsys, monkeypatch):
+    import decoder.evaluation
     from benchmarks.decoder_learning import main
+
+    scored = []  # how many images each decoded-score call judged
+    score_decodes = decoder.evaluation.score_decodes
+    monkeypatch.setattr(decoder.evaluation, "score_decodes",
+                        lambda images, *a, **k: scored.append(len(images)) or score_decodes(images, *a, **k))
 
     data = write_embedded_shards(tmp_path / "data", train=16, val=6)
     config = tmp_path / "decoder.yaml"
@@ -20,7 +26,7 @@ def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path
         "stage": "decoder",
         "model": dict(clip_dim=16, text_dim=12, channels=16, channel_mult=[1, 2, 2], num_res_blocks=1,
                       attention_resolutions=[8], head_dim=16, patch_size=2, sample_steps=2, eval_guidance=[1.0],
-                      coord_channels=True),
+                      coord_channels=True, eval_samples=2),  # --eval-samples, not this, sizes the benchmark's eval
         "train": dict(batch_size=4, lr=1e-3, warmup_steps=1, max_steps=50, log_every=1, ckpt_every=0,
                       sample_every=0, eval_every=0, ema_decay=0.5, seed=0)}))
     main(["--data", str(data), "--steps", "2", "--config", str(config), "--run-dir", str(tmp_path / "run"),
@@ -37,6 +43,14 @@ def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path
     assert set(record["layout_given"]) == {"from_0.5@g3", "from_0.7@g3"}
     assert all(0 <= v <= 1 for m in record["layout_given"].values() for v in m.values())
     assert (tmp_path / "run" / "bundle" / "decoder" / "model.safetensors").is_file()
+    assert record["steps_timed"] == 2 and record["s_per_step"] > 0 and scored == [6]
+
+    # The finished run dir scored again on fewer scenes: no training, and not refused as another config.
+    main(["--data", str(data), "--steps", "2", "--config", str(config), "--run-dir", str(tmp_path / "run"),
+          "--eval-samples", "3"])
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["steps"] == 2 and again["steps_timed"] == 0 and again["s_per_step"] is None
+    assert again["eval_scenes"] == 3 and scored == [6, 3]
 
 
 def _tiny_decoder(tmp_path):

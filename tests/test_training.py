@@ -284,11 +284,11 @@ def test_sigterm_checkpoints_and_resume_reproduces_an_uninterrupted_run(tmp_path
 
     monkeypatch.setenv("CASCADE_TEST_SIGTERM_AT_CALL", "8")
     first = _train(tmp_path, "resumed", data, cfg)
-    assert first.interrupted and first.step == 8
+    assert first.interrupted and first.step == 8 and first.start_step == 0
     monkeypatch.delenv("CASCADE_TEST_SIGTERM_AT_CALL")
     assert (tmp_path / "resumed" / "checkpoints" / "step-000008").is_dir()
     second = _train(tmp_path, "resumed", data, cfg)
-    assert second.step == 12 and not second.interrupted
+    assert second.step == 12 and not second.interrupted and second.start_step == 8
 
     steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == list(range(1, 13))

@@ -49,6 +49,7 @@ class TrainResult:
     step: int
     interrupted: bool
     export_dir: Path | None
+    start_step: int = 0  # where this invocation began: > 0 when it resumed a run
 
 
 class _LossOf(nn.Module):
@@ -381,7 +382,7 @@ class Trainer:
         export_dir = None
         if self.args.export is not None and not interrupted:
             export_dir = self.export(Path(self.args.export))
-        return TrainResult(step=self.step, interrupted=interrupted, export_dir=export_dir)
+        return TrainResult(step=self.step, interrupted=interrupted, export_dir=export_dir, start_step=first_step)
 
     def export(self, bundle_dir: Path) -> Path | None:
         """Write the EMA weights as `bundle_dir/<stage>/` and update `bundle_dir/cascade.json`."""
