@@ -96,9 +96,10 @@ def cell_stated(scene: dict[str, Any]) -> list[bool]:
 def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[str, float]:
     """Fraction of described objects whose colour / shape / position the scorer finds in the image,
     and position accuracy over the objects whose caption names their cell (`position_stated_acc`:
-    what following the text can reach); per scene, whether it shows as many objects as described
-    (`count_acc`) and whether it shows more (`too_many`: a second copy drawn); empty when no scene
-    describes objects (e.g. emoji data)."""
+    what following the text can reach); shape accuracy over the objects of one-object scenes
+    (`shape_single_acc`: drawing a shape, apart from binding it among others); per scene, whether it
+    shows as many objects as described (`count_acc`) and whether it shows more (`too_many`: a second
+    copy drawn); empty when no scene describes objects (e.g. emoji data)."""
     from cascade.data.shapes_scorer import count_objects, score_objects
 
     if not any(scene.get("objects") for scene in scenes):
@@ -106,6 +107,7 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
 
     totals = {"colour": 0, "shape": 0, "position": 0}
     objects = stated = placed_stated = 0
+    single = single_shape = 0
     counted = right_count = too_many = 0
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
@@ -117,6 +119,9 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
             totals["position"] += result.position
             stated += named
             placed_stated += result.position and named
+            if len(scene["objects"]) == 1:
+                single += 1
+                single_shape += result.shape
         found = count_objects(image)
         counted += 1
         right_count += found == len(scene["objects"])
@@ -126,6 +131,8 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
     out = {f"{k}_acc": v / objects for k, v in totals.items()}
     if stated:
         out["position_stated_acc"] = placed_stated / stated
+    if single:
+        out["shape_single_acc"] = single_shape / single
     out["count_acc"] = right_count / counted
     out["too_many"] = too_many / counted
     return out

@@ -107,6 +107,27 @@ def test_count_acc_and_too_many_see_a_second_copy_and_a_missing_object():
     assert acc["colour_acc"] == 0.75  # the copy does not cost the first its colour; the empty image does
 
 
+def test_shape_single_acc_counts_only_the_objects_of_one_object_scenes():
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render, scene_for
+    from decoder.evaluation import shapes_accuracy
+
+    scenes = [scene_for(3, i)[1] for i in range(200)]
+    singles = [s for s in scenes if len(s["objects"]) == 1]
+    pairs = [s for s in scenes if len(s["objects"]) == 2][:4]
+    other = {"circle": "square", "square": "circle"}  # two shapes the scorer never confuses on renders
+    singles = [s for s in singles if s["objects"][0]["shape"] in other][:2] + \
+              [s for s in singles if s["objects"][0]["shape"] not in other][:2]
+    # The first two single objects drawn as the other shape: wrong shape, everything else right.
+    drawn = [{**s, "objects": [{**s["objects"][0], "shape": other[s["objects"][0]["shape"]]}]} for s in singles[:2]]
+    chosen = singles + pairs
+    images = torch.stack([image_to_tensor(render(s, 64)) for s in drawn + singles[2:] + pairs])
+    acc = shapes_accuracy(images, chosen)
+    assert acc["shape_single_acc"] == 0.5
+    assert acc["shape_acc"] == pytest.approx(1 - 2 / (4 + 8)) and acc["colour_acc"] == 1.0
+    assert "shape_single_acc" not in shapes_accuracy(images[4:], pairs)  # no one-object scene: no score
+
+
 class _CellTokenClip:
     """A stand-in CLIP whose first token state is the one-hot cell named in the caption."""
 
