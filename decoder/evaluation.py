@@ -76,10 +76,11 @@ def denoise_from(stage, conditioning: dict[str, torch.Tensor], images: torch.Ten
     if not 0 < start <= 1 or not 1 <= steps <= t0 + 1:
         raise ValueError(f"need 0 < start <= 1 and 1 <= steps <= {t0 + 1} (the timesteps up to the start), "
                          f"got start {start}, steps {steps}")
-    kept = torch.linspace(0, t0, steps, dtype=torch.float64).round().long()
-    respaced = NoiseSchedule.from_alphas_cumprod(schedule.alphas_cumprod[kept])
+    kept_steps = torch.linspace(0, t0, steps, dtype=torch.float64).round().long()
+    respaced = NoiseSchedule.from_alphas_cumprod(schedule.alphas_cumprod[kept_steps])
     x = q_sample(schedule, images.float(), torch.full((images.shape[0],), t0), noise)
-    model = Denoiser(stage.denoiser(conditioning), respaced, kept, guidance=guidance, threshold=stage.config.threshold)
+    model = Denoiser(stage.denoiser(conditioning), respaced, kept_steps, guidance=guidance,
+                     threshold=stage.config.threshold)
     return sample_ddim(model, x, respaced).clamp(-1.0, 1.0)
 
 

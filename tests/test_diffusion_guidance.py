@@ -61,19 +61,19 @@ def test_guided_sampling_calls_the_network_once_per_step_on_a_doubled_batch(sche
     sample(rec, SHAPE, schedule=schedule, sampler="ddim", steps=7, guidance=4.0,
            generator=torch.Generator().manual_seed(0))
     assert len(rec.calls) == 7
-    _, kept = schedule.respace(7)
-    for (batch, t, mask), step in zip(rec.calls, kept.flip(0).tolist()):
+    _, kept_steps = schedule.respace(7)
+    for (batch, t, mask), step in zip(rec.calls, kept_steps.flip(0).tolist()):
         assert batch == 2 * SHAPE[0]
         assert mask.dtype == torch.bool and mask.tolist() == [True] * 4 + [False] * 4
         assert t.tolist() == [step] * 8  # original timesteps, also when respaced
 
 
 def test_guided_eps_is_the_cfg_combination(schedule):
-    sub, kept = schedule.respace(10)
+    sub, kept_steps = schedule.respace(10)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     i = torch.full((4,), 6)
-    out = Denoiser(Recorder(), sub, kept, guidance=3.0)(x, i)
-    t = kept[i]
+    out = Denoiser(Recorder(), sub, kept_steps, guidance=3.0)(x, i)
+    t = kept_steps[i]
     expected = unconditional(x, t) + 3.0 * (conditional(x, t) - unconditional(x, t))
     assert torch.allclose(out.eps, expected, atol=1e-6)
     assert torch.equal(combine_guidance(torch.ones(2), torch.zeros(2), 2.5), torch.full((2,), 2.5))
@@ -82,10 +82,10 @@ def test_guided_eps_is_the_cfg_combination(schedule):
 def test_guidance_keeps_the_conditional_learned_variance(schedule):
     def denoise(x, t, cond_mask=None):
         m = cond_mask.reshape(-1, 1, 1, 1).float().expand_as(x)
-        return torch.zeros_like(x), m - 0.5  # v = 0.5 conditional, -0.5 unconditional
-    sub, kept = schedule.respace(10)
-    out = Denoiser(denoise, sub, kept, guidance=5.0)(torch.zeros(SHAPE), torch.full((4,), 3))
-    assert torch.equal(out.v, torch.full(SHAPE, 0.5))
+        return torch.zeros_like(x), m - 0.5  # variance output 0.5 conditional, -0.5 unconditional
+    sub, kept_steps = schedule.respace(10)
+    out = Denoiser(denoise, sub, kept_steps, guidance=5.0)(torch.zeros(SHAPE), torch.full((4,), 3))
+    assert torch.equal(out.variance_out, torch.full(SHAPE, 0.5))
 
 
 def test_dynamic_threshold_leaves_in_range_x0_unchanged():
@@ -115,11 +115,11 @@ def test_per_sample_quantile_matches_torch_quantile():
 
 def test_thresholded_x0_and_recomputed_eps_stay_consistent(schedule):
     """Imagen Sec. 2.3: eps is recomputed from the clipped x0, so x_t = alpha x0 + sigma eps holds."""
-    sub, kept = schedule.respace(10)
+    sub, kept_steps = schedule.respace(10)
     x = 5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     i = torch.full((4,), 2)
     for threshold in ("static", 0.95):
-        out = Denoiser(unconditional, sub, kept, threshold=threshold)(x, i)
+        out = Denoiser(unconditional, sub, kept_steps, threshold=threshold)(x, i)
         assert out.x0.abs().max().item() <= 1.0 + 1e-6
         ab = sub.alphas_cumprod[2].item()
         assert torch.allclose(ab**0.5 * out.x0 + (1 - ab) ** 0.5 * out.eps, x, atol=1e-4)
@@ -154,16 +154,16 @@ def test_fixed_x_T_makes_deterministic_samplers_ignore_the_generator(schedule):
 
 
 def test_ddpm_learned_variance_endpoints_are_the_fixed_variances(schedule):
-    """v = -1 gives sigma^2 = beta~ ("small"), v = +1 gives beta ("large") (Nichol & Dhariwal eq. 15)."""
-    def with_v(value):
+    """variance_out = -1 gives sigma^2 = beta~ ("small"), +1 gives beta ("large") (Nichol & Dhariwal eq. 15)."""
+    def with_variance_out(value):
         return lambda x, t: (conditional(x, t), torch.full_like(x, value))
     def run(fn, **kw):
         return sample(fn, SHAPE, schedule=schedule, sampler="ddpm", steps=20,
                       generator=torch.Generator().manual_seed(0), **kw)
-    assert torch.allclose(run(with_v(-1.0)), run(conditional, variance="small"), atol=1e-5)
-    assert torch.allclose(run(with_v(1.0)), run(conditional, variance="large"), atol=1e-5)
+    assert torch.allclose(run(with_variance_out(-1.0)), run(conditional, variance="small"), atol=1e-5)
+    assert torch.allclose(run(with_variance_out(1.0)), run(conditional, variance="large"), atol=1e-5)
     # the deterministic samplers ignore the variance output
-    a = sample(with_v(0.3), SHAPE, schedule=schedule, sampler="ddim", steps=5, x_T=torch.ones(SHAPE))
+    a = sample(with_variance_out(0.3), SHAPE, schedule=schedule, sampler="ddim", steps=5, x_T=torch.ones(SHAPE))
     b = sample(conditional, SHAPE, schedule=schedule, sampler="ddim", steps=5, x_T=torch.ones(SHAPE))
     assert torch.equal(a, b)
 

@@ -122,19 +122,19 @@ def _bayes_posterior(s, x0, x_t, t):
 
 def test_learned_variance_vlb_equals_closed_form_kl():
     """A scalar case by hand: KL(N(m1, s1) || N(m2, s2)) = (log(s2/s1) + (s1 + (m1 - m2)^2)/s2 - 1)/2,
-    true posterior by Bayes' rule, model mean from the predicted eps, variance from v (eq. 15)."""
+    true posterior by Bayes' rule, model mean from the predicted eps, variance from the variance output (eq. 15)."""
     s = NoiseSchedule.from_name("linear", 10)
-    x0, eps_true, eps_pred, v, t = 0.4, -0.8, -0.5, 0.3, 5
+    x0, eps_true, eps_pred, variance_out, t = 0.4, -0.8, -0.5, 0.3, 5
     ab, ab_prev = s.alphas_cumprod[t].item(), s.alphas_cumprod[t - 1].item()
     x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps_true
     m1, s1 = _bayes_posterior(s, x0, x_t, t)
     x0_hat = (x_t - math.sqrt(1 - ab) * eps_pred) / math.sqrt(ab)
     m2, _ = _bayes_posterior(s, x0_hat, x_t, t)
-    frac = (v + 1) / 2
+    frac = (variance_out + 1) / 2
     s2 = math.exp(frac * math.log(s.betas[t].item()) + (1 - frac) * math.log(s1))
     kl_bits = 0.5 * (math.log(s2 / s1) + (s1 + (m1 - m2) ** 2) / s2 - 1) / math.log(2)
 
-    model = lambda x, tt: torch.tensor([[eps_pred, v]], dtype=torch.float64)  # noqa: E731
+    model = lambda x, tt: torch.tensor([[eps_pred, variance_out]], dtype=torch.float64)  # noqa: E731
     terms = loss_terms(s, model, torch.tensor([[x0]], dtype=torch.float64), torch.tensor([t]),
                        torch.tensor([[eps_true]], dtype=torch.float64), learned_variance=True)
     assert kl_bits > 0 and terms["vlb"].item() == pytest.approx(kl_bits, rel=1e-6)
@@ -193,7 +193,7 @@ def test_loss_rejects_mismatched_output_shapes(batch):
 
 @pytest.mark.parametrize("prediction", list(Prediction))
 def test_vlb_vanishes_for_the_perfect_mean_and_posterior_variance(batch, prediction):
-    """p = q exactly (mean from the true target, v = -1 so Sigma = beta~): every KL term is 0."""
+    """p = q exactly (mean from the true target, variance output -1 so Sigma = beta~): every KL term is 0."""
     s, x0, eps, t = batch
     t = t.clamp(min=1)  # step 1 is the decoder NLL, not a KL
     target = prediction_target(s, prediction, x0, eps, t)

@@ -93,18 +93,18 @@ def test_posterior_at_first_step_is_x0(schedule):
 @pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
 @pytest.mark.parametrize("steps", [1, 2, 7, 50, 199, 200])
 def test_respace_keeps_alphas_cumprod_at_kept_steps(schedule, spacing, steps):
-    sub, kept = schedule.respace(steps, spacing)
-    assert sub.timesteps == steps and kept.dtype == torch.long and len(kept) == steps
-    assert kept[-1].item() == schedule.timesteps - 1
+    sub, kept_steps = schedule.respace(steps, spacing)
+    assert sub.timesteps == steps and kept_steps.dtype == torch.long and len(kept_steps) == steps
+    assert kept_steps[-1].item() == schedule.timesteps - 1
     if steps > 1:
-        assert kept[0].item() == 0 and bool((kept.diff() > 0).all())
-    assert torch.allclose(sub.alphas_cumprod, schedule.alphas_cumprod[kept], rtol=1e-12)
+        assert kept_steps[0].item() == 0 and bool((kept_steps.diff() > 0).all())
+    assert torch.allclose(sub.alphas_cumprod, schedule.alphas_cumprod[kept_steps], rtol=1e-12)
     assert bool(((sub.betas > 0) & (sub.betas <= 1)).all())
 
 
 def test_uniform_respace_is_evenly_spaced():
-    _, kept = NoiseSchedule.from_name("linear").respace(10)
-    assert kept.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    _, kept_steps = NoiseSchedule.from_name("linear").respace(10)
+    assert kept_steps.tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     same, all_steps = NoiseSchedule.from_name("linear", 100).respace(100)
     assert all_steps.tolist() == list(range(100))
     assert torch.allclose(same.betas, NoiseSchedule.from_name("linear", 100).betas, rtol=1e-12)
@@ -113,8 +113,8 @@ def test_uniform_respace_is_evenly_spaced():
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_logsnr_respace_is_close_to_uniform_in_log_snr(name):
     s = NoiseSchedule.from_name(name)
-    _, kept = s.respace(12, "logsnr")
-    log_snr = torch.log(s.alphas_cumprod / (1 - s.alphas_cumprod))[kept]
+    _, kept_steps = s.respace(12, "logsnr")
+    log_snr = torch.log(s.alphas_cumprod / (1 - s.alphas_cumprod))[kept_steps]
     gaps = -log_snr[:-1].diff()  # the last step jumps from step T to the grid
     ideal = (log_snr[0] - LOG_SNR_FLOOR) / 11
     assert bool((gaps > 0).all()) and float((gaps - ideal).abs().max()) < 0.25 * float(ideal)

@@ -7,9 +7,11 @@ Schedules (`noise_schedule`)
     (Nichol & Dhariwal 2021), "angle" (AngleSchedule() discretised). Attributes are float64 (T,)
     tensors where index t holds step t+1: betas, alphas_cumprod, alphas_cumprod_prev, signal_rates,
     noise_rates, posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1/2;
-    schedule.timesteps is T. schedule.respace(k, spacing="uniform") -> (NoiseSchedule over k steps with the same
-    alpha_bar at the kept steps, LongTensor of the original timesteps kept). AngleSchedule(s_min,
-    s_max) is the continuous cosine-by-angle schedule; .discretize(N) gives a NoiseSchedule.
+    schedule.timesteps is T (an int). schedule.respace(k, spacing="uniform") -> (respaced, kept_steps):
+    a NoiseSchedule over k steps with the same alpha_bar at the kept steps, and kept_steps, the (k,)
+    LongTensor of the original timesteps kept (respaced index i is original step kept_steps[i]).
+    AngleSchedule(s_min, s_max) is the continuous cosine-by-angle schedule; .discretize(N) gives a
+    NoiseSchedule.
 Forward process (`forward_process`)
     q_sample(schedule, x0, t, noise); q_mean_variance(schedule, x0, t);
     q_posterior_mean_variance(schedule, x0, x_t, t) -> (mean, variance, log_variance).
@@ -25,6 +27,9 @@ Losses (`losses`, `likelihood`, `learned_variance`)
 Guidance and thresholding (`guidance`, `thresholding`)
     combine_guidance(eps_c, eps_u, w); static_threshold; dynamic_threshold(x0, p); apply_threshold.
 Samplers, one per module: sample_ddpm (`ddpm`), sample_ddim (`ddim`), sample_dpmpp_2m (`dpm_solver`).
+    Each calls a `Denoiser(denoise, respaced, kept_steps, guidance=, threshold=)` (`denoiser`) at
+    respaced index i and gets DenoiserOutput(eps, x0, variance_out), variance_out None without a
+    learned variance.
 
 The sampling contract
 ---------------------
@@ -37,10 +42,11 @@ The sampling contract
   ddpm and ddim, evenly in log-SNR for dpmpp (override with spacing="uniform" | "logsnr").
 * denoise(x_t, t) receives x_t (B, ...) and a LongTensor t of shape (B,) holding ORIGINAL
   timesteps in [0, schedule.timesteps), also when respaced, and returns eps (B, ...). A network
-  with learned variance returns a tuple (eps, v), v its raw variance output (see
-  `learned_variance`: Sigma = exp(f log beta + (1 - f) log beta~), f = (v + 1) / 2); the ddpm
-  sampler uses v, the others ignore it. Networks predicting x0 or v wrap their output with
-  model_output_to_eps(schedule, prediction, out, x_t, t) using the ORIGINAL schedule.
+  with learned variance returns a tuple (eps, variance_out), variance_out its raw variance output
+  (see `learned_variance`: Sigma = exp(f log beta + (1 - f) log beta~), f = (variance_out + 1) / 2;
+  not the velocity v of Prediction.V); the ddpm sampler uses it, the others ignore it. Networks
+  predicting x0 or v wrap their output with model_output_to_eps(schedule, prediction, out, x_t, t)
+  using the ORIGINAL schedule.
 * guidance: None or 1.0 calls denoise(x, t). Any other float w calls, once per step,
   denoise(torch.cat([x, x]), torch.cat([t, t]), cond_mask=m) with m a (2B,) bool tensor, True for
   the first B rows (conditional) and False for the last B (unconditional: the network must drop

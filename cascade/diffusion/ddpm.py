@@ -30,8 +30,8 @@ def sample_ddpm(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = model(x, t)
         mean, _, log_variance = q_posterior_mean_variance(schedule, out.x0, x, t)
-        if out.v is not None:
-            log_variance = interpolated_log_variance(schedule, out.v, t)
+        if out.variance_out is not None:
+            log_variance = interpolated_log_variance(schedule, out.variance_out, t)
         elif large is not None:
             log_variance = torch.full_like(x, float(large[i]))
         if i > 0:

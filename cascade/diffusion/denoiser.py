@@ -19,23 +19,23 @@ from cascade.diffusion.thresholding import apply_threshold
 class DenoiserOutput(NamedTuple):
     eps: torch.Tensor  # (B, ...)
     x0: torch.Tensor  # (B, ...), thresholded when asked
-    v: torch.Tensor | None  # raw learned-variance output (see learned_variance), or None
+    variance_out: torch.Tensor | None  # raw learned-variance output (see learned_variance), or None
 
 
 class Denoiser:
     """Callable (x, i) -> DenoiserOutput for a respaced `schedule` whose index i is original step
-    `timesteps[i]`; `denoise(x_t, t)` receives the original t."""
+    `kept_steps[i]` (as `NoiseSchedule.respace` returns them); `denoise(x_t, t)` receives the original t."""
 
-    def __init__(self, denoise: Callable, schedule: NoiseSchedule, timesteps: torch.Tensor, *,
+    def __init__(self, denoise: Callable, schedule: NoiseSchedule, kept_steps: torch.Tensor, *,
                  guidance: float | None = None, threshold: str | float | None = None):
-        self.denoise, self.schedule, self.timesteps = denoise, schedule, timesteps.long()
+        self.denoise, self.schedule, self.kept_steps = denoise, schedule, kept_steps.long()
         self.guidance, self.threshold = guidance, threshold
 
     def __call__(self, x: torch.Tensor, i: torch.Tensor) -> DenoiserOutput:
-        t = self.timesteps.to(x.device)[i]
-        eps, v = guided_denoise(self.denoise, x, t, self.guidance)
+        t = self.kept_steps.to(x.device)[i]
+        eps, variance_out = guided_denoise(self.denoise, x, t, self.guidance)
         x0 = eps_to_x0(self.schedule, x, i, eps)
         if self.threshold is not None:
             x0 = apply_threshold(x0, self.threshold)
             eps = x0_to_eps(self.schedule, x, i, x0)
-        return DenoiserOutput(eps, x0, v)
+        return DenoiserOutput(eps, x0, variance_out)

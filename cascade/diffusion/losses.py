@@ -3,7 +3,7 @@
 * L_simple (Ho et al. 2020, eq. 14): mean squared error between the network output and its target,
   which is eps, x0 or v (Salimans & Ho 2022) depending on `prediction`.
 * With `learned_variance` (Nichol & Dhariwal 2021, Sec. 3.1) the network returns twice the channels
-  along dim 1: the prediction, then the raw variance output v (see `learned_variance`). The loss is
+  along dim 1: the prediction, then the raw variance output (see `learned_variance`). The loss is
   L_hybrid = L_simple + lambda L_vlb (their eq. 16, lambda = 0.001), where L_vlb = T E_t[L_t] is
   estimated from the sampled t and the mean is detached inside L_vlb so that only the variance
   learns from it. Off by default: it is known to misbehave when switched on carelessly.
@@ -44,7 +44,7 @@ def loss_terms(schedule: NoiseSchedule, model_fn: ModelFn, x0: torch.Tensor, t: 
     if learned_variance:
         if out.shape[1] != 2 * x0.shape[1]:
             raise ValueError(f"learned variance needs 2x{x0.shape[1]} output channels, got {out.shape[1]}")
-        out, v = out.chunk(2, dim=1)
+        out, variance_out = out.chunk(2, dim=1)
     elif out.shape != x0.shape:
         raise ValueError(f"model output shape {tuple(out.shape)} does not match x0 {tuple(x0.shape)}")
     target = prediction_target(schedule, prediction, x0, noise, t)
@@ -57,7 +57,8 @@ def loss_terms(schedule: NoiseSchedule, model_fn: ModelFn, x0: torch.Tensor, t: 
         # Stop-gradient on the mean: L_vlb only trains the variance (Nichol & Dhariwal Sec. 3.1).
         x0_pred = model_output_to_x0(schedule, prediction, out.detach(), x_t, t)
         model_mean, _, _ = q_posterior_mean_variance(schedule, x0_pred, x_t, t)
-        terms["vlb"] = vlb_term_bpd(schedule, x0, x_t, t, model_mean, interpolated_log_variance(schedule, v, t))
+        log_variance = interpolated_log_variance(schedule, variance_out, t)
+        terms["vlb"] = vlb_term_bpd(schedule, x0, x_t, t, model_mean, log_variance)
         terms["loss"] = terms["loss"] + vlb_weight * schedule.timesteps * terms["vlb"]
     return terms
 

@@ -106,9 +106,9 @@ class NoiseSchedule:
         schedule Lu et al. 2022 (DPM-Solver, Sec. 3.4) recommend for their solvers, with the grid
         stopping at LOG_SNR_FLOOR and the first step jumping there from the last step.
         Returns the new schedule, whose betas are 1 - alpha_bar_{kept t} / alpha_bar_{previous kept t}
-        so that its alphas_cumprod equal the original ones at the kept steps, and the LongTensor of
-        the original timesteps it uses (index i of the new schedule is original step timesteps[i]).
-        Kept steps always include the last step and, for steps > 1, the first.
+        so that its alphas_cumprod equal the original ones at the kept steps, and `kept_steps`, the
+        LongTensor of the original timesteps it uses (index i of the new schedule is original step
+        kept_steps[i]). Kept steps always include the last step and, for steps > 1, the first.
         """
         steps = int(steps)
         if not 1 <= steps <= self.timesteps:
@@ -116,12 +116,12 @@ class NoiseSchedule:
         if spacing not in ("uniform", "logsnr"):
             raise UserError(f"unknown step spacing '{spacing}' (choose uniform or logsnr)")
         if steps == 1:
-            kept = torch.tensor([self.timesteps - 1])
+            kept_steps = torch.tensor([self.timesteps - 1])
         elif spacing == "uniform":
-            kept = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+            kept_steps = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
         else:
-            kept = self._logsnr_uniform_steps(steps)
-        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept]), kept
+            kept_steps = self._logsnr_uniform_steps(steps)
+        return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept_steps]), kept_steps
 
     def _logsnr_uniform_steps(self, steps: int) -> torch.Tensor:
         """Integer steps nearest to a log-SNR grid uniform from step 1 down to step T (or to

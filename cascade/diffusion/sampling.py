@@ -49,14 +49,14 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
     if variance not in ("small", "large"):
         raise UserError(f"ddpm variance must be 'small' or 'large', got {variance!r}")
     _check_threshold(threshold)
-    respaced, timesteps = schedule.respace(steps, spacing or DEFAULT_SPACING[sampler])
+    respaced, kept_steps = schedule.respace(steps, spacing or DEFAULT_SPACING[sampler])
     if x_T is None:
         x = randn(shape, generator, device)
     else:
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
         x = x_T.clone()
-    model = Denoiser(denoise, respaced, timesteps, guidance=guidance, threshold=threshold)
+    model = Denoiser(denoise, respaced, kept_steps, guidance=guidance, threshold=threshold)
     if sampler == "ddpm":
         return sample_ddpm(model, x, respaced, variance=variance, generator=generator,
                            callback=callback, progress=progress)
