@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade.nn import ResBlock, SelfAttention2d, TimestepEmbedding, group_norm, zero_module
+from cascade.nn import Downsample, ResBlock, SelfAttention2d, TimestepEmbedding, Upsample, group_norm, zero_module
 
 
 def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
@@ -35,28 +35,6 @@ def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
     xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=x.device, dtype=x.dtype)
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): [0] = x, [1] = y
     return grid.expand(b, 2, h, w)
-
-
-class Downsample(nn.Module):
-    """3x3 convolution with stride 2: (B, C, H, W) -> (B, C, H/2, W/2)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest 2x, then a 3x3 convolution: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):

@@ -57,29 +57,6 @@ class LocalResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
-    """Strided 3x3 convolution, (B, C_in, H, W) -> (B, C_out, H/2, W/2) (Imagen's Efficient U-Net
-    downsamples before a level's blocks)."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest 2x then 3x3 convolution, (B, C_in, H, W) -> (B, C_out, 2H, 2W)."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class TextCrossAttention(nn.Module):
     """Residual cross-attention from every pixel to the text tokens (Imagen, section 2.4).
 

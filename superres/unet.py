@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade.nn import TimestepEmbedding, zero_module
-from superres.blocks import Downsample, LocalResBlock, PixelNorm, TextCrossAttention, Upsample
+from cascade.nn import Downsample, TimestepEmbedding, Upsample, zero_module
+from superres.blocks import LocalResBlock, PixelNorm, TextCrossAttention
 
 AUG_SCALE = 1000.0  # levels in [0, 1] are embedded on the timestep scale, so both share frequencies
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cascade.nn import (CrossAttention, ResBlock, SelfAttention, SelfAttention2d, TimestepEmbedding,
-                        TransformerBlock, timestep_embedding)
+from cascade.nn import (CrossAttention, Downsample, ResBlock, SelfAttention, SelfAttention2d, TimestepEmbedding,
+                        TransformerBlock, Upsample, timestep_embedding)
 
 
 def test_timestep_embedding_closed_form():
@@ -18,21 +18,33 @@ def test_timestep_embedding_closed_form():
     assert timestep_embedding(t, 7).shape == (3, 7) and torch.all(timestep_embedding(t, 7)[:, -1] == 0)
 
 
-def test_timestep_embedding_mlp_shape():
-    assert TimestepEmbedding(32, freq_dim=16)(torch.arange(5)).shape == (5, 32)
+def test_timestep_embedding_mlp_is_the_mlp_of_the_sinusoids():
+    torch.manual_seed(0)
+    embed = TimestepEmbedding(32, freq_dim=16, max_period=100.0)
+    t = torch.tensor([0, 1, 250, 999])
+    out = embed(t)
+    torch.testing.assert_close(out, embed.mlp(timestep_embedding(t, 16, max_period=100.0)))
+    assert out.shape == (4, 32) and torch.cdist(out, out).add(torch.eye(4)).min() > 1e-3  # every t its own
 
 
-@pytest.mark.parametrize("up,down,out_hw", [(False, False, 8), (True, False, 16), (False, True, 4)])
-def test_resblock_is_resampled_skip_at_init(up, down, out_hw):
+def test_resblock_is_its_skip_at_init():
     torch.manual_seed(0)
     x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
-    same = ResBlock(16, 16, 24, up=up, down=down)
-    y = same(x, emb)
-    assert y.shape == (2, 16, out_hw, out_hw)
-    # The zero-initialised output conv makes the block its skip path: x itself, resampled.
-    expected = F.interpolate(x, scale_factor=2.0) if up else F.avg_pool2d(x, 2) if down else x
-    torch.testing.assert_close(y, expected)
-    assert ResBlock(16, 32, 24, up=up, down=down)(x, emb).shape == (2, 32, out_hw, out_hw)
+    # The zero-initialised output conv makes the block its skip path: x itself, or its 1x1 projection.
+    torch.testing.assert_close(ResBlock(16, 16, 24)(x, emb), x)
+    wider = ResBlock(16, 32, 24)
+    torch.testing.assert_close(wider(x, emb), wider.skip(x))
+
+
+def test_downsample_and_upsample_are_strided_and_nearest_convolutions():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    down, up = Downsample(8), Upsample(8, 4)
+    assert down.conv.out_channels == 8 and up.conv.out_channels == 4  # out_ch defaults to in_ch
+    torch.testing.assert_close(down(x), F.conv2d(x, down.conv.weight, down.conv.bias, stride=2, padding=1))
+    near = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # each pixel as a 2x2 block
+    torch.testing.assert_close(up(x), F.conv2d(near, up.conv.weight, up.conv.bias, padding=1))
+    assert down(x).shape == (2, 8, 3, 3) and up(x).shape == (2, 4, 12, 12)
 
 
 def test_resblock_adaptive_norm_uses_embedding():

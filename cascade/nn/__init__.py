@@ -1,7 +1,9 @@
 """Layers shared by the cascade's networks (prior transformer, decoder and super-resolution U-Nets).
 
 - `timestep_embedding(t, dim)`, `TimestepEmbedding(emb_dim)`: sinusoidal features + MLP (embeddings.py)
-- `ResBlock(in_ch, out_ch, emb_dim, dropout, up=, down=)`: ADM block with adaptive group norm (resblock.py)
+- `ResBlock(in_ch, out_ch, emb_dim, dropout)`: ADM block with adaptive group norm (resblock.py)
+- `Downsample(in_ch, out_ch=in_ch)` (strided conv), `Upsample(in_ch, out_ch=in_ch)` (nearest 2x + conv):
+  the resampling between U-Net levels (resample.py)
 - `SelfAttention2d(channels, head_dim, context_dim)`: attention over a feature map, optionally also to
   context tokens with a key mask (GLIDE), and a learned position embedding given `size`;
   `CrossAttention(dim, context_dim)` (attention.py)
@@ -11,10 +13,11 @@ Masks are bool with True meaning "may attend". Every attention runs F.scaled_dot
 """
 from cascade.nn.attention import CrossAttention, SelfAttention2d
 from cascade.nn.embeddings import TimestepEmbedding, timestep_embedding
-from cascade.nn.resblock import ResBlock, group_norm, resample, zero_module
+from cascade.nn.resample import Downsample, Upsample
+from cascade.nn.resblock import ResBlock, group_norm, zero_module
 from cascade.nn.transformer import SelfAttention, TransformerBlock
 
 __all__ = [
-    "CrossAttention", "ResBlock", "SelfAttention", "SelfAttention2d", "TimestepEmbedding", "TransformerBlock",
-    "group_norm", "resample", "timestep_embedding", "zero_module",
+    "CrossAttention", "Downsample", "ResBlock", "SelfAttention", "SelfAttention2d", "TimestepEmbedding",
+    "TransformerBlock", "Upsample", "group_norm", "timestep_embedding", "zero_module",
 ]

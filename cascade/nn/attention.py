@@ -52,11 +52,10 @@ class SelfAttention2d(nn.Module):
     Returns (B, C, H, W). The residual branch starts at zero, so a new block is the identity.
     """
 
-    def __init__(self, channels: int, head_dim: int = 64, context_dim: int | None = None, max_groups: int = 32,
-                 size: int | None = None):
+    def __init__(self, channels: int, head_dim: int = 64, context_dim: int | None = None, size: int | None = None):
         super().__init__()
         self.heads = _heads(channels, head_dim)
-        self.norm = group_norm(channels, max_groups)
+        self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj = zero_module(nn.Linear(channels, channels))
