@@ -34,11 +34,6 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
     write_text_atomic(path, "".join(k + "\n" for k in kept))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class RunLog:
     def __init__(self, run_dir: Path, *, active: bool, start_step: int, max_steps: int, desc: str):
         self.active = active
