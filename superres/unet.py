@@ -43,7 +43,6 @@ class EfficientUNet(nn.Module):
         chans = [base_channels * m for m in channel_mults]
         emb_dim = base_channels * emb_mult
         self.levels = len(chans)
-        self.image_channels = image_channels
         self.time_embed = TimestepEmbedding(emb_dim)
         self.aug_embed = TimestepEmbedding(emb_dim)
         self.conv_in = nn.Conv2d(2 * image_channels, chans[0], 3, padding=1)
