@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from cascade.errors import run_cli
+from cascade.process_defaults import set_process_defaults
 from cascade.registry import stage_names
 
 
@@ -43,6 +44,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_process_defaults()
     args = build_parser().parse_args(argv)
     # a second Ctrl-C stops without the checkpoint the first one asked for: "aborted", not "interrupted"
     return run_cli("train_stage.py", lambda: _train(args), interrupted="aborted")

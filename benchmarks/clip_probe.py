@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from cascade.data import shapes
 from cascade.data.reader import read_samples
+from cascade.process_defaults import set_process_defaults
 
 
 def scenes(data: str, split: str) -> list[dict]:
@@ -81,6 +82,7 @@ def probe(train: list[dict], val: list[dict], key: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_process_defaults()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a shard directory embedded by `cascade data embed`")
     args = p.parse_args(argv)

@@ -29,11 +29,13 @@ import yaml
 
 from benchmarks.common import emit
 from cascade.data.shapes import COLORS, SHAPES
+from cascade.process_defaults import set_process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
+    set_process_defaults()
     p = argparse.ArgumentParser(prog="python -m benchmarks.decoder_learning", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="a set embedded by `cascade data embed`")
     p.add_argument("--steps", type=int, default=8500, help="training steps (default 8500: ~50 min measured here)")

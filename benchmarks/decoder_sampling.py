@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit
+from cascade.process_defaults import set_process_defaults
 
 DEFAULT_SETTINGS = ("ddim:50:3", "ddim:50:2", "ddim:50:4", "ddim:50:5", "ddim:50:3:1", "ddpm:100:3",
                     "dpmpp:25:3")
@@ -42,6 +43,7 @@ def parse_setting(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    set_process_defaults()
     p = argparse.ArgumentParser(prog="python -m benchmarks.decoder_sampling", description=__doc__.split("\n\n")[0])
     p.add_argument("--decoder", required=True, type=Path, help="an exported decoder (BUNDLE/decoder)")
     p.add_argument("--data", required=True, type=Path, help="a shapes set embedded by `cascade data embed`")

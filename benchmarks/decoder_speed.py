@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks.common import count_flops, emit, matmul_peak_gflops, median_seconds
+from cascade.process_defaults import set_process_defaults
 from decoder import Decoder, DecoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,7 @@ def measure(config: DecoderConfig, *, batch_size: int, runs: int, steps: int, sa
 
 
 def main() -> None:
+    set_process_defaults()  # --threads below replaces its thread count
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed training steps per model (median)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps per sample (guidance 3)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 
 from benchmarks.common import count_flops, emit, matmul_peak_gflops, median_seconds
 from cascade.config import parse_config, read_yaml
+from cascade.process_defaults import set_process_defaults
 from prior import PriorConfig, PriorStage
 from prior.synthetic import make_pairs, write_shards
 
@@ -81,6 +81,7 @@ def train_in_process(cfg: PriorConfig, train: dict, data: str, steps: int) -> di
 
 
 def main() -> None:
+    set_process_defaults()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny" / "prior.yaml"))
     parser.add_argument("--data", help="embedded shard dir (default: synthetic shards)")
@@ -88,7 +89,6 @@ def main() -> None:
     parser.add_argument("--run-dir", help="keep the run here (default: a temp dir)")
     parser.add_argument("--in-process", action="store_true", help="plain AdamW loop instead of the engine")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     raw = read_yaml(args.config)
     cfg = parse_config(PriorConfig, raw["model"], args.config)
     record: dict = {"benchmark": "prior_train", "config": str(args.config), "threads": torch.get_num_threads()}

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from cascade.process_defaults import set_process_defaults
 from cascade.registry import get_stage
 from cascade.training.config import load_run_config
 
@@ -116,6 +117,7 @@ def peak_memory_mb(config: str, tile_size: int | None, size: int, threads: int) 
 
 
 def main() -> None:
+    set_process_defaults()  # --threads below replaces its thread count
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)

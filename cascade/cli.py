@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cascade.process_defaults import set_process_defaults
+
+    set_process_defaults()
     args = build_parser().parse_args(argv)
     return run_cli("cascade", lambda: args.func(args))
 

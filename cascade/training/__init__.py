@@ -11,11 +11,3 @@ a run directory belongs to), `run_log` (progress bar, metrics.jsonl, TensorBoard
 (captioned PNG grids), `atomic` (temp-then-rename writes) and `engine` (the loop that ties them
 together). The bundle format the export writes lives in `cascade.bundle`.
 """
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -2,7 +2,8 @@
 
 DeepSpeed reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or asks mpi4py); a plain
 `python train_stage.py` has none, so they get one-process defaults with a free port. On CPU the
-backend is gloo; each process gets its share of the cores for its torch threads.
+backend is gloo; each process gets its share of the cores for its torch threads (unless
+OMP_NUM_THREADS is set).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
+
+from cascade.process_defaults import limit_cpu_threads
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,7 @@ def setup() -> Dist:
     import torch.distributed as dist
 
     single_process_defaults()
-    local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // max(1, local_size))))
+    limit_cpu_threads()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

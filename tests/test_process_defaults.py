@@ -1,0 +1,77 @@
+"""Importing changes nothing process-wide; a command's `set_process_defaults()` keeps the hub offline
+and sizes CPU threads, and what the user set in the environment wins."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cascade import process_defaults
+from cascade.process_defaults import OFFLINE_VARIABLES, limit_cpu_threads, set_process_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_SETTINGS = (*OFFLINE_VARIABLES, "OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+
+# Every module of the packages (and the training script), in a fresh process where nothing is set.
+IMPORT_EVERYTHING = """
+import importlib, os, pkgutil, torch
+torch.set_num_threads(1)  # not what the old import-time setting chose, so a change shows
+threads, env = torch.get_num_threads(), dict(os.environ)
+for package in ("cascade", "prior", "decoder", "superres", "benchmarks"):
+    module = importlib.import_module(package)
+    for info in pkgutil.walk_packages(module.__path__, package + "."):
+        importlib.import_module(info.name)
+import train_stage
+changed = {k for k in env.keys() | os.environ.keys() if env.get(k) != os.environ.get(k)}
+assert not changed, f"importing changed {sorted(changed)}"
+assert torch.get_num_threads() == threads, f"importing set {torch.get_num_threads()} threads"
+"""
+
+
+def test_importing_any_module_changes_neither_the_environment_nor_the_threads():
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture
+def clean(monkeypatch):
+    """No user settings, a CPU-only machine with 8 cores; torch's thread count restored afterwards."""
+    for name in USER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(process_defaults.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(5)
+    yield monkeypatch
+    torch.set_num_threads(before)
+
+
+def test_a_command_keeps_the_hub_offline_and_caps_cpu_threads(clean):
+    set_process_defaults()
+    assert all(os.environ[name] == "1" for name in OFFLINE_VARIABLES)
+    assert torch.get_num_threads() == process_defaults.MAX_CPU_THREADS
+
+
+def test_the_users_own_settings_win(clean):
+    clean.setenv("HF_HUB_OFFLINE", "0")
+    clean.setenv("OMP_NUM_THREADS", "5")
+    set_process_defaults()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert torch.get_num_threads() == 5
+
+
+@pytest.mark.parametrize("local_size, threads", [(1, 2), (4, 2), (8, 1), (16, 1)])
+def test_local_processes_share_the_cores(clean, local_size, threads):
+    clean.setenv("LOCAL_SIZE", str(local_size))
+    limit_cpu_threads()
+    assert torch.get_num_threads() == threads
+
+
+def test_threads_are_left_alone_on_a_cuda_machine(clean):
+    clean.setattr(torch.cuda, "is_available", lambda: True)
+    limit_cpu_threads()
+    assert torch.get_num_threads() == 5
