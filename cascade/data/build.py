@@ -1,32 +1,24 @@
 """`cascade data build`: any source of captioned images -> train/val shards at the requested sizes.
 
-A source is an iterator of `Sample`s (one image per requested size, a caption, a json dict); this
-module splits them by a hash of the key, writes the shards atomically (see `shards.staged_output`)
-and shows progress. Sources live beside it: `shapes.py`, `emoji.py`, `folder.py`.
+A source is an iterator of `Sample`s (`sample.py`: one image per requested size, a caption, a json
+dict); this module splits them by a hash of the key, writes the shards atomically (see
+`shards.staged_output`) and shows progress. Sources live beside it: `shapes.py`, `emoji.py`, `folder.py`.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from PIL import Image
 from tqdm import tqdm
 
-from cascade.errors import UserError
+from cascade.data import emoji, folder, shapes
+from cascade.data.sample import Sample
 from cascade.data.shards import ShardWriter, split_of, staged_output
+from cascade.errors import UserError
 
 MAX_SIZE = 4096
-
-
-@dataclass
-class Sample:
-    key: str
-    images: dict[int, Image.Image]  # size -> RGB image of that size
-    txt: str
-    json: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -56,14 +48,11 @@ def open_source(spec: str, *, sizes: tuple[int, ...], count: int | None, seed: i
     """(samples, expected total or None, LICENSES text or None) for a --source value."""
     name, _, arg = spec.partition(":")
     if name == "shapes":
-        from cascade.data import shapes
         n = count if count is not None else 1000
         return shapes.samples(n, sizes, seed), n, None
     if name == "emoji":
-        from cascade.data import emoji
         return emoji.open_source(cache_dir(cache), sizes, count, arg or "all")
     if name == "folder":
-        from cascade.data import folder
         if not arg:
             raise UserError("--source folder needs a path: --source folder:PATH")
         return folder.open_source(Path(arg).expanduser(), sizes, count)

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from cascade.data.build import Sample
+from cascade.data.sample import Sample
 from cascade.errors import UserError
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cascade.data.build import Sample
+from cascade.data.sample import Sample
 from cascade.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

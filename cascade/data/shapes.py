@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from cascade.data.build import Sample
+from cascade.data.sample import Sample
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
