@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from cascade.bundle import load_stage, read_stage_config, save_stage, write_manifest
 from cascade.errors import UserError
 from cascade.registry import register_stage
-from test_training_support import TinyAE, TinyAEConfig
+from training_helpers import TinyAE, TinyAEConfig
 
 
 def _stage(width=8, seed=0):

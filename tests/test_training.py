@@ -19,7 +19,7 @@ from cascade.errors import ConfigError, UserError
 from cascade.training.config import TrainConfig, load_run_config
 from cascade.training.ema import EMA, ema_decay_at
 from cascade.training.lr_schedule import learning_rate
-from test_training_support import ROOT, read_jsonl, write_config, write_shards
+from training_helpers import ROOT, read_jsonl, write_config, write_shards
 
 torch.set_num_threads(2)
 
@@ -178,7 +178,7 @@ def test_a_finished_distributed_run_exits_without_interpreter_teardown(tmp_path)
     probe = (
         "import atexit, sys, torch.distributed as dist\n"
         "from train_stage import main\n"
-        "import test_training_support\n"
+        "import training_helpers\n"
         "from cascade.training.distributed import exit_process\n"
         "class Finalised:\n"
         "    def __del__(self): print('interpreter teardown ran', flush=True)\n"

@@ -21,11 +21,11 @@ import yaml
 from safetensors.torch import load_file
 
 from cascade.training.distributed import free_port
-from test_training_support import ROOT, read_jsonl, write_config, write_shards
+from training_helpers import ROOT, read_jsonl, write_config, write_shards
 
 pytestmark = pytest.mark.slow
 
-SUPPORT = str(ROOT / "tests" / "test_training_support.py")
+SUPPORT = str(ROOT / "tests" / "training_helpers.py")
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 

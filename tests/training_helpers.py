@@ -97,7 +97,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    # `deepspeed --num_gpus 2 tests/test_training_support.py ARGS` trains the tiny stage like
+    # `deepspeed --num_gpus 2 tests/training_helpers.py ARGS` trains the tiny stage like
     # train_stage.py would (the stage is registered by importing this file).
     from train_stage import main
 
