@@ -11,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from bundle_helpers import seeded_stage
 from cascade.bundle import save_stage, write_manifest
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_pipeline import _stage  # noqa: E402
 
 ARGS = ["generate", "--prompt", "a red circle", "--until", "sr256", "--steps", "prior=3,decoder=3,sr256=2",
         "--num-images", "2", "--quiet"]
@@ -34,13 +32,13 @@ def test_two_process_sharded_generate_matches_one_process(tmp_path):
     if shutil.which("deepspeed") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "deepspeed")):
         pytest.fail("the deepspeed launcher is not installed")
     bundle = tmp_path / "bundle"
-    save_stage(_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16), bundle / "clip")
-    save_stage(_perturbed(_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=64, depth=2,
-                                 heads=2)), bundle / "prior")
-    save_stage(_perturbed(_stage("decoder", clip_dim=32, text_dim=384, channels=32, channel_mult=[1, 2],
-                                 num_res_blocks=1, attention_resolutions=[16], head_dim=8, patch_size=2)),
+    save_stage(seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16), bundle / "clip")
+    save_stage(_perturbed(seeded_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=64, depth=2,
+                                       heads=2)), bundle / "prior")
+    save_stage(_perturbed(seeded_stage("decoder", clip_dim=32, text_dim=384, channels=32, channel_mult=[1, 2],
+                                       num_res_blocks=1, attention_resolutions=[16], head_dim=8, patch_size=2)),
                bundle / "decoder")
-    save_stage(_perturbed(_stage("sr256", base_channels=16, channel_mults=[1, 2], num_res_blocks=[1, 1])),
+    save_stage(_perturbed(seeded_stage("sr256", base_channels=16, channel_mults=[1, 2], num_res_blocks=[1, 1])),
                bundle / "sr256")
     write_manifest(bundle)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
