@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 import cascade
+from cascade.atomic_files import replace_dir, write_text_atomic
 from cascade.config import parse_config
 from cascade.errors import UserError
-from cascade.training.atomic import replace_dir, write_text_atomic
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cascade.atomic_files import replace_dir, write_text_atomic
 from cascade.training import distributed
-from cascade.training.atomic import replace_dir, write_text_atomic
 from cascade.training.ema import EMA
 from cascade.training.zero_params import GATHER_CHUNK, gathered, saved_form
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cascade.atomic_files import write_text_atomic
 from cascade.errors import UserError
-from cascade.training.atomic import write_text_atomic
 
 RUN_FILE = "run.json"
 MUTABLE_TRAIN_KEYS = frozenset({"max_steps", "log_every", "ckpt_every", "sample_every", "eval_every",

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cascade.training.atomic import write_text_atomic
+from cascade.atomic_files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
