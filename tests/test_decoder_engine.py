@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 
 def write_embedded_shards(out: Path, *, train: int, val: int, d: int = 16, dt: int = 12, length: int = 6) -> Path:
@@ -44,8 +45,17 @@ def test_train_export_load_sample(tmp_path):
                              export=tmp_path / "bundle"))
     assert result.step == 3
     stage = load_stage(result.export_dir)
-    cond = {"clip_image": torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)}
-    noise = torch.randn(2, 3, 64, 64)
+    # The bundle holds the run's EMA weights exactly (with ema_decay 0.5 they are not the raw weights).
+    last = tmp_path / "run" / "checkpoints" / "step-000003"
+    ema, raw = load_file(str(last / "ema.safetensors")), load_file(str(last / "weights.safetensors"))
+    weights = stage.state_dict()
+    assert set(ema) <= set(weights) and any(name.startswith("unet.") for name in ema)
+    for name, value in ema.items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(raw[name], value) for name, value in ema.items() if name in raw)
+    g = torch.Generator().manual_seed(0)
+    cond = {"clip_image": torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)}
+    noise = torch.randn(1, 3, 64, 64, generator=g)  # the same x_T for both rows
     a = stage.sample(cond, steps=3, guidance=3.0, noise=noise)
-    b = stage.sample(cond, steps=3, guidance=3.0, noise=noise)
-    assert a.shape == (2, 3, 64, 64) and torch.equal(a, b)
+    assert a.shape == (2, 3, 64, 64) and torch.equal(stage.sample(cond, steps=3, guidance=3.0, noise=noise), a)
+    assert torch.equal(load_stage(result.export_dir).sample(cond, steps=3, guidance=3.0, noise=noise), a)
