@@ -54,7 +54,7 @@ def step_speed(cfg: PriorConfig, batch_size: int) -> dict[str, float]:
     return {"train_step_s": step_s, "train_samples_per_s": batch_size / step_s,
             "train_gflops_per_s": flops / step_s / 1e9, "matmul_peak_gflops": peak,
             "peak_fraction": flops / step_s / 1e9 / peak,
-            f"sample_256_s_{cfg.sampler}_{cfg.sample_steps}steps_x{cfg.candidates}": sample_s}
+            f"sample_256_s_{cfg.sampler}_{cfg.steps}steps_g{cfg.guidance:g}_x{cfg.candidates}": sample_s}
 
 
 def train_in_process(cfg: PriorConfig, train: dict, data: str, steps: int) -> dict[str, float]:
@@ -76,8 +76,9 @@ def train_in_process(cfg: PriorConfig, train: dict, data: str, steps: int) -> di
         opt.step()
         schedule.step()
     stage.eval()
-    val = make_val_batches(data, image_sizes=(), with_embeddings=True, batch_size=256)
-    return {f"eval/{k}": v for k, v in stage.evaluate(val, torch.Generator().manual_seed(0)).items()}
+    val, train_pass = (make_val_batches(data, image_sizes=(), with_embeddings=True, batch_size=256, split=split)
+                       for split in ("val", "train"))
+    return {f"eval/{k}": v for k, v in stage.evaluate(val, torch.Generator().manual_seed(0), train_pass).items()}
 
 
 def main() -> None:

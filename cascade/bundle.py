@@ -6,6 +6,11 @@
 
 A stage folder carries its config and a format version, so loading says what does not match
 instead of failing deep inside `load_state_dict` (the breakage DALLE2-pytorch #158/#282 report).
+
+Format 2 (the stage contract): a stage's config holds its own sampling defaults (sampler, steps,
+guidance), which the pipeline uses. Format 1 bundles still load: their configs' old key names are
+mapped to the new ones, and their sampling defaults are set to the fixed settings the pipeline of
+format 1 sampled them with (`V1_SAMPLING`), so they make the same images as before.
 """
 from __future__ import annotations
 
@@ -25,7 +30,13 @@ from cascade.atomic_files import replace_dir, write_text_atomic
 from cascade.config import parse_config
 from cascade.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# What the format-1 pipeline sampled each stage with, whatever the stage's config said.
+V1_SAMPLING = {"prior": {"sampler": "ddim", "steps": 25, "guidance": 4.0},
+               "decoder": {"sampler": "ddim", "steps": 50, "guidance": 3.0},
+               "sr256": {"sampler": "ddim", "steps": 20, "guidance": 1.0},
+               "sr1024": {"sampler": "ddim", "steps": 10, "guidance": 1.0}}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "cascade.json"
@@ -63,9 +74,9 @@ def _read_versioned(path: Path, missing: str, kind: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is corrupt: {err}") from None
     version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UserError(f"{path}: {kind} format version {version}, this cascade ({cascade.__version__}) "
-                        f"reads version {FORMAT_VERSION}")
+                        f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     return data
 
 
@@ -89,6 +100,17 @@ def read_stage_config(stage_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def stage_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """The stage config of a parsed `config.json`, in the current format (see the module docstring)."""
+    from cascade.registry import get_stage
+
+    config = dict(data["config"])
+    if data.get("format_version") == 1 and data["stage"] in V1_SAMPLING:
+        config, _ = get_stage(data["stage"]).Config.upgrade_keys(config)
+        config.update(V1_SAMPLING[data["stage"]])
+    return config
+
+
 def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """The stage saved in `stage_dir`, in eval mode with its saved weights.
 
@@ -103,7 +125,7 @@ def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     if not weights_path.is_file():
         raise UserError(f"{stage_dir} has no {WEIGHTS_FILE}")
     cls = get_stage(data["stage"])
-    config = parse_config(cls.Config, data["config"], str(stage_dir / CONFIG_FILE))
+    config = parse_config(cls.Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
     stage = cls(config)
     try:
         state = load_file(str(weights_path))
@@ -162,7 +184,7 @@ def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
                             f"named '{folder.name}'")
         cls = get_stage(data["stage"])
         image_sizes, needs_embeddings = cls.data_needs(
-            parse_config(cls.Config, data["config"], str(folder / CONFIG_FILE)))
+            parse_config(cls.Config, stage_config_dict(data), str(folder / CONFIG_FILE)))
         details[folder.name] = {"image_sizes": list(image_sizes),
                                 "needs_embeddings": needs_embeddings,
                                 "cascade_version": data.get("cascade_version")}

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from cascade.errors import UserError, run_cli
+from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
 
 DEFAULT_MODEL = os.environ.get("CASCADE_MODEL", "bundles/tiny")
-UNTIL = ("decoder", "sr256", "sr1024")
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
 
@@ -33,18 +33,18 @@ def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
 
 
 def _settings(args):
-    from cascade.pipeline import STAGE_ORDER, Settings
+    from cascade.pipeline import Settings
 
     settings = Settings(sampler=args.sampler, aug_level=args.aug_level)
-    for name, steps in _per_stage(args.steps or "", int, "--steps", STAGE_ORDER).items():
+    for name, steps in _per_stage(args.steps or "", int, "--steps", SAMPLED_STAGES).items():
         if not 1 <= steps <= 1000:
             raise UserError(f"--steps {name}={steps}: steps must be between 1 and 1000")
         settings.steps[name] = steps
-    for name, w in _per_stage(args.guidance or "", float, "--guidance", STAGE_ORDER).items():
+    for name, w in _per_stage(args.guidance or "", float, "--guidance", SAMPLED_STAGES).items():
         if not 0.0 <= w <= 50.0:
             raise UserError(f"--guidance {name}={w}: guidance must be between 0 and 50")
         settings.guidance[name] = w
-    if not 0.0 <= settings.aug_level <= 1.0:
+    if settings.aug_level is not None and not 0.0 <= settings.aug_level <= 1.0:
         raise UserError(f"--aug-level {settings.aug_level}: must be between 0 and 1")
     return settings
 
@@ -115,7 +115,7 @@ def cmd_generate(args) -> int:
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
                               progress=_stage_bars(args))
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
-            **settings.as_text()}
+            **settings.as_text(cascade.stages)}
     _write(result, args, f"{_slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
@@ -130,7 +130,8 @@ def cmd_vary(args) -> int:
     cascade = _load(args)
     result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
                           progress=_stage_bars(args))
-    text = {"source": str(args.image), "seed": str(args.seed), "until": args.until, **settings.as_text()}
+    text = {"source": str(args.image), "seed": str(args.seed), "until": args.until,
+            **settings.as_text(cascade.stages)}
     _write(result, args, f"vary-{_slug(Path(args.image).stem)}-s{args.seed}", text,
            [f"variation {i}" for i in range(args.num_images)])
     return 0
@@ -153,7 +154,8 @@ def cmd_interpolate(args) -> int:
     cascade = _load(args)
     result = cascade.interpolate(a, b, frames=frames, seed=args.seed, until=args.until, settings=settings,
                                  progress=_stage_bars(args))
-    text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed), **settings.as_text()}
+    text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed),
+            **settings.as_text(cascade.stages)}
     stem = f"interp-{_slug(Path(args.image[0]).stem)}-{_slug(Path(args.image[1]).stem)}-s{args.seed}"
     _write(result, args, stem, text, [f"t={t:.2f}" for t in [i / (frames - 1) for i in range(frames)]])
     return 0
@@ -170,7 +172,8 @@ def cmd_textdiff(args) -> int:
     cascade = _load(args)
     result = cascade.textdiff(image, src, dst, frames=frames, max_theta=args.max_theta, seed=args.seed,
                               until=args.until, settings=settings, progress=_stage_bars(args))
-    text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed), **settings.as_text()}
+    text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed),
+            **settings.as_text(cascade.stages)}
     thetas = [args.max_theta * i / (frames - 1) for i in range(frames)]
     _write(result, args, f"textdiff-{_slug(dst)}-s{args.seed}", text, [f"theta={t:.2f}" for t in thetas])
     return 0
@@ -181,16 +184,19 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
                    help="model bundle directory (default: %(default)s, or $CASCADE_MODEL)")
     p.add_argument("--out", default="out", help="output directory for the PNGs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed and settings give identical pixels")
-    p.add_argument("--until", choices=UNTIL, default="sr1024",
+    p.add_argument("--until", choices=IMAGE_STAGES, default="sr1024",
                    help="last stage to run: decoder (64px), sr256 or sr1024 (default: %(default)s)")
     p.add_argument("--steps", default="", metavar="STAGE=N,...",
-                   help="sampling steps per stage, e.g. prior=25,decoder=50,sr256=20,sr1024=10")
+                   help="sampling steps per stage, e.g. prior=25,decoder=50,sr256=20,sr1024=10 (default: each "
+                        "stage's config; the tiny and dalle2 ones say 25, 50, 20 and 10)")
     p.add_argument("--guidance", default="", metavar="STAGE=W,...",
-                   help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default="ddim",
-                   help="sampler for every stage (default: %(default)s)")
-    p.add_argument("--aug-level", type=float, default=0.2,
-                   help="noise-conditioning augmentation level given to the SR stages (default: %(default)s)")
+                   help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none; default: "
+                        "each stage's config: prior 4, decoder 3)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default=None,
+                   help="sampler for every stage (default: each stage's config; ddim in the shipped ones)")
+    p.add_argument("--aug-level", type=float, default=None,
+                   help="noise-conditioning augmentation level given to the SR stages (default: their "
+                        "configs'; 0.2 in the shipped ones)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--shard", action="store_true",
                    help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "

@@ -5,6 +5,7 @@ names the key and the file instead of a silently ignored setting.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from cascade.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+
+
+class DeprecatedKeyWarning(FutureWarning):
+    """A config uses a key's old name (shown to users by default, unlike DeprecationWarning)."""
 
 
 class Config(BaseModel):
@@ -35,10 +40,18 @@ def _describe(err: ValidationError, source: str) -> str:
 
 def parse_config(cls: type[C], data: dict[str, Any] | None, source: str = "<config>") -> C:
     """Validate a mapping into `cls`; errors name every offending key and `source`."""
-    try:
-        return cls.model_validate(data or {})
-    except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecatedKeyWarning)
+        try:
+            parsed = cls.model_validate(data or {})
+        except ValidationError as err:
+            raise ConfigError(_describe(err, source)) from None
+    for w in caught:  # said again with the file they are about
+        if issubclass(w.category, DeprecatedKeyWarning):
+            warnings.warn(f"{source}: {w.message}", DeprecatedKeyWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return parsed
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

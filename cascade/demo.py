@@ -21,11 +21,12 @@ from pathlib import Path
 import yaml
 
 from cascade.errors import UserError, run_cli
+from cascade.registry import STAGE_ORDER
 from cascade.process_defaults import keep_hub_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ("clip", "prior", "decoder", "sr256", "sr1024")
+STAGES = STAGE_ORDER
 PROMPTS = ("a red circle at the top left", "a big blue square below a small yellow triangle",
            "a green star in the center")
 
@@ -53,7 +54,7 @@ FULL = Plan("tiny", shapes=4000, emoji=2000,
 QUICK = Plan("quick", shapes=600, emoji=300,
              steps={"clip": 60, "prior": 300, "decoder": 120, "sr256": 60, "sr1024": 40}, images=1,
              overrides={**NO_END_EVAL,
-                        "decoder": {**NO_END_EVAL["decoder"], "model": {"eval_samples": 16, "sample_steps": 25}},
+                        "decoder": {**NO_END_EVAL["decoder"], "model": {"eval_samples": 16, "steps": 25}},
                         **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [5],
                                                              "eval_aug_levels": [0.0, 0.2]}}
                            for sr in ("sr256", "sr1024")}},

@@ -12,15 +12,17 @@ from typing import Any
 import torch
 
 from cascade.errors import UserError
+from cascade.registry import STAGE_ORDER
 
-ORDER = ("clip", "prior", "decoder", "sr256", "sr1024")
 
-
-def _val(data: Path, stage, batch_size: int = 16):
+def _val(data: Path, stage, batch_size: int = 16, split: str = "val"):
+    """An ordered pass over `split` as `stage` reads it; None when the data has no such split."""
     from cascade.data.reader import make_val_batches
 
+    if not any((data / split).glob("*.tar")):
+        return None
     return make_val_batches(data, image_sizes=stage.image_sizes, with_embeddings=stage.needs_embeddings,
-                            batch_size=batch_size)
+                            batch_size=batch_size, split=split)
 
 
 @torch.no_grad()
@@ -66,7 +68,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     bundle, data, out = Path(bundle), Path(data), Path(out)
     present = read_manifest(bundle).get("stages", [])
     find_shards(data, "val")  # a one-line error when there is no val split
-    wanted = [s for s in ORDER if s in present and (not stages or s in stages)]
+    wanted = [s for s in STAGE_ORDER if s in present and (not stages or s in stages)]
     if not wanted:
         raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")
     results: dict[str, dict[str, float]] = {}
@@ -74,7 +76,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     for name in wanted:
         stage = loaded[name] = load_stage(bundle / name)
         print(f"evaluating {name} ...", flush=True)
-        results[name] = {k: float(v) for k, v in stage.evaluate(_val(data, stage), torch.Generator().manual_seed(seed)).items()}
+        scores = stage.evaluate(_val(data, stage), torch.Generator().manual_seed(seed),
+                                _val(data, stage, batch_size=64, split="train"))
+        results[name] = {k: float(v) for k, v in scores.items()}
         if name == "decoder" and "clip" in present:
             results[name].update(_placement(stage, bundle / "clip", seed, limit, out))
         if stage.samples_images:

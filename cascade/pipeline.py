@@ -5,8 +5,11 @@
     out.images["sr1024"]  # (N, 3, 1024, 1024) in [-1, 1]
 
 Text -> CLIP text tower -> prior (z_i) -> decoder (64) -> sr256 -> sr1024 (DALL-E 2, Ramesh et al. 2022,
-figure 2; with Imagen's super-resolution tricks). Each stage draws its noise from its own generator seeded
-by (seed, stage), so stopping earlier with `until` never changes the images of the stages that ran.
+figure 2; with Imagen's super-resolution tricks). Each stage draws all its noise from one generator seeded
+by (seed, stage) (`stage_generator`), so stopping earlier with `until` never changes the images of the
+stages that ran, and no two draws of a run repeat each other. Every stage samples with its config's
+sampler, steps and guidance unless `Settings` overrides them; all four jobs go through the same
+`decode` and `upsample`.
 
 `progress(stage, done, total)`, if given, is called with done = 0 when a stage starts and after each of
 its `total` sampling steps (the CLI draws one bar per stage from it).
@@ -16,34 +19,52 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from cascade.errors import UserError
+from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES
 
-STAGE_ORDER = ("prior", "decoder", "sr256", "sr1024")
-IMAGE_STAGES = ("decoder", "sr256", "sr1024")
 MAX_PROMPT_CHARS = 300
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total); see the module docstring
 
-DEFAULT_STEPS = {"prior": 25, "decoder": 50, "sr256": 20, "sr1024": 10}
-DEFAULT_GUIDANCE = {"prior": 4.0, "decoder": 3.0, "sr256": 1.0, "sr1024": 1.0}
-
 
 @dataclass
 class Settings:
-    """How to sample: per-stage steps and guidance, the sampler, and the SR augmentation level."""
+    """How to sample, as overrides of each stage's own defaults (its config's sampler, steps and
+    guidance, and the SR configs' aug_level): per-stage steps and guidance, one sampler for every
+    stage, the SR augmentation level. What is not given here is the stage's."""
 
-    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))
-    guidance: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GUIDANCE))
-    sampler: str = "ddim"
-    aug_level: float = 0.2
+    steps: dict[str, int] = field(default_factory=dict)
+    guidance: dict[str, float] = field(default_factory=dict)
+    sampler: str | None = None
+    aug_level: float | None = None
 
-    def as_text(self) -> dict[str, str]:
-        return {"steps": json.dumps(self.steps), "guidance": json.dumps(self.guidance),
-                "sampler": self.sampler, "aug_level": str(self.aug_level)}
+    def for_stage(self, name: str, stage) -> dict[str, Any]:
+        """The keyword arguments `stage.sample` gets: sampler, steps and guidance (and aug_level for an
+        upsampler), each the override or else the stage config's value."""
+        c = stage.config
+        kwargs = {"sampler": self.sampler or c.sampler, "steps": self.steps.get(name, c.steps),
+                  "guidance": self.guidance.get(name, c.guidance)}
+        if name in SUPERRES_STAGES:
+            kwargs["aug_level"] = c.aug_level if self.aug_level is None else self.aug_level
+        return kwargs
+
+    def as_text(self, stages: dict[str, torch.nn.Module]) -> dict[str, str]:
+        """The settings every stage of `stages` samples with, for the PNG text chunks."""
+        used = {name: self.for_stage(name, stages[name]) for name in SAMPLED_STAGES if name in stages}
+        samplers = {name: kw["sampler"] for name, kw in used.items()}
+        levels = {name: kw["aug_level"] for name, kw in used.items() if "aug_level" in kw}
+        text = {"steps": json.dumps({n: kw["steps"] for n, kw in used.items()}),
+                "guidance": json.dumps({n: kw["guidance"] for n, kw in used.items()}),
+                "sampler": (next(iter(samplers.values())) if len(set(samplers.values())) == 1
+                            else json.dumps(samplers))}
+        if levels:
+            text["aug_level"] = str(next(iter(levels.values()))) if len(set(levels.values())) == 1 \
+                else json.dumps(levels)
+        return text
 
 
 @dataclass
@@ -56,9 +77,11 @@ class Result:
         return self.images[[s for s in IMAGE_STAGES if s in self.images][-1]]
 
 
-def _generator(seed: int, stage: str) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 7919 + 1 + STAGE_ORDER.index(stage) if stage in STAGE_ORDER
-                                         else int(seed))
+def stage_generator(seed: int, stage: str) -> torch.Generator:
+    """The one generator a stage draws all its noise from in a run with `seed` (x_T, augmentation and
+    sampler noise, in that order), so stopping earlier with `until` never changes the images of the
+    stages that ran."""
+    return torch.Generator().manual_seed(int(seed) * 7919 + 1 + SAMPLED_STAGES.index(stage))
 
 
 def _step_callback(progress: Progress | None, stage: str, total: int) -> Callable[[dict], None] | None:
@@ -117,7 +140,7 @@ class Cascade:
         for name in listed:
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
-        wanted = [s for s in STAGE_ORDER if s in listed and (stages is None or s in stages)]
+        wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
         clip = load_encoder(path / "clip")
         loaded = {name: load_stage(path / name) for name in wanted}
         return cls(clip, loaded, manifest)
@@ -146,36 +169,49 @@ class Cascade:
             return self.clip.encode_image(images)
 
     def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
-                 text: dict | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """Run sr256 and sr1024 (as far as `until`) on 64x64 decoder images."""
+                 text: dict | None = None, shared_noise: bool = False,
+                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        """Run sr256 and sr1024 (as far as `until`) on 64x64 decoder images; a text-conditioned upsampler
+        gets `text` ({"clip_tokens", "clip_mask"}), when given. With `shared_noise` every row starts from
+        the same x_T and augmentation noise (the frames of an animation, where only the embedding may
+        change between frames)."""
         out = {"decoder": images}
         low = images
         for name in self.stages_until(until)[1:]:
             stage = self.stages[name]
+            g = stage_generator(seed, name)
             cond = {"low_res": low}
             if text is not None and stage.config.text:
                 cond.update(text)
-            low = stage.sample(cond, sampler=settings.sampler, steps=settings.steps[name],
-                               guidance=settings.guidance[name], generator=_generator(seed, name),
-                               aug_level=settings.aug_level,
-                               callback=_step_callback(progress, name, settings.steps[name]))
+            fixed = {}
+            if shared_noise:
+                b, _, h, w = low.shape
+                size = (1, 3, h * stage.scale, w * stage.scale)
+                fixed = {"noise": torch.randn(size, generator=g).expand(b, -1, -1, -1),
+                         "aug_noise": torch.randn(size, generator=g).expand(b, -1, -1, -1)}
+            kwargs = settings.for_stage(name, stage)
+            low = stage.sample(cond, generator=g, **fixed, **kwargs,
+                               callback=_step_callback(progress, name, kwargs["steps"]))
             out[name] = low
         return out
 
     def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
-               noise: torch.Tensor | None = None, progress: Progress | None = None) -> torch.Tensor:
+               shared_noise: bool = False, progress: Progress | None = None) -> torch.Tensor:
+        """64x64 images for image embeddings (N, D) (and text, when given). With `shared_noise` every row
+        starts from the same x_T, so a deterministic sampler makes each image a function of its
+        embedding alone."""
         decoder = self._need("decoder")
+        g = stage_generator(seed, "decoder")
         cond = {"clip_image": image_emb}
         if text is not None:
             cond.update(text)
-        return decoder.sample(cond, sampler=settings.sampler, steps=settings.steps["decoder"],
-                              guidance=settings.guidance["decoder"], generator=_generator(seed, "decoder"),
-                              noise=noise, threshold=decoder.config.threshold,
-                              callback=_step_callback(progress, "decoder", settings.steps["decoder"]))
-
-    def decoder_noise(self, seed: int, n: int = 1) -> torch.Tensor:
-        size = self._need("decoder").config.image_size
-        return torch.randn(n, 3, size, size, generator=_generator(seed, "decoder"))
+        noise = None
+        if shared_noise:
+            size = decoder.config.image_size
+            noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
+        kwargs = settings.for_stage("decoder", decoder)
+        return decoder.sample(cond, generator=g, noise=noise, **kwargs,
+                              callback=_step_callback(progress, "decoder", kwargs["steps"]))
 
     # ------------------------------------------------------------------ the four jobs
     @torch.no_grad()
@@ -188,9 +224,9 @@ class Cascade:
         prior = self._need("prior")
         z_t, tokens, mask = self.encode_text(prompts)
         text = {"clip_tokens": tokens, "clip_mask": mask}
-        z_i = prior.sample({"clip_text": z_t, **text}, sampler=settings.sampler, steps=settings.steps["prior"],
-                           guidance=settings.guidance["prior"], generator=_generator(seed, "prior"),
-                           callback=_step_callback(progress, "prior", settings.steps["prior"]))
+        kwargs = settings.for_stage("prior", prior)
+        z_i = prior.sample({"clip_text": z_t, **text}, generator=stage_generator(seed, "prior"), **kwargs,
+                           callback=_step_callback(progress, "prior", kwargs["steps"]))
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)
@@ -209,23 +245,23 @@ class Cascade:
     def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, *, frames: int = 5, seed: int = 0,
                     until: str = "sr1024", settings: Settings | None = None,
                     progress: Progress | None = None) -> Result:
-        """Slerp between two images' CLIP embeddings with the decoder noise held fixed (section 3.2)."""
+        """Slerp between two images' CLIP embeddings, every stage's noise shared by the frames (section 3.2)."""
         from decoder.manipulation import slerp
 
         settings = settings or Settings()
         self.stages_until(until)
         z = self.encode_image(torch.stack([image_a, image_b]))
         z_i = slerp(z[:1], z[1:], torch.linspace(0, 1, frames)[:, None])
-        noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
-        x = self.decode(z_i, settings=settings, seed=seed, noise=noise, progress=progress)
-        return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
+        x = self.decode(z_i, settings=settings, seed=seed, shared_noise=True, progress=progress)
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, shared_noise=True,
+                                    progress=progress), z_i)
 
     @torch.no_grad()
     def textdiff(self, image: torch.Tensor, text_from: str, text_to: str, *, frames: int = 5,
                  max_theta: float = 0.5, seed: int = 0, until: str = "sr1024",
                  settings: Settings | None = None, progress: Progress | None = None) -> Result:
         """Text diffs (section 3.3): move z_i towards normalize(z_t(to) - z_t(from)) by angle fractions
-        theta in [0, max_theta], decoder noise fixed."""
+        theta in [0, max_theta], every stage's noise shared by the frames."""
         from decoder.manipulation import text_diff
 
         settings = settings or Settings()
@@ -234,24 +270,9 @@ class Cascade:
         z_img = self.encode_image(image[None])
         theta = torch.linspace(0, max_theta, frames)[:, None]
         z_i = text_diff(z_img, z_t[:1], z_t[1:], theta)
-        noise = self.decoder_noise(seed).expand(frames, -1, -1, -1)
-        x = self.decode(z_i, settings=settings, seed=seed, noise=noise, progress=progress)
-        return Result(self._upsample_fixed(x, until, settings, seed, progress), z_i)
-
-    def _upsample_fixed(self, x, until, settings, seed, progress):
-        # Frames of one animation share the SR noise too, so only the embedding changes between them.
-        out = {"decoder": x}
-        low = x
-        for name in self.stages_until(until)[1:]:
-            stage = self.stages[name]
-            size = stage.high_size
-            noise = torch.randn(1, 3, size, size, generator=_generator(seed, name)).expand(len(x), -1, -1, -1)
-            low = stage.sample({"low_res": low}, sampler=settings.sampler, steps=settings.steps[name],
-                               guidance=settings.guidance[name], generator=_generator(seed, name),
-                               aug_level=settings.aug_level, noise=noise,
-                               callback=_step_callback(progress, name, settings.steps[name]))
-            out[name] = low
-        return out
+        x = self.decode(z_i, settings=settings, seed=seed, shared_noise=True, progress=progress)
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, shared_noise=True,
+                                    progress=progress), z_i)
 
 
 def check_chain(clip, stages: dict) -> None:
@@ -265,13 +286,13 @@ def check_chain(clip, stages: dict) -> None:
                 want = getattr(stages[name].config, key)
                 if want != have:
                     raise UserError(f"{name} was trained with {key}={want}, but the bundle's clip gives {have}")
-    for name in ("sr256", "sr1024"):
+    for name in SUPERRES_STAGES:
         stage = stages.get(name)
         if stage is not None and stage.config.text and stage.config.text_dim != dt:
             raise UserError(f"{name} was trained with text_dim={stage.config.text_dim}, "
                             f"but the bundle's clip gives {dt}")
     size = stages["decoder"].config.image_size if "decoder" in stages else None
-    for name in ("sr256", "sr1024"):
+    for name in SUPERRES_STAGES:
         if name in stages:
             stage = stages[name]
             if size is not None and stage.low_size != size:

@@ -10,7 +10,7 @@ from cascade.errors import UserError
 
 _STAGES: dict[str, type] = {}
 
-# Where each built-in stage lives; importing the module registers it.
+# The built-in stages in cascade order, and where each lives (importing the module registers it).
 _BUILTIN = {
     "clip": "cascade.clip_stage",
     "prior": "prior",
@@ -18,6 +18,10 @@ _BUILTIN = {
     "sr256": "superres",
     "sr1024": "superres",
 }
+STAGE_ORDER = tuple(_BUILTIN)  # every stage of a bundle, in the order they run and are evaluated
+SAMPLED_STAGES = STAGE_ORDER[1:]  # the diffusion stages the pipeline samples (clip is an encoder)
+IMAGE_STAGES = ("decoder", "sr256", "sr1024")  # the stages that make images; a run may stop after any
+SUPERRES_STAGES = IMAGE_STAGES[1:]
 
 
 def register_stage(name: str):

@@ -1,8 +1,13 @@
 """The contract every stage (clip, prior, decoder, sr256, sr1024) fulfils.
 
 A stage is a config class, a network, `loss(batch)` and `sample(conditioning, ...)`, registered by
-name with `cascade.registry.register_stage`. It knows nothing about launching, files or DeepSpeed:
-the training engine feeds it batches from the shard reader, and the pipeline calls `sample`.
+name with `cascade.registry.register_stage`. It knows nothing about launching, files, data sources or
+DeepSpeed: the training engine feeds it batches from the shard reader (and, for evaluations that need
+them, train batches), and the pipeline calls `sample`.
+
+The diffusion stages (prior, decoder, sr256, sr1024) configure their diffusion with the fields of
+`DiffusionConfig`, under one set of names; its `sampler`, `steps` and `guidance` are the stage's
+sampling defaults, used by `sample` whenever a caller passes None (the pipeline, the CLI, previews).
 
 Batches are dicts collated from the reader's samples (see `cascade.data.reader`):
   "key": list[str], "txt": list[str], "json": list[dict],
@@ -12,12 +17,69 @@ Batches are dicts collated from the reader's samples (see `cascade.data.reader`)
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import warnings
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from cascade.config import Config
+from cascade.config import Config, DeprecatedKeyWarning
+
+
+class DiffusionConfig(Config):
+    """The diffusion settings every diffusion stage has; a stage's config derives from it and may change
+    the defaults. Keys renamed since an earlier version still load, with a `DeprecatedKeyWarning`."""
+
+    # The forward process and what the network predicts.
+    schedule: Literal["linear", "cosine", "angle"] = "cosine"
+    timesteps: int = Field(1000, gt=1)
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    # Loss weighting: min-SNR-gamma (Hang et al. 2023; None = plain MSE); `snr_plus_one` weights
+    # min(SNR + 1, gamma) in x0 terms instead (see `cascade.diffusion.losses`).
+    snr_gamma: float | None = Field(None, gt=0)
+    snr_plus_one: bool = False
+    # Classifier-free guidance needs the unconditional model: the text is dropped for this fraction of
+    # the training samples (Ho & Salimans 2021).
+    p_drop_text: float = Field(0.1, ge=0.0, le=1.0)
+    # Sampling defaults: what `Stage.sample` uses for any of these a caller leaves as None.
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(1.0, ge=0.0)
+
+    # Old key -> new key; a subclass adds its own.
+    renamed_keys: ClassVar[dict[str, str]] = {"sample_steps": "steps"}
+
+    @classmethod
+    def upgrade_keys(cls, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`data` with renamed keys moved to their new names, and a note per key moved. Giving both the
+        old and the new name is an error."""
+        data, notes = dict(data), []
+        for old, new in cls.renamed_keys.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"'{old}' is the old name of '{new}'; give only '{new}'")
+                data[new] = data.pop(old)
+                notes.append(f"'{old}' is now called '{new}'")
+        return data, notes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, notes = cls.upgrade_keys(data)
+        for note in notes:
+            warnings.warn(f"{note}; the old name still loads but will not forever", DeprecatedKeyWarning,
+                          stacklevel=2)
+        return data
+
+
+def resolve_sampling(config: DiffusionConfig, sampler: str | None, steps: int | None, guidance: float | None
+                     ) -> tuple[str, int, float]:
+    """(sampler, steps, guidance): each given value, else the config's default."""
+    return (config.sampler if sampler is None else sampler, config.steps if steps is None else int(steps),
+            config.guidance if guidance is None else float(guidance))
 
 
 class Stage(nn.Module):
@@ -49,14 +111,15 @@ class Stage(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, conditioning: dict[str, Any], *, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, generator: torch.Generator | None = None,
+    def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, generator: torch.Generator | None = None,
                callback=None) -> torch.Tensor:
         """Draw outputs for a batch of conditioning (images in [-1, 1], or embeddings).
 
-        `callback(info)`, when given, is called after every sampling step (see `cascade.diffusion.sample`);
-        the pipeline draws its per-stage progress bars from it. Stages may take further keyword options
-        (noise, threshold, augmentation level)."""
+        sampler, steps and guidance left as None are the config's (`resolve_sampling`). All noise comes
+        from `generator`. `callback(info)`, when given, is called after every sampling step (see
+        `cascade.diffusion.sample`); the pipeline draws its per-stage progress bars from it. Stages may
+        take further keyword options (noise, threshold, augmentation level)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -65,6 +128,8 @@ class Stage(nn.Module):
         return None
 
     @torch.no_grad()
-    def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:
-        """Metrics on validation batches (an iterable of batches as above)."""
+    def evaluate(self, batches, generator: torch.Generator, train_batches=None) -> dict[str, float]:
+        """Metrics on validation batches (an iterable of batches as above). `train_batches`, when the
+        caller has a train split, is an iterable of train batches for baselines fitted on it (read only
+        by the stages that have one; the same object may be passed at every evaluation of a run)."""
         return {}

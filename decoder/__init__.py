@@ -2,7 +2,8 @@
 
 - `Decoder` (stage "decoder"), `DecoderConfig`: the stage (stage.py, config.py)
 - `UNet`: the ADM/GLIDE U-Net (unet.py); `Conditioning`: z_i and text into embedding + context (conditioning.py)
-- `decode`, `slerp`, `interpolate`, `text_diff`: DALL-E 2's manipulations (manipulation.py)
+- `slerp`, `text_diff`: the embedding maths of DALL-E 2's manipulations (manipulation.py; the
+  manipulations themselves are `cascade.pipeline.Cascade`'s vary, interpolate and textdiff)
 - `evaluate_decoder`, FD-EffNet: evaluation (evaluation.py, fd_effnet.py)
 """
 from decoder.config import DecoderConfig

@@ -1,15 +1,19 @@
 """The decoder's model config (the `model:` section of configs/*/decoder.yaml)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from cascade.config import Config
+from cascade.stage import DiffusionConfig
 
 
-class DecoderConfig(Config):
-    """Sizes of the U-Net and its conditioning, the diffusion set-up and the evaluation settings."""
+class DecoderConfig(DiffusionConfig):
+    """Sizes of the U-Net and its conditioning, the diffusion set-up and the evaluation settings; the
+    diffusion fields (schedule, prediction, snr_gamma, p_drop_text, sampler, steps, guidance, ...) are
+    `DiffusionConfig`'s."""
+
+    renamed_keys: ClassVar[dict[str, str]] = {**DiffusionConfig.renamed_keys, "preview_guidance": "guidance"}
 
     image_size: int = 64
     clip_dim: int = Field(256, gt=0)  # D of the CLIP image embedding
@@ -33,12 +37,11 @@ class DecoderConfig(Config):
     context_dim: int | None = None  # width of the context tokens; the widest level when None
     text_layers: int = Field(0, ge=0)
     image_tokens: int = Field(4, ge=1)  # extra context tokens projected from the CLIP image embedding
-    p_drop_image: float = Field(0.1, ge=0.0, le=1.0)  # classifier-free dropout (DALL-E 2 section 2.1)
+    # Classifier-free dropout (DALL-E 2 section 2.1): the image embedding 10% and the text 50% of the time.
+    p_drop_image: float = Field(0.1, ge=0.0, le=1.0)
     p_drop_text: float = Field(0.5, ge=0.0, le=1.0)
-    # Diffusion.
+    # Diffusion (the U-Net predicts eps or v).
     prediction: Literal["eps", "v"] = "eps"
-    snr_gamma: float | None = Field(None, gt=0)  # min-SNR-gamma loss weighting (Hang et al. 2023); None = off
-    snr_plus_one: bool = False  # weight min(SNR + 1, gamma) in x0 terms: keeps the noisiest steps' v loss
     # Probability that a sample's t is drawn logit-normal (with mean 0: mid noise, where shapes are
     # finished; the layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
     t_logit_normal: float = Field(0.0, ge=0.0, le=1.0)
@@ -49,15 +52,11 @@ class DecoderConfig(Config):
     # previous step's estimate. Costs one extra forward pass on half the batch per training step.
     self_condition: bool = False
     learned_variance: bool = False
-    schedule: str = "cosine"
-    timesteps: int = Field(1000, gt=1)
-    # Previews and evaluation.
-    sampler: str = "ddim"
-    sample_steps: int = Field(50, ge=1)
-    # x0 clipping while sampling previews, evals and the cascade: None, "static" ([-1, 1]) or a dynamic
-    # thresholding percentile in (0, 1) (Imagen).
+    # Sampling defaults (previews, evaluation and the cascade): DDIM, 50 steps, guidance 3.
+    guidance: float = Field(3.0, ge=0.0)
+    # x0 clipping while sampling: None, "static" ([-1, 1]) or a dynamic thresholding percentile in (0, 1)
+    # (Imagen).
     threshold: Literal["static"] | float | None = 0.995
-    preview_guidance: float = 3.0
     eval_guidance: list[float] = [1.0, 3.0]
     eval_samples: int = Field(64, ge=2)
 

@@ -54,10 +54,8 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
     n = conditioning["clip_image"].shape[0]
     for start in tqdm(range(0, n, chunk), desc=f"decoding (guidance {guidance:g})", leave=False):
         rows = slice(start, start + chunk)
-        out.append(stage.sample({k: v[rows] for k, v in conditioning.items()},
-                                sampler=sampler or stage.config.sampler, steps=steps or stage.config.sample_steps,
-                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator,
-                                threshold=stage.config.threshold))
+        out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=sampler, steps=steps,
+                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator))
     return torch.cat(out)
 
 

@@ -10,10 +10,13 @@ import torch
 
 from cascade import diffusion
 from cascade.registry import register_stage
-from cascade.stage import Stage
+from cascade.stage import Stage, resolve_sampling
 from decoder.conditioning import Conditioning
 from decoder.config import DecoderConfig
 from decoder.unet import UNet
+
+
+CONFIG = object()  # a keyword left out: the config's value (where None is a value of its own)
 
 
 @register_stage("decoder")
@@ -109,13 +112,12 @@ class Decoder(Stage):
         state: dict[str, torch.Tensor] = {}
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
-            rows = torch.arange(x.shape[0], device=x.device) % b
-            if cond_mask is None:
-                emb, context, mask = (part[rows] for part in cond)
-            else:
+            emb, context, mask = diffusion.repeat_to_batch(x.shape[0], *cond)
+            if cond_mask is not None:
                 pick = cond_mask.to(x.device)
-                emb, context, mask = (torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c[rows], u[rows])
-                                      for c, u in zip(cond, uncond))
+                emb, context, mask = (torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c, u)
+                                      for c, u in zip((emb, context, mask),
+                                                      diffusion.repeat_to_batch(x.shape[0], *uncond)))
             if self.config.self_condition:
                 last = state.get("x0")
                 fresh = last is None or last.shape != x.shape or bool((t >= state["t"]).any())
@@ -134,14 +136,18 @@ class Decoder(Stage):
         return denoise
 
     @torch.no_grad()
-    def sample(self, conditioning: dict[str, Any], *, sampler: str = "ddim", steps: int = 50,
-               guidance: float = 1.0, generator: torch.Generator | None = None,
-               threshold: str | float | None = None, noise: torch.Tensor | None = None, eta: float = 0.0,
-               progress: bool = False, callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, generator: torch.Generator | None = None,
+               threshold: str | float | None | object = CONFIG, noise: torch.Tensor | None = None,
+               eta: float = 0.0, progress: bool = False, callback: Callable[[dict], None] | None = None
+               ) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
-        "clip_mask": (B, L)]}. `noise` (B, 3, S, S) fixes x_T, so equal noise and conditioning give equal
-        images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called after
-        every sampling step (see `cascade.diffusion.sample`)."""
+        "clip_mask": (B, L)]}. sampler, steps and guidance left as None, and threshold left out, are the
+        config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
+        equal images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called
+        after every sampling step (see `cascade.diffusion.sample`)."""
+        sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
+        threshold = self.config.threshold if threshold is CONFIG else threshold
         b, s = conditioning["clip_image"].shape[0], self.config.image_size
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
@@ -154,12 +160,10 @@ class Decoder(Stage):
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         n = min(8, batch["clip_image"].shape[0])
         conditioning = {k: batch[k][:n] for k in ("clip_image", "clip_tokens", "clip_mask") if k in batch}
-        return self.sample(conditioning, sampler=self.config.sampler, steps=self.config.sample_steps,
-                           guidance=self.config.preview_guidance, generator=generator,
-                           threshold=self.config.threshold)
+        return self.sample(conditioning, generator=generator)
 
     @torch.no_grad()
-    def evaluate(self, batches, generator: torch.Generator) -> dict[str, float]:
+    def evaluate(self, batches, generator: torch.Generator, train_batches=None) -> dict[str, float]:
         from decoder.evaluation import evaluate_decoder
 
         return evaluate_decoder(self, batches, generator)

@@ -9,17 +9,16 @@ per caption of which the one with the larger dot product with the text embedding
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from cascade.diffusion import NoiseSchedule, Prediction, diffusion_loss, model_output_to_eps, sample_timesteps
+from cascade.diffusion import NoiseSchedule, diffusion_loss, model_output_to_eps, repeat_to_batch, sample_timesteps
 from cascade.diffusion import sample as diffusion_sample
 from cascade.errors import UserError
 from cascade.registry import register_stage
-from cascade.stage import Stage
+from cascade.stage import Stage, resolve_sampling
 from prior.config import PriorConfig
 from prior.metrics import embedding_scores, nearest_caption_images
 from prior.network import PriorTransformer
@@ -40,8 +39,8 @@ class PriorStage(Stage):
         with torch.device("cpu"):  # host-side constants, also when the network is built on "meta"
             self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
         self.scale = math.sqrt(config.embed_dim)
-        # The train split's (text, image) embeddings, read once per data directory by `evaluate`.
-        self._train_pairs_cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        # The train batches last given to `evaluate` and the (text, image) embeddings read from them.
+        self._train_pairs_cache: tuple[Any, dict[str, torch.Tensor] | None] | None = None
 
     def _check_dims(self, batch: dict[str, Any]) -> None:
         cfg = self.config
@@ -56,16 +55,18 @@ class PriorStage(Stage):
                                 f"the CLIP that embedded the data)")
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """x0-prediction MSE on the scaled image embedding at a uniform random timestep."""
+        """MSE to the prediction target (x0 by default) on the scaled image embedding at a uniform
+        random timestep, min-SNR weighted when configured."""
+        cfg = self.config
         self._check_dims(batch)
         x0 = batch["clip_image"].float() * self.scale  # (B, D)
         b = x0.shape[0]
-        keep = torch.rand(b, device=x0.device) >= self.config.cond_drop_prob  # (B,)
+        keep = torch.rand(b, device=x0.device) >= cfg.p_drop_text  # (B,)
         text, tokens, mask = batch["clip_text"].float(), batch["clip_tokens"].float(), batch["clip_mask"].bool()
         t = sample_timesteps(self.schedule, b, device=x0.device)
         noise = torch.randn_like(x0)
         return diffusion_loss(self.schedule, lambda x_t, tt: self.net(x_t, tt, text, tokens, mask, keep),
-                              x0, t, noise, Prediction.X0)
+                              x0, t, noise, cfg.prediction, snr_gamma=cfg.snr_gamma, snr_plus_one=cfg.snr_plus_one)
 
     @torch.no_grad()
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
@@ -75,15 +76,13 @@ class PriorStage(Stage):
         """Image embeddings (B, D), L2-normalised, for conditioning {"clip_text": (B, D),
         "clip_tokens": (B, L, Dt), "clip_mask": (B, L)}.
 
-        Defaults come from the config (sampler "ddim", 64 steps, guidance 1, 2 candidates). With
+        sampler, steps, guidance and candidates left as None are the config's. With
         `candidates` = k, k embeddings are drawn per caption and the one closest to the text embedding
         is returned. `x_T` (B * k, D) fixes the starting noise. `callback` is called after every
         sampling step (see `cascade.diffusion.sample`); the k candidates share the steps.
         """
         cfg = self.config
-        sampler = sampler or cfg.sampler
-        steps = steps or cfg.sample_steps
-        guidance = cfg.guidance if guidance is None else guidance
+        sampler, steps, guidance = resolve_sampling(cfg, sampler, steps, guidance)
         k = candidates or cfg.candidates
         self._check_dims(conditioning)
         device = next(self.parameters()).device
@@ -94,10 +93,8 @@ class PriorStage(Stage):
         text_k, tokens_k, mask_k = (c.repeat_interleave(k, dim=0) for c in (text, tokens, mask))
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-            reps = x_t.shape[0] // text_k.shape[0]  # 2 when the core batches the unconditional half
-            c = [v.repeat(reps, *([1] * (v.dim() - 1))) for v in (text_k, tokens_k, mask_k)]
-            x0 = self.net(x_t, t, *c, keep=cond_mask)
-            return model_output_to_eps(self.schedule, Prediction.X0, x0, x_t, t)
+            out = self.net(x_t, t, *repeat_to_batch(x_t.shape[0], text_k, tokens_k, mask_k), keep=cond_mask)
+            return model_output_to_eps(self.schedule, cfg.prediction, out, x_t, t)
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
                              steps=steps, guidance=guidance, generator=generator, x_T=x_T, callback=callback)
@@ -107,56 +104,46 @@ class PriorStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
-                 train_pairs: dict[str, torch.Tensor] | Iterable[dict[str, Any]] | None = None
-                 ) -> dict[str, float]:
+                 train_batches: Iterable[dict[str, Any]] | None = None,
+                 train_pairs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Sampled vs true image embeddings on up to `eval_max_samples` val samples, beside baselines.
 
         Returns a flat dict: prior_cos, prior_mean_rank, prior_r1 (the rank of the true val image among
         all val images when retrieved with the sample), the same for text_* (the text embedding used
-        as the image embedding) and, when train pairs are known, nn_* (the image embedding of the
+        as the image embedding) and, when train pairs are given, nn_* (the image embedding of the
         train sample whose caption embedding is nearest), with nn_pool the number of train pairs searched
-        and val_count the number of val samples.
+        and val_count the number of val samples. Samples use `eval_steps` and `eval_guidance`.
 
-        `train_pairs` (optional): {"clip_text": (M, D), "clip_image": (M, D)} or an iterable of train
-        batches. When None and `batches` is a shard reader (it has `.shards`, DIR/val/*.tar), the
-        embeddings of DIR/train are read (up to `train_pool_size`, cached); otherwise nn_* is omitted.
+        The train pairs: `train_pairs` {"clip_text": (M, D), "clip_image": (M, D)}, or read from
+        `train_batches` (up to `train_pool_size`; cached while the same object is passed again, as the
+        training engine does at every evaluation of a run); without either, nn_* is omitted.
         """
-        val = _gather(batches, ("clip_image",) + _COND_KEYS, self.config.eval_max_samples)
+        cfg = self.config
+        val = _gather(batches, ("clip_image",) + _COND_KEYS, cfg.eval_max_samples)
         if val is None:
             return {}
         true = val["clip_image"].float()
-        preds = [self.sample({k: val[k][i: i + 256] for k in _COND_KEYS}, generator=generator)
+        preds = [self.sample({k: val[k][i: i + 256] for k in _COND_KEYS}, steps=cfg.eval_steps,
+                             guidance=cfg.eval_guidance, generator=generator)
                  for i in range(0, true.shape[0], 256)]
         out = {"val_count": float(true.shape[0])}
         out.update(embedding_scores("prior", torch.cat(preds).cpu(), true))
         out.update(embedding_scores("text", val["clip_text"], true))
-        train = self._train_pairs(train_pairs, batches)
+        train = self._train_pairs(train_pairs, train_batches)
         if train is not None:
             nn_images = nearest_caption_images(val["clip_text"], train["clip_text"], train["clip_image"])
             out.update(embedding_scores("nn", nn_images, true))
             out["nn_pool"] = float(train["clip_text"].shape[0])
         return out
 
-    def _train_pairs(self, train_pairs, val_batches) -> dict[str, torch.Tensor] | None:
+    def _train_pairs(self, train_pairs, train_batches) -> dict[str, torch.Tensor] | None:
         keys, limit = ("clip_text", "clip_image"), self.config.train_pool_size
-        if isinstance(train_pairs, dict):
-            return {k: train_pairs[k][:limit].float().cpu() for k in keys}
         if train_pairs is not None:
-            return _gather(train_pairs, keys, limit)
-        shards = getattr(val_batches, "shards", None)
-        if not shards:
+            return {k: train_pairs[k][:limit].float().cpu() for k in keys}
+        if train_batches is None:
             return None
-        data_dir = str(Path(shards[0]).parent.parent)
-        if self._train_pairs_cache is None or self._train_pairs_cache[0] != data_dir:
-            from cascade.data.reader import find_shards, make_val_batches
-
-            try:
-                find_shards(data_dir, "train")
-            except UserError:
-                return None
-            loader = make_val_batches(data_dir, image_sizes=(), with_embeddings=True, batch_size=256,
-                                      split="train")
-            self._train_pairs_cache = (data_dir, _gather(loader, keys, limit))
+        if self._train_pairs_cache is None or self._train_pairs_cache[0] is not train_batches:
+            self._train_pairs_cache = (train_batches, _gather(train_batches, keys, limit))
         return self._train_pairs_cache[1]
 
 

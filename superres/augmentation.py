@@ -26,8 +26,10 @@ def alpha_bar_at_level(schedule: NoiseSchedule, level: torch.Tensor) -> torch.Te
 
 
 def noise_augment(x: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """z_s = sqrt(alpha_bar(s)) x + sqrt(1 - alpha_bar(s)) eps for x (B, C, H, W), level (B,) in [0, 1]."""
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """z_s = sqrt(alpha_bar(s)) x + sqrt(1 - alpha_bar(s)) eps for x (B, C, H, W), level (B,) in [0, 1];
+    eps is `noise` (broadcasting against x) when given, else drawn from `generator`."""
     ab = alpha_bar_at_level(schedule, level).to(x.dtype).view(-1, 1, 1, 1)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return ab.sqrt() * x + (1 - ab).sqrt() * noise

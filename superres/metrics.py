@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cascade.data.degradations import gaussian_kernel1d
+from superres.degradations import gaussian_kernel1d
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cascade.bundle import load_stage, read_stage_config, save_stage, write_manifest
+from cascade.bundle import FORMAT_VERSION, load_stage, read_stage_config, save_stage, write_manifest
 from cascade.errors import UserError
 from cascade.registry import register_stage
 from training_helpers import TinyAE, TinyAEConfig
@@ -32,7 +32,7 @@ def test_save_load_gives_identical_outputs_in_eval_mode(tmp_path):
         assert torch.equal(value, loaded.state_dict()[name]), name
     config = read_stage_config(path)
     assert config["stage"] == "test_tiny_ae" and config["config"] == {"width": 8}
-    assert config["format_version"] == 1 and "cascade_version" in config
+    assert config["format_version"] == FORMAT_VERSION and "cascade_version" in config
     assert not list(path.parent.glob(".*"))  # no temporary left behind
 
 
@@ -103,7 +103,7 @@ def test_manifest_lists_the_stage_folders_present(tmp_path):
     manifest = write_manifest(bundle)
     on_disk = json.loads((bundle / "cascade.json").read_text())
     assert on_disk == manifest
-    assert manifest["format_version"] == 1 and manifest["stages"] == ["test_tiny_ae"]
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["stages"] == ["test_tiny_ae"]
     assert manifest["details"]["test_tiny_ae"]["image_sizes"] == [64]
     with pytest.raises(UserError, match="no stage folders"):
         write_manifest(bundle / "notes")
@@ -140,3 +140,53 @@ def test_manifest_records_each_stage_data_needs_from_its_config(tmp_path):
     for stage in (text_sr, plain_sr, dec):
         assert [list(stage.image_sizes), stage.needs_embeddings] == [details[stage.name]["image_sizes"],
                                                                     details[stage.name]["needs_embeddings"]]
+
+
+def _as_format_1(path, **old_keys) -> None:
+    """Rewrite a saved stage folder as format 1 wrote it: its config under the old key names."""
+    data = json.loads((path / "config.json").read_text())
+    config = {k: v for k, v in data["config"].items() if k not in ("steps", "guidance", "eval_steps", "eval_guidance",
+                                                                   "p_drop_text")}
+    (path / "config.json").write_text(json.dumps({**data, "format_version": 1, "config": {**config, **old_keys}}))
+
+
+def test_format_1_stages_load_with_the_sampling_the_format_1_pipeline_used(tmp_path, recwarn):
+    from cascade.bundle import V1_SAMPLING
+    from decoder import Decoder, DecoderConfig
+    from prior import PriorConfig, PriorStage
+    from superres import SR256, SRConfig
+
+    small = dict(channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[32], head_dim=16,
+                 clip_dim=8, text_dim=8)
+    prior = save_stage(PriorStage(PriorConfig(embed_dim=8, token_dim=8, max_text_len=4, width=16, depth=1,
+                                              heads=2)), tmp_path / "prior")
+    decoder = save_stage(Decoder(DecoderConfig(**small)), tmp_path / "decoder")
+    sr = save_stage(SR256(SRConfig(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])), tmp_path / "sr256")
+    # What these stages' config.json said in format 1 (tiny configs and the quick demo's decoder).
+    _as_format_1(prior, cond_drop_prob=0.2, sample_steps=32, guidance=1.0)
+    _as_format_1(decoder, sample_steps=25, preview_guidance=3.0, p_drop_text=0.1)
+    _as_format_1(sr, steps=25, p_uncond=0.3)
+
+    p, d, s = (load_stage(path).config for path in (prior, decoder, sr))
+    assert (p.sampler, p.steps, p.guidance) == ("ddim", 25, 4.0) == tuple(V1_SAMPLING["prior"].values())
+    assert (p.eval_steps, p.eval_guidance, p.p_drop_text) == (32, 1.0, 0.2)  # the old evaluation settings
+    assert (d.steps, d.guidance, d.p_drop_text) == (50, 3.0, 0.1)
+    assert (s.steps, s.guidance, s.p_drop_text) == (20, 1.0, 0.3)
+    assert not [w for w in recwarn if "now called" in str(w.message)]  # a bundle's old keys are not the user's
+    write_manifest(tmp_path)  # a format-1 folder beside format-2 ones: the manifest reads it too
+    assert json.loads((tmp_path / "cascade.json").read_text())["format_version"] == FORMAT_VERSION
+
+
+def test_renamed_keys_in_a_config_file_load_with_a_warning_naming_the_file(tmp_path):
+    from cascade.config import DeprecatedKeyWarning, load_config
+    from cascade.errors import ConfigError
+    from decoder import DecoderConfig
+
+    path = tmp_path / "decoder.yaml"
+    path.write_text("sample_steps: 30\npreview_guidance: 2.5\n")
+    with pytest.warns(DeprecatedKeyWarning, match=r"decoder\.yaml: 'sample_steps' is now called 'steps'"):
+        config = load_config(DecoderConfig, path)
+    assert (config.steps, config.guidance) == (30, 2.5)
+    path.write_text("sample_steps: 30\nsteps: 40\n")
+    with pytest.raises(ConfigError, match="give only 'steps'"):
+        load_config(DecoderConfig, path)

@@ -12,7 +12,7 @@ from cascade.config import parse_config
 from cascade.errors import ConfigError
 from cascade.registry import get_stage
 from decoder import Decoder, DecoderConfig
-from decoder.manipulation import decode, fixed_noise, interpolate, slerp, text_diff, text_diff_direction
+from decoder.manipulation import slerp, text_diff, text_diff_direction
 
 # 32x32 keeps the fast suite fast; the tiny and dalle2 configs use 64.
 SMALL = dict(image_size=32, clip_dim=16, text_dim=12, channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -32,6 +32,11 @@ def one_thread():
 def small_decoder(**overrides) -> Decoder:
     torch.manual_seed(0)
     return Decoder(DecoderConfig(**{**SMALL, **overrides}))
+
+
+def fixed_noise(size: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """x_T (n, 3, size, size) to hold fixed across decodes."""
+    return torch.randn(n, 3, size, size, generator=generator)
 
 
 def conditioning(b: int = 2, seed: int = 1) -> dict:
@@ -121,12 +126,12 @@ def test_fixed_noise_same_embedding_gives_identical_images():
     stage = small_decoder().eval()
     randomise_outputs(stage)
     cond = conditioning()
-    noise = fixed_noise(stage, 2, torch.Generator().manual_seed(5))
+    noise = fixed_noise(stage.config.image_size, 2, torch.Generator().manual_seed(5))
     for sampler in ("ddim", "dpmpp"):
         a = stage.sample(cond, sampler=sampler, steps=4, guidance=3.0, noise=noise)
         b = stage.sample(cond, sampler=sampler, steps=4, guidance=3.0, noise=noise)
         assert torch.equal(a, b)
-    other = stage.sample(cond, steps=4, noise=fixed_noise(stage, 2, torch.Generator().manual_seed(6)))
+    other = stage.sample(cond, steps=4, noise=fixed_noise(stage.config.image_size, 2, torch.Generator().manual_seed(6)))
     assert not torch.allclose(other, a)
     # Ancestral sampling is reproducible through the generator.
     d1 = stage.sample(cond, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
@@ -198,7 +203,7 @@ def test_self_conditioned_sampling_passes_each_step_the_previous_estimate():
     stage = small_decoder(self_condition=True, prediction="v").eval()
     randomise_outputs(stage)
     calls = record_unet_calls(stage)
-    cond, noise = conditioning(), fixed_noise(stage, 2, torch.Generator().manual_seed(5))
+    cond, noise = conditioning(), fixed_noise(stage.config.image_size, 2, torch.Generator().manual_seed(5))
     a = stage.sample(cond, steps=3, guidance=3.0, noise=noise)
     assert len(calls) == 3 and torch.all(calls[0][0][:, 3:] == 0)
     for (x, t, out), (x_next, t_next, _) in zip(calls, calls[1:]):
@@ -296,11 +301,15 @@ def test_slerp_endpoints_reproduce_endpoint_images():
     randomise_outputs(stage)
     cond = conditioning()
     a, b = cond["clip_image"][:1], cond["clip_image"][1:]
-    noise = fixed_noise(stage, 1, torch.Generator().manual_seed(2))
-    text = {k: cond[k][:1] for k in ("clip_tokens", "clip_mask")}
-    path = interpolate(stage, a, b, 3, noise=noise, steps=3, text=text)
-    torch.testing.assert_close(path[0:1], decode(stage, a, text, noise=noise, steps=3))
-    torch.testing.assert_close(path[2:3], decode(stage, b, text, noise=noise, steps=3))
+    noise = fixed_noise(stage.config.image_size, 1, torch.Generator().manual_seed(2))
+    text = {k: cond[k][:1].expand(3, *cond[k].shape[1:]) for k in ("clip_tokens", "clip_mask")}
+
+    def decode(z):
+        return stage.sample({"clip_image": z, **{k: v[:len(z)] for k, v in text.items()}}, noise=noise, steps=3)
+
+    path = decode(slerp(a, b, torch.linspace(0, 1, 3)[:, None]))
+    torch.testing.assert_close(path[0:1], decode(a))
+    torch.testing.assert_close(path[2:3], decode(b))
     assert not torch.allclose(path[1], path[0])
 
 
@@ -395,7 +404,7 @@ def test_guided_decoding_gets_colours_right_more_often():
     stage.eval()
     # Four noise draws per embedding: 56 objects, so one object's luck moves the score by < 0.02.
     draws = 4
-    noise = fixed_noise(stage, 8 * draws, torch.Generator().manual_seed(0))
+    noise = fixed_noise(stage.config.image_size, 8 * draws, torch.Generator().manual_seed(0))
     acc = {w: colour_accuracy(stage.sample({"clip_image": batch["clip_image"].repeat(draws, 1)}, steps=25,
                                            guidance=w, noise=noise), batch["json"] * draws)
            for w in (0.0, 1.0, 3.0)}

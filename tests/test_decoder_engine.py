@@ -38,7 +38,7 @@ def test_train_export_load_sample(tmp_path):
     config.write_text(yaml.safe_dump({
         "stage": "decoder",
         "model": dict(clip_dim=16, text_dim=12, channels=16, channel_mult=[1, 2, 2], num_res_blocks=1,
-                      attention_resolutions=[8], head_dim=16, patch_size=2, sample_steps=2, eval_samples=4),
+                      attention_resolutions=[8], head_dim=16, patch_size=2, steps=2, eval_samples=4),
         "train": dict(batch_size=4, lr=1e-3, warmup_steps=1, max_steps=3, log_every=1, ckpt_every=0,
                       sample_every=0, eval_every=0, ema_decay=0.5, seed=0)}))
     result = train(TrainArgs(stage="decoder", config=config, data=data, run_dir=tmp_path / "run",

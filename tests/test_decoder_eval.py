@@ -36,7 +36,7 @@ def test_evaluate_reports_fd_effnet_per_guidance():
     torch.manual_seed(0)
     stage = Decoder(DecoderConfig(image_size=32, clip_dim=8, text_dim=8, channels=16, channel_mult=[1, 2],
                                   num_res_blocks=1, attention_resolutions=[8], head_dim=16, patch_size=2,
-                                  sample_steps=2, eval_samples=6, eval_guidance=[1.0, 3.0])).eval()
+                                  steps=2, eval_samples=6, eval_guidance=[1.0, 3.0])).eval()
     batches = [{"image_32": torch.rand(4, 3, 32, 32) * 2 - 1, "clip_image": F.normalize(torch.randn(4, 8), dim=-1),
                 "json": [{}] * 4} for _ in range(3)]
     metrics = stage.evaluate(batches, torch.Generator().manual_seed(0))
@@ -153,7 +153,7 @@ class _RenderingDecoder:
         from types import SimpleNamespace
 
         self.follow_text = follow_text
-        self.config = SimpleNamespace(image_size=64, sampler="ddim", sample_steps=1, threshold=None,
+        self.config = SimpleNamespace(image_size=64, sampler="ddim", steps=1, threshold=None,
                                       eval_guidance=[1.0, 3.0])
 
     def sample(self, cond, **_):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from cascade.data.degradations import (gaussian_blur, gaussian_kernel1d, jpeg, mixed_degradation, random_blur,
+from superres.degradations import (gaussian_blur, gaussian_kernel1d, jpeg, mixed_degradation, random_blur,
                                        resize_down_up)
 
 

@@ -19,6 +19,10 @@ from cascade.pipeline import Cascade, Settings
 from cascade.registry import get_stage
 
 FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
+CONFIG_STEPS = {"prior": 2, "decoder": 4, "sr256": 3, "sr1024": 1}
+DECODER = dict(clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+               attention_resolutions=[16], head_dim=8, patch_size=2)
+SR = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
 
 
 def _stage(name: str, **model):
@@ -32,13 +36,12 @@ def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     clip = _stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
     save_stage(clip, root / "clip")
-    save_stage(_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
-               root / "prior")
-    save_stage(_stage("decoder", clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2],
-                      num_res_blocks=1, attention_resolutions=[16], head_dim=8, patch_size=2), root / "decoder")
-    sr = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
-    save_stage(_stage("sr256", **sr), root / "sr256")
-    save_stage(_stage("sr1024", **sr, train_crop=64, tile_size=256), root / "sr1024")
+    # Each stage's config carries its sampling defaults (small here, so the tests are fast).
+    save_stage(_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2,
+                      steps=CONFIG_STEPS["prior"]), root / "prior")
+    save_stage(_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
+    save_stage(_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
+    save_stage(_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]), root / "sr1024")
     write_manifest(root)
     return root
 
@@ -92,6 +95,16 @@ def test_generate_cli_writes_pngs_with_settings_and_grid(bundle, tmp_path, capsy
     assert first.std() > 0
 
 
+def test_without_settings_every_stage_samples_with_its_config(cascade):
+    calls = []
+    result = cascade.generate(["a red circle"], seed=0, until="sr1024", progress=lambda *call: calls.append(call))
+    assert calls == [(stage, done, total) for stage, total in CONFIG_STEPS.items() for done in range(total + 1)]
+    text = Settings().as_text(cascade.stages)
+    assert json.loads(text["steps"]) == CONFIG_STEPS and text["sampler"] == "ddim" and text["aug_level"] == "0.2"
+    assert json.loads(text["guidance"]) == {"prior": 4.0, "decoder": 3.0, "sr256": 1.0, "sr1024": 1.0}
+    assert result.final.shape == (1, 3, 1024, 1024)
+
+
 def test_progress_reports_every_sampling_step_of_every_stage(cascade):
     calls = []
     cascade.generate(["a red circle"], seed=0, until="sr256", settings=_fast_settings(),
@@ -125,20 +138,112 @@ def test_generate_cli_shows_a_bar_per_stage_that_reaches_its_steps(bundle, tmp_p
     assert err == "" and len(out.split()) == 2
 
 
+def _pixels(paths: list[str]) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)).astype(int) for p in paths]
+
+
 def test_vary_interpolate_textdiff_write_their_frames(bundle, tmp_path, capsys):
     src = tmp_path / "src.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(src)
     other = tmp_path / "other.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(other)
-    common = ["--model", str(bundle), "--until", "decoder", "--steps", FAST, "--out", str(tmp_path / "o"), "--quiet"]
-    assert main(["vary", "--image", str(src), "--num-images", "3", *common]) == 0
-    assert len(capsys.readouterr().out.split()) == 4
-    assert main(["interpolate", "--image", str(src), "--image", str(other), "--frames", "4", *common]) == 0
-    frames = capsys.readouterr().out.split()
-    assert len(frames) == 5
-    assert main(["textdiff", "--image", str(src), "--from", "a photo", "--to", "a red square", "--frames", "3",
-                 *common]) == 0
-    assert len(capsys.readouterr().out.split()) == 4
+    common = ["--model", str(bundle), "--until", "decoder", "--steps", FAST, "--quiet"]
+
+    def run(*args, out="o"):
+        assert main([*args, *common, "--out", str(tmp_path / out)]) == 0
+        paths = capsys.readouterr().out.split()
+        assert paths[-1].endswith("-grid.png")
+        return _pixels(paths[:-1])
+
+    varied = run("vary", "--image", str(src), "--num-images", "3")
+    assert len(varied) == 3 and all((a != b).any() for a, b in [(varied[0], varied[1]), (varied[1], varied[2])])
+    again = run("vary", "--image", str(src), "--num-images", "3", out="o2")
+    assert all((a == b).all() for a, b in zip(varied, again))  # the seed fixes every draw
+    # (An untrained decoder hardly reads its embedding, so what frames show is tested on the embeddings below.)
+    assert len(run("interpolate", "--image", str(src), "--image", str(other), "--frames", "4")) == 4
+    assert len(run("textdiff", "--image", str(src), "--from", "a photo", "--to", "a red square", "--frames", "3")) == 3
+
+
+def test_interpolate_and_textdiff_move_the_embedding_step_by_step(cascade):
+    from decoder.manipulation import text_diff_direction
+
+    a, b = torch.rand(3, 64, 64) * 2 - 1, torch.rand(3, 64, 64) * 2 - 1
+    s = Settings(steps={"decoder": 2})
+    z = cascade.encode_image(torch.stack([a, b]))
+    frames = cascade.interpolate(a, b, frames=5, seed=0, until="decoder", settings=s).image_embeddings
+    towards_b = frames @ z[1]
+    assert torch.all(towards_b[1:] > towards_b[:-1]) and torch.allclose(frames.norm(dim=-1), torch.ones(5))
+    z_t = cascade.encode_text(["a photo", "a red square"])[0]
+    edits = cascade.textdiff(a, "a photo", "a red square", frames=4, max_theta=0.5, seed=0, until="decoder",
+                             settings=s).image_embeddings
+    along = edits @ text_diff_direction(z_t[0], z_t[1])
+    assert torch.all(along[1:] > along[:-1]) and torch.allclose(edits[0], z[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("job", ["interpolate", "textdiff"])
+def test_frames_share_every_stages_noise_through_sr1024(cascade, job):
+    """With one embedding in every frame, the frames are identical at every resolution: x_T and the SR
+    augmentation noise are shared by the frames."""
+    image = torch.rand(3, 64, 64) * 2 - 1
+    settings = Settings(steps={"prior": 2, "decoder": 3, "sr256": 2, "sr1024": 1}, sampler="ddim")
+    if job == "interpolate":
+        result = cascade.interpolate(image, image, frames=3, seed=4, until="sr1024", settings=settings)
+    else:  # theta = 0 everywhere: the image's own embedding in every frame
+        result = cascade.textdiff(image, "a photo", "a red square", frames=3, max_theta=0.0, seed=4,
+                                  until="sr1024", settings=settings)
+    for name, size in (("decoder", 64), ("sr256", 256), ("sr1024", 1024)):
+        images = result.images[name]
+        assert images.shape == (3, 3, size, size)
+        assert torch.equal(images[0], images[1]) and torch.equal(images[1], images[2]), name
+
+
+def test_each_stage_draws_from_one_generator_and_no_draw_repeats_another(cascade, monkeypatch):
+    """x_T, the SR augmentation noise and the sampler's own noise of one stage come from one generator in
+    turn: the augmentation noise is not the starting noise, nor is ddpm's first step noise."""
+    seen = {}
+    for name in ("decoder", "sr256"):
+        stage = cascade.stages[name]
+
+        def spy(cond, *, _real=stage.sample, _name=name, **kwargs):
+            after = torch.Generator()
+            after.set_state(kwargs["generator"].get_state())  # where the stage's own draws begin
+            seen[_name] = (kwargs, torch.randn(kwargs["noise"][:1].shape, generator=after))
+            return _real(cond, **kwargs)
+
+        monkeypatch.setattr(stage, "sample", spy)
+    image = torch.rand(3, 64, 64) * 2 - 1
+    cascade.interpolate(image, -image, frames=2, seed=0, until="sr256",
+                        settings=Settings(steps={"decoder": 2, "sr256": 1}, sampler="ddpm"))
+    decoder_kwargs, decoder_next = seen["decoder"]
+    assert not torch.equal(decoder_next, decoder_kwargs["noise"][:1])
+    sr_kwargs, _ = seen["sr256"]
+    assert not torch.equal(sr_kwargs["aug_noise"][:1], sr_kwargs["noise"][:1])
+
+
+def test_a_text_conditioned_sr256_gets_the_prompt_in_the_full_cascade(bundle, tmp_path, monkeypatch):
+    root = tmp_path / "textsr"
+    shutil.copytree(bundle, root)
+    shutil.rmtree(root / "sr256")
+    torch.manual_seed(1)
+    sr = _stage("sr256", **SR, text=True, text_dim=384, head_dim=8, steps=2)
+    with torch.no_grad():  # an untrained cross-attention may start at zero; make the text visible
+        for p in sr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_stage(sr, root / "sr256")
+    write_manifest(root)
+    cascade = Cascade.from_bundle(root)
+    seen = []
+    real = cascade.stages["sr256"].sample
+    monkeypatch.setattr(cascade.stages["sr256"], "sample", lambda cond, **kw: seen.append(cond) or real(cond, **kw))
+    settings = Settings(steps={"prior": 2, "decoder": 2}, guidance={"sr256": 3.0})
+    red = cascade.generate(["a red circle"], seed=0, until="sr256", settings=settings)
+    _, tokens, mask = cascade.encode_text(["a red circle"])
+    assert torch.equal(seen[0]["clip_tokens"], tokens) and torch.equal(seen[0]["clip_mask"], mask)
+    # The same 64x64 input upsampled under another caption comes out differently.
+    _, blue_tokens, blue_mask = cascade.encode_text(["a blue star"])
+    up = cascade.upsample(red.images["decoder"], until="sr256", settings=settings, seed=0,
+                          text={"clip_tokens": blue_tokens, "clip_mask": blue_mask})
+    assert torch.equal(up["decoder"], red.images["decoder"]) and not torch.equal(up["sr256"], red.images["sr256"])
 
 
 def test_interpolation_endpoints_decode_the_endpoint_embeddings(cascade):
@@ -149,8 +254,7 @@ def test_interpolation_endpoints_decode_the_endpoint_embeddings(cascade):
     z = cascade.encode_image(torch.stack([a, b]))
     assert torch.allclose(frames.image_embeddings[0], z[0], atol=1e-5)
     assert torch.allclose(frames.image_embeddings[-1], z[1], atol=1e-5)
-    noise = cascade.decoder_noise(2).expand(2, -1, -1, -1)
-    ends = cascade.decode(z, settings=s, seed=2, noise=noise)
+    ends = cascade.decode(z, settings=s, seed=2, shared_noise=True)
     assert torch.allclose(frames.images["decoder"][[0, -1]], ends, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from prior.synthetic import batches, make_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = dict(embed_dim=16, token_dim=8, max_text_len=6, width=32, depth=2, heads=2, timesteps=100,
-             sample_steps=8)
+             steps=8, guidance=1.0)
 
 
 def small_stage(**overrides) -> PriorStage:
@@ -177,7 +177,18 @@ def test_evaluate_reports_both_baselines():
     assert text_only["prior_cos"] == out["prior_cos"]  # same generator, same samples
 
 
-def test_evaluate_reads_the_train_split_beside_the_val_shards(tmp_path):
+class _Counted:
+    """An iterable of batches that counts how often it is read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_evaluate_reads_the_train_batches_it_is_given_once(tmp_path):
     from cascade.data.reader import make_val_batches
     from prior.synthetic import write_shards
 
@@ -186,8 +197,14 @@ def test_evaluate_reads_the_train_split_beside_the_val_shards(tmp_path):
     write_shards(tmp_path, 30, 12, shard_size=16, embed_dim=cfg.embed_dim, token_dim=cfg.token_dim,
                  max_text_len=cfg.max_text_len)
     val = make_val_batches(tmp_path, image_sizes=(), with_embeddings=True, batch_size=5)
-    out = stage.evaluate(val, torch.Generator().manual_seed(0))
+    train = _Counted(make_val_batches(tmp_path, image_sizes=(), with_embeddings=True, batch_size=7,
+                                      split="train"))
+    # The stage reads no files of its own: without train batches there is no nearest-caption baseline.
+    assert "nn_pool" not in stage.evaluate(val, torch.Generator().manual_seed(0))
+    out = stage.evaluate(val, torch.Generator().manual_seed(0), train)
     assert out["val_count"] == 12 and out["nn_pool"] == 30
+    assert stage.evaluate(val, torch.Generator().manual_seed(0), train)["nn_cos"] == out["nn_cos"]
+    assert train.reads == 1  # the same object again: cached
     # The nearest train caption of the val split written from the same pairs, by hand.
     dims = dict(embed_dim=cfg.embed_dim, token_dim=cfg.token_dim, max_text_len=cfg.max_text_len)
     train_pairs, val_pairs = make_pairs(30, **dims, seed=0), make_pairs(12, **dims, seed=1)

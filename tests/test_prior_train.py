@@ -19,7 +19,7 @@ def train_prior(steps: int, width: int, depth: int, heads: int = 2, dims: dict =
                 batch_size: int = 64, lr: float = 2e-3) -> tuple[PriorStage, list[float], dict]:
     train = make_pairs(n_train, **dims, seed=0)
     torch.manual_seed(0)
-    stage = PriorStage(PriorConfig(**dims, width=width, depth=depth, heads=heads, sample_steps=12,
+    stage = PriorStage(PriorConfig(**dims, width=width, depth=depth, heads=heads, steps=12,
                                    eval_max_samples=200))
     opt = torch.optim.AdamW(stage.parameters(), lr=lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))

@@ -1,6 +1,7 @@
 import torch
 
-from cascade.data.sources import balanced, balanced_batch, source_of
+from cascade.batches import balanced, balanced_batch
+from cascade.data.sources import source_of
 
 
 def test_source_of_names_the_sets():
@@ -19,7 +20,8 @@ def test_balanced_takes_an_even_share_of_each_source():
 def _batch(source: str, start: int, n: int = 4) -> dict:
     ids = torch.arange(start, start + n)
     return {"image_64": ids.float().view(n, 1, 1, 1).expand(n, 3, 2, 2), "id": ids,
-            "txt": [f"{source} {i}" for i in ids.tolist()], "json": [{"source": source}] * n}
+            "txt": [f"{source} {i}" for i in ids.tolist()], "json": [{"source": source}] * n,
+            "source": [source_of({"source": source})] * n}
 
 
 def test_balanced_batch_alternates_sources_even_when_one_sorts_first():

@@ -12,7 +12,7 @@ from cascade.registry import get_stage
 from cascade.training.config import load_run_config
 from superres.augmentation import alpha_bar_at_level, noise_augment
 from superres.metrics import bicubic_upsample, psnr, ssim
-from superres.stage import detailed_crops
+from superres.evaluation import detailed_crops
 from superres.tiling import _axis_tiles, core_bounds, tiled_apply
 from superres.unet import EfficientUNet
 
@@ -304,8 +304,9 @@ def test_eval_crops_are_the_most_detailed_and_aligned():
 def test_evaluate_reports_each_source_beside_bicubic():
     stage = _stage("sr256", **TINY, eval_images=4, eval_steps=[1], eval_aug_levels=[0.0])
     high = F.interpolate(_scenes(6, 64), size=256, mode="bilinear", align_corners=False)
-    scenes = [{"source": "shapes"}] * 4 + [{"source": "openmoji"}, {"source": "fluent-emoji-3d"}]
-    m = stage.evaluate([{"image_64": F.avg_pool2d(high, 4), "image_256": high, "json": scenes}],
+    # The reader's `source` column names each row's set; the stage groups by it and knows no set's name.
+    sources = ["shapes"] * 4 + ["emoji"] * 2
+    m = stage.evaluate([{"image_64": F.avg_pool2d(high, 4), "image_256": high, "source": sources}],
                        torch.Generator().manual_seed(0))
     assert m["eval_images"] == 4 and m["eval_images_shapes"] == 2 and m["eval_images_emoji"] == 2
     bic = psnr(bicubic_upsample(F.avg_pool2d(high, 4), 256), high)

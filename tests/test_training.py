@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from cascade.bundle import FORMAT_VERSION
 from cascade.errors import ConfigError, UserError
 from cascade.training.config import TrainConfig, load_run_config
 from cascade.training.ema import EMA, ema_decay_at
@@ -274,7 +275,7 @@ def test_loss_falls_over_30_steps_with_logs_grids_eval_and_export(tmp_path, data
     again = load_stage(tmp_path / "bundle" / "test_tiny_ae")
     assert torch.equal(stage(x), again(x))
     manifest = yaml.safe_load((tmp_path / "bundle" / "cascade.json").read_text())
-    assert manifest["stages"] == ["test_tiny_ae"] and manifest["format_version"] == 1
+    assert manifest["stages"] == ["test_tiny_ae"] and manifest["format_version"] == FORMAT_VERSION
 
 
 def test_sigterm_checkpoints_and_resume_reproduces_an_uninterrupted_run(tmp_path, data, monkeypatch):

@@ -60,7 +60,7 @@ class TinyAE(Stage):
         return self(batch["image_64"][:4]).clamp(-1, 1)
 
     @torch.no_grad()
-    def evaluate(self, batches, generator):
+    def evaluate(self, batches, generator, train_batches=None):
         total, n = 0.0, 0
         for batch in batches:
             x = batch["image_64"]

@@ -7,7 +7,6 @@ recall@1/5/10 on the val batches beside the ridge-regression baseline of `retrie
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -49,7 +48,7 @@ class ClipStage(Stage):
         self.encoder = ClipEncoder(ClipEncoderConfig(**{k: getattr(config, k)
                                                         for k in ClipEncoderConfig.model_fields}))
         self.clip_loss = _open_clip().ClipLoss()
-        self._baseline: tuple[str, dict[str, float]] | None = None
+        self._baseline: tuple[Any, dict[str, float]] | None = None  # (train batches, metrics)
         # Only packaged weights make two trunks built from one config equal; random ones differ.
         cacheable = (config.cache_locked_image_features and config.pretrained_towers
                      and self.encoder.image_trunk_locked)
@@ -100,8 +99,8 @@ class ClipStage(Stage):
     # evaluation
     @torch.no_grad()
     def evaluate(self, batches, generator: torch.Generator, train_batches=None) -> dict[str, float]:
-        """Recall of this CLIP on `batches`, and of the ridge baseline fit on `train_batches` (default:
-        the train split beside the val shards, when `batches` is a shard reader)."""
+        """Recall of this CLIP on `batches`, and of the ridge baseline fit on `train_batches` (omitted
+        without them)."""
         was_training = self.training
         self.eval()
         images, texts, image_emb, text_emb = [], [], [], []
@@ -117,22 +116,14 @@ class ClipStage(Stage):
         metrics = retrieval.retrieval_metrics(torch.cat(image_emb), torch.cat(text_emb))
         metrics["logit_scale"] = float(self.encoder.logit_scale.exp())
         metrics["val_pairs"] = float(len(texts))
-        if self.config.ridge_baseline:
-            metrics.update(self._ridge_metrics(train_batches, batches, torch.cat(images), texts))
+        if self.config.ridge_baseline and train_batches is not None:
+            metrics.update(self._ridge_metrics(train_batches, torch.cat(images), texts))
         return metrics
 
-    def _ridge_metrics(self, train_batches, val_batches, val_images: torch.Tensor,
-                       val_texts: list[str]) -> dict[str, float]:
-        """The baseline from the towers as loaded (never the trained ones); cached per train source."""
-        source = "given" if train_batches is not None else None
-        if train_batches is None and getattr(val_batches, "shards", None):
-            from cascade.data.reader import make_val_batches
-
-            source = str(Path(val_batches.shards[0]).parent.parent)
-            train_batches = make_val_batches(source, image_sizes=self.image_sizes, batch_size=64, split="train")
-        if train_batches is None:
-            return {}
-        if source != "given" and self._baseline is not None and self._baseline[0] == source:
+    def _ridge_metrics(self, train_batches, val_images: torch.Tensor, val_texts: list[str]) -> dict[str, float]:
+        """The baseline from the towers as loaded (never the trained ones); cached while the same train
+        batches object is passed again (the engine passes one per run)."""
+        if self._baseline is not None and self._baseline[0] is train_batches:
             return self._baseline[1]
         reference = ClipEncoder(self.encoder.config).eval()
         limit = self.config.ridge_train_samples
@@ -156,5 +147,5 @@ class ClipStage(Stage):
             return {}
         metrics = retrieval.ridge_baseline(train_x, train_y, *(torch.cat(f) for f in features["val"]))
         metrics["ridge_train_pairs"] = float(len(train_x))
-        self._baseline = (source, metrics)
+        self._baseline = (train_batches, metrics)
         return metrics

@@ -35,6 +35,7 @@ import webdataset as wds
 from PIL import Image
 
 from cascade.errors import UserError
+from cascade.data.sources import source_of
 
 log = logging.getLogger("cascade.data")
 
@@ -74,6 +75,7 @@ def decode_sample(raw: dict[str, Any], image_sizes: Sequence[int], with_embeddin
             sample[f"image_{size}"] = image_to_tensor(image)
     sample["txt"] = raw["txt"].decode("utf-8")
     sample["json"] = json.loads(raw["json"]) if "json" in raw else {}
+    sample["source"] = source_of(sample["json"])
     if with_embeddings:
         for name in EMBEDDING_FIELDS:
             field = f"{name}.npy"
@@ -86,7 +88,7 @@ def decode_sample(raw: dict[str, Any], image_sizes: Sequence[int], with_embeddin
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, keep everything else (key, txt, json) as lists."""
+    """Stack tensors, keep everything else (key, txt, json, source) as lists."""
     batch: dict[str, Any] = {}
     for name in samples[0]:
         values = [s[name] for s in samples]

@@ -1,49 +1,9 @@
-"""Which set a sample came from, and even picks over sets: a mixed split (shapes scenes beside emoji
-renders) sorts one source's shards first, so "the first N samples" would show or score only that one."""
+"""Which set a sample came from: the shard reader puts `source_of(sample json)` in every sample's
+`source` column, which `cascade.batches.balanced_batch` and the per-source evaluations group by."""
 from __future__ import annotations
-
-import itertools
-from typing import Any, Iterable
-
-import torch
 
 
 def source_of(scene: dict) -> str:
     """"shapes" for a procedural scene, "emoji" for a Fluent / OpenMoji render, "other" otherwise."""
     source = scene.get("source", "") if isinstance(scene, dict) else ""
     return "shapes" if source == "shapes" else "emoji" if source in ("fluent-emoji-3d", "openmoji") else "other"
-
-
-def balanced(groups: dict[str, list], limit: int) -> list[tuple[str, Any]]:
-    """Up to `limit` items taken round-robin over the groups (in name order), so each source gets an
-    even share and a short group's share goes to the others."""
-    picked: list[tuple[str, Any]] = []
-    for i in itertools.count():
-        row = [(name, items[i]) for name, items in sorted(groups.items()) if i < len(items)]
-        if not row or len(picked) >= limit:
-            break
-        picked.extend(row[: limit - len(picked)])
-    return picked
-
-
-def balanced_batch(batches: Iterable[dict[str, Any]], limit: int, max_batches: int | None = 64) -> dict[str, Any] | None:
-    """One collated batch of up to `limit` rows spread evenly over the sources in `batches` (read until
-    every source seen has `limit` rows, or `max_batches` were read; None: no cap), or None when there
-    are no rows. Rows are copied out, so the (possibly large) batches they came from are not kept."""
-    kept: dict[str, list[dict[str, Any]]] = {}
-    for n, batch in enumerate(batches, 1):
-        size = next(len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list)))
-        scenes = batch.get("json") or [{}] * size
-        for i in range(size):
-            group = kept.setdefault(source_of(scenes[i]), [])
-            if len(group) < limit:
-                group.append({k: v[i].clone() if isinstance(v, torch.Tensor) else v[i]
-                              for k, v in batch.items() if isinstance(v, (torch.Tensor, list))})
-        if (max_batches is not None and n >= max_batches) or (
-                len(kept) > 1 and all(len(g) >= limit for g in kept.values())):
-            break
-    rows = [row for _, row in balanced(kept, limit)]
-    if not rows:
-        return None
-    return {k: torch.stack([r[k] for r in rows]) if isinstance(v, torch.Tensor) else [r[k] for r in rows]
-            for k, v in rows[0].items()}

@@ -25,7 +25,8 @@ Losses (`losses`, `likelihood`, `learned_variance`)
     dict; min_snr_weight (min-SNR-gamma weighting); sample_timesteps; vlb_term_bpd (bits/dim); normal_kl; discretized_gaussian_log_likelihood;
     interpolated_log_variance.
 Guidance and thresholding (`guidance`, `thresholding`)
-    combine_guidance(eps_c, eps_u, w); static_threshold; dynamic_threshold(x0, p); apply_threshold.
+    combine_guidance(eps_c, eps_u, w); repeat_to_batch(n, *conditioning) (conditioning for a guided
+    call's rows); static_threshold; dynamic_threshold(x0, p); apply_threshold.
 Samplers, one per module: sample_ddpm (`ddpm`), sample_ddim (`ddim`), sample_dpmpp_2m (`dpm_solver`).
     Each calls a `Denoiser(denoise, respaced, kept_steps, guidance=, threshold=)` (`denoiser`) at
     respaced index i and gets DenoiserOutput(eps, x0, variance_out), variance_out None without a
@@ -65,7 +66,7 @@ from cascade.diffusion.ddpm import sample_ddpm
 from cascade.diffusion.denoiser import Denoiser, DenoiserOutput
 from cascade.diffusion.dpm_solver import sample_dpmpp_2m
 from cascade.diffusion.forward_process import q_mean_variance, q_posterior_mean_variance, q_sample
-from cascade.diffusion.guidance import combine_guidance, guided_denoise
+from cascade.diffusion.guidance import combine_guidance, guided_denoise, repeat_to_batch
 from cascade.diffusion.learned_variance import fixed_large_log_variance, interpolated_log_variance
 from cascade.diffusion.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl, vlb_term_bpd
 from cascade.diffusion.losses import diffusion_loss, loss_terms, min_snr_weight, sample_timesteps
@@ -89,7 +90,7 @@ __all__ = [
     "apply_threshold", "broadcast_at", "combine_guidance", "diffusion_loss", "discretized_gaussian_log_likelihood",
     "dynamic_threshold", "eps_to_x0", "fixed_large_log_variance", "guided_denoise", "interpolated_log_variance",
     "loss_terms", "mean_flat", "min_snr_weight", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
-    "q_mean_variance", "q_posterior_mean_variance", "q_sample", "sample", "sample_ddim", "sample_ddpm",
+    "q_mean_variance", "q_posterior_mean_variance", "q_sample", "repeat_to_batch", "sample", "sample_ddim", "sample_ddpm",
     "sample_dpmpp_2m", "sample_timesteps", "static_threshold", "v_to_eps", "v_to_x0", "vlb_term_bpd",
     "x0_eps_to_v", "x0_to_eps",
 ]

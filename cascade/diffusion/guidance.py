@@ -17,9 +17,24 @@ Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 def split_output(out: Output) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(eps, learned-variance output or None) from what a `denoise` function returned."""
     if isinstance(out, tuple):
-        eps, v = out
-        return eps, v
+        eps, variance_out = out
+        return eps, variance_out
     return out, None
+
+
+def repeat_to_batch(batch: int, *conditioning: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each conditioning tensor (B, ...) repeated along dim 0 to `batch` rows (None stays None).
+
+    A guided sampler calls denoise(cat([x, x]), ...) on 2B rows (see `guided_denoise`): row r of that
+    batch belongs to conditioning row r % B, which is what repeating gives."""
+    out = []
+    for c in conditioning:
+        if c is not None:
+            if batch % c.shape[0]:
+                raise ValueError(f"a batch of {batch} rows is not a whole number of {c.shape[0]}-row conditionings")
+            c = c.repeat(batch // c.shape[0], *([1] * (c.dim() - 1)))
+        out.append(c)
+    return out
 
 
 def combine_guidance(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w: float) -> torch.Tensor:
@@ -39,7 +54,7 @@ def guided_denoise(denoise: Callable[..., Output], x: torch.Tensor, t: torch.Ten
     b = x.shape[0]
     cond_mask = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device),
                            torch.zeros(b, dtype=torch.bool, device=x.device)])
-    eps, v = split_output(denoise(torch.cat([x, x]), torch.cat([t, t]), cond_mask=cond_mask))
+    eps, variance_out = split_output(denoise(torch.cat([x, x]), torch.cat([t, t]), cond_mask=cond_mask))
     eps_cond, eps_uncond = eps[:b], eps[b:]
     # The variance is not a score, so it is not extrapolated; GLIDE keeps the conditional one.
-    return combine_guidance(eps_cond, eps_uncond, float(w)), (None if v is None else v[:b])
+    return combine_guidance(eps_cond, eps_uncond, float(w)), (None if variance_out is None else variance_out[:b])

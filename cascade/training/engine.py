@@ -167,16 +167,17 @@ class Trainer:
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
         run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False,
-                       defaults=self.run.defaults())
+                       defaults=self.run.defaults(), upgrade_model=self._upgrade_model)
 
         self.dist = distributed.setup()
         _quiet_deepspeed()
         self.main = self.dist.is_main
         if self.main:
             run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=True,
-                           defaults=self.run.defaults())
+                           defaults=self.run.defaults(), upgrade_model=self._upgrade_model)
         distributed.barrier()
         self._eval_stage: nn.Module | None = None
+        self._train_batches = None  # the train split as evaluation reads it (for the stages' baselines)
 
     def log(self, text: str) -> None:
         if self.main:
@@ -238,6 +239,11 @@ class Trainer:
             self.micro_batches = state.micro_batches * state.world_size // self.dist.world_size
         if not rng_restored:
             torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.dist.rank + 1) + self.step)
+
+    def _upgrade_model(self, model: dict[str, Any]) -> dict[str, Any]:
+        """A recorded model section with its renamed keys under their current names."""
+        upgrade = getattr(self.run.model, "upgrade_keys", None)
+        return upgrade(model)[0] if upgrade is not None else model
 
     def _loader(self, stage: nn.Module, skip_batches: int) -> Iterator[dict[str, Any]]:
         from cascade.data.reader import make_loader
@@ -304,7 +310,10 @@ class Trainer:
                 self.log(f"no validation shards in {Path(self.args.data) / 'val'}; skipping evaluation")
             else:
                 generator = torch.Generator().manual_seed(self.train_cfg.seed)
-                metrics = {f"eval/{k}": float(v) for k, v in model.evaluate(batches, generator).items()}
+                if self._train_batches is None:  # one object for the run, so a stage may cache what it read
+                    self._train_batches = self._val_batches(64, split="train")
+                metrics = {f"eval/{k}": float(v)
+                           for k, v in model.evaluate(batches, generator, self._train_batches).items()}
                 if metrics:
                     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                     self.log(f"step {self.step} eval: {shown}")
@@ -314,7 +323,7 @@ class Trainer:
     def _preview_batch(self) -> dict[str, Any] | None:
         """Rank 0: the val rows (train, if there is no val split) that every grid shows, spread evenly
         over the sources of a mixed split (shapes scenes and emoji alternate)."""
-        from cascade.data.sources import balanced_batch
+        from cascade.batches import balanced_batch
 
         batches = self._val_batches(PREVIEW_COUNT) or self._val_batches(PREVIEW_COUNT, split="train")
         return balanced_batch(batches, PREVIEW_COUNT)

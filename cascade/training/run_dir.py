@@ -4,13 +4,16 @@ A run directory holds one experiment: resuming it with another stage, model conf
 setting is refused with a one-line UserError naming what differs. Keys that only say how long to
 train or how often to log/save (`max_steps`, `*_every`, `num_workers`) may change between resumes.
 A key the recorded config lacks (an option added to cascade after the run began) counts as its
-default, which by convention keeps the old behaviour: an upgrade does not orphan a run.
+default, which by convention keeps the old behaviour: an upgrade does not orphan a run; nor does a
+key renamed since (the stage config's `upgrade_keys` maps the recorded one). The sampling defaults and
+evaluation settings (`MUTABLE_MODEL_KEYS`) shape previews and scores, not the weights, so they may
+change too.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cascade.atomic_files import write_text_atomic
 from cascade.errors import UserError
@@ -18,12 +21,14 @@ from cascade.errors import UserError
 RUN_FILE = "run.json"
 MUTABLE_TRAIN_KEYS = frozenset({"max_steps", "log_every", "ckpt_every", "sample_every", "eval_every",
                                 "num_workers"})
+MUTABLE_MODEL_KEYS = frozenset({"sampler", "steps", "guidance", "eval_steps", "eval_guidance"})
 
 
 def identity(run_config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a run config (`RunConfig.as_dict()`) a resumed run must share."""
     train = {k: v for k, v in run_config["train"].items() if k not in MUTABLE_TRAIN_KEYS}
-    return {"stage": run_config["stage"], "model": run_config["model"], "train": train}
+    model = {k: v for k, v in run_config["model"].items() if k not in MUTABLE_MODEL_KEYS}
+    return {"stage": run_config["stage"], "model": model, "train": train}
 
 
 def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> list[str]:
@@ -38,15 +43,19 @@ def _differences(old: Any, new: Any, prefix: str = "", defaults: Any = None) -> 
 
 
 def claim(run_dir: Path, run_config: dict[str, Any], source: str, *, write: bool,
-          defaults: dict[str, Any] | None = None) -> None:
+          defaults: dict[str, Any] | None = None,
+          upgrade_model: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Check that `run_dir` is new or belongs to this run config; record it there when `write`.
-    `defaults` ({"model": {...}, "train": {...}}) stand in for keys the recorded config lacks."""
+    `defaults` ({"model": {...}, "train": {...}}) stand in for keys the recorded config lacks;
+    `upgrade_model` maps the recorded model section's old key names to the current ones."""
     path = run_dir / RUN_FILE
     if path.is_file():
         try:
             recorded = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is corrupt ({err}); use another --run-dir") from None
+        if upgrade_model is not None and isinstance(recorded.get("model"), dict):
+            recorded = {**recorded, "model": upgrade_model(recorded["model"])}
         old, new = identity(recorded), identity(run_config)
         if old["stage"] != new["stage"]:
             raise UserError(f"run dir {run_dir} belongs to stage '{old['stage']}', not '{new['stage']}'; "

@@ -1,4 +1,4 @@
-"""Image degradations for training super-resolution stages (torch and PIL only).
+"""Image degradations for training the super-resolution stages (torch and PIL only).
 
 The low-resolution input of a cascade stage at sampling time is the previous stage's output, not a
 clean downsampled image, so the upsampler is trained on corrupted inputs:
