@@ -188,12 +188,12 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
                    help="last stage to run: decoder (64px), sr256 or sr1024 (default: %(default)s)")
     p.add_argument("--steps", default="", metavar="STAGE=N,...",
                    help="sampling steps per stage, e.g. prior=25,decoder=50,sr256=20,sr1024=10 (default: each "
-                        "stage's config; the tiny and dalle2 ones say 25, 50, 20 and 10)")
+                        "stage's config; those are the tiny configs' values)")
     p.add_argument("--guidance", default="", metavar="STAGE=W,...",
                    help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none; default: "
-                        "each stage's config: prior 4, decoder 3)")
+                        "each stage's config; those are the shipped configs' values)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default=None,
-                   help="sampler for every stage (default: each stage's config; ddim in the shipped ones)")
+                   help="sampler for every stage (default: each stage's config; ddim in the tiny ones)")
     p.add_argument("--aug-level", type=float, default=None,
                    help="noise-conditioning augmentation level given to the SR stages (default: their "
                         "configs'; 0.2 in the shipped ones)")

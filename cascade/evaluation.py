@@ -29,7 +29,8 @@ def _val(data: Path, stage, batch_size: int = 16, split: str = "val"):
 def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tuple[float, ...], seed: int
                          ) -> dict[str, float]:
     """Shapes-scorer accuracy of images decoded from the PRIOR's embeddings of val captions (the whole
-    text -> z_i -> image path), at each decoder guidance scale; all scales share the decoder noise."""
+    text -> z_i -> image path; the prior samples with its evaluation settings), at each decoder guidance
+    scale; all scales share the decoder noise."""
     from decoder.evaluation import collect, decode_all, score_decodes
 
     data_ = collect(_val(data, decoder), f"image_{decoder.config.image_size}", limit)
@@ -39,7 +40,8 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     text = data_["clip_text"][keep]
     tokens, mask = data_["clip_tokens"][keep], data_["clip_mask"][keep]
     g = torch.Generator().manual_seed(seed)
-    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
+    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, steps=prior.config.eval_steps,
+                       guidance=prior.config.eval_guidance, generator=g)
     s = decoder.config.image_size
     noise = torch.randn(len(keep), 3, s, s, generator=g)
     scenes = [data_["json"][i] for i in keep]

@@ -16,7 +16,7 @@ from cascade.bundle import save_stage, write_manifest
 from cascade.cli import main
 from cascade.errors import UserError
 from cascade.pipeline import Cascade, Settings
-from cascade.registry import get_stage
+from bundle_helpers import seeded_stage
 
 FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
 CONFIG_STEPS = {"prior": 2, "decoder": 4, "sr256": 3, "sr1024": 1}
@@ -25,23 +25,17 @@ DECODER = dict(clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2], num_
 SR = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
 
 
-def _stage(name: str, **model):
-    cls = get_stage(name)
-    torch.manual_seed(0)
-    return cls(cls.Config(**model))
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    clip = _stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
+    clip = seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
     save_stage(clip, root / "clip")
     # Each stage's config carries its sampling defaults (small here, so the tests are fast).
-    save_stage(_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2,
+    save_stage(seeded_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2,
                       steps=CONFIG_STEPS["prior"]), root / "prior")
-    save_stage(_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
-    save_stage(_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
-    save_stage(_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]), root / "sr1024")
+    save_stage(seeded_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
+    save_stage(seeded_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
+    save_stage(seeded_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]), root / "sr1024")
     write_manifest(root)
     return root
 
@@ -225,7 +219,7 @@ def test_a_text_conditioned_sr256_gets_the_prompt_in_the_full_cascade(bundle, tm
     shutil.copytree(bundle, root)
     shutil.rmtree(root / "sr256")
     torch.manual_seed(1)
-    sr = _stage("sr256", **SR, text=True, text_dim=384, head_dim=8, steps=2)
+    sr = seeded_stage("sr256", **SR, text=True, text_dim=384, head_dim=8, steps=2)
     with torch.no_grad():  # an untrained cross-attention may start at zero; make the text visible
         for p in sr.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -305,7 +299,7 @@ def test_chain_mismatch_is_named(bundle, tmp_path):
     odd = tmp_path / "odd"
     shutil.copytree(bundle, odd)
     shutil.rmtree(odd / "prior")
-    save_stage(_stage("prior", embed_dim=48, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
+    save_stage(seeded_stage("prior", embed_dim=48, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
                odd / "prior")
     with pytest.raises(UserError, match="prior was trained with embed_dim=48"):
         Cascade.from_bundle(odd)
