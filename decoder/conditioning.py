@@ -44,6 +44,7 @@ class Conditioning(nn.Module):
     def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor | None, token_mask: torch.Tensor | None,
                 keep_image: torch.Tensor, keep_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = image_emb.shape[0]
+        image_emb = image_emb.to(self.image_to_emb.weight.dtype)  # the weights' dtype (bf16 under mixed precision)
         image = torch.where(keep_image[:, None], image_emb, self.null_image.to(image_emb.dtype))  # (B, D)
         image = image * self.image_scale
         emb = self.image_to_emb(image)  # (B, E)

@@ -108,6 +108,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb_cond: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(t) + emb_cond  # (B, E)
+        x = x.to(self.stem.weight.dtype)  # the weights' dtype (bf16 under mixed precision)
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)
         if self.coord_channels:

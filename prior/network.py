@@ -43,8 +43,9 @@ class PriorTransformer(nn.Module):
         """x_t (B, D) noised scaled image embedding, t (B,) timesteps, text (B, D), tokens (B, L, Dt),
         mask (B, L) bool, keep (B,) bool: rows whose text conditioning is kept (None: all).
         Returns the predicted clean scaled image embedding (B, D)."""
-        tok = self.token_proj(tokens)  # (B, L, W)
-        txt = self.text_proj(text)  # (B, W)
+        dtype = self.out.weight.dtype  # inputs in the weights' dtype (bf16 under mixed precision)
+        tok = self.token_proj(tokens.to(dtype))  # (B, L, W)
+        txt = self.text_proj(text.to(dtype))  # (B, W)
         if keep is not None:
             k = keep[:, None]
             tok = torch.where(k[..., None], tok, self.null_tokens.to(tok.dtype))
@@ -56,7 +57,7 @@ class PriorTransformer(nn.Module):
             tok,
             txt[:, None],
             self.time_embed(t)[:, None],
-            self.x_proj(x_t)[:, None],
+            self.x_proj(x_t.to(dtype))[:, None],
             self.query.expand(b, 1, -1),
         ], dim=1) + self.pos  # (B, L + 4, W)
         key_mask = torch.cat([mask, mask.new_ones(b, EXTRA_TOKENS)], dim=1)  # (B, L + 4)

@@ -65,7 +65,7 @@ class PriorStage(Stage):
         text, tokens, mask = batch["clip_text"].float(), batch["clip_tokens"].float(), batch["clip_mask"].bool()
         t = sample_timesteps(self.schedule, b, device=x0.device)
         noise = torch.randn_like(x0)
-        return diffusion_loss(self.schedule, lambda x_t, tt: self.net(x_t, tt, text, tokens, mask, keep),
+        return diffusion_loss(self.schedule, lambda x_t, tt: self.net(x_t, tt, text, tokens, mask, keep).float(),
                               x0, t, noise, cfg.prediction, snr_gamma=cfg.snr_gamma, snr_plus_one=cfg.snr_plus_one)
 
     @torch.no_grad()
@@ -93,7 +93,7 @@ class PriorStage(Stage):
         text_k, tokens_k, mask_k = (c.repeat_interleave(k, dim=0) for c in (text, tokens, mask))
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-            out = self.net(x_t, t, *repeat_to_batch(x_t.shape[0], text_k, tokens_k, mask_k), keep=cond_mask)
+            out = self.net(x_t, t, *repeat_to_batch(x_t.shape[0], text_k, tokens_k, mask_k), keep=cond_mask).float()
             return model_output_to_eps(self.schedule, cfg.prediction, out, x_t, t)
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,

@@ -170,7 +170,7 @@ class SuperResStage(Stage):
             lu, lv, tx, tm = repeat_to_batch(x_t.shape[0], low_up, level, text, mask)
             if tm is not None and cond_mask is not None:
                 tm = tm & cond_mask[:, None]
-            out = self(x_t, lu, t, lv, tx, tm)
+            out = self(x_t, lu, t, lv, tx, tm).float()
             return model_output_to_eps(self.schedule, c.prediction, out, x_t, t)
 
         if threshold is None and not c.residual:

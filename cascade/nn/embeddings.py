@@ -39,4 +39,5 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.freq_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim, self.max_period))
+        # the sinusoids in the MLP's dtype (bf16 weights under mixed precision)
+        return self.mlp(timestep_embedding(t, self.freq_dim, self.max_period).to(self.mlp[0].weight.dtype))
