@@ -55,9 +55,11 @@ def _slug(text: str) -> str:
 
 # ---------------------------------------------------------------------------- model commands
 def _load(args):
+    from cascade.devices import resolve_device, resolve_dtype
     from cascade.pipeline import Cascade
 
-    cascade = Cascade.from_bundle(args.model)
+    device = resolve_device(args.device)
+    cascade = Cascade.from_bundle(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
     args.rank = 0
     if args.shard:
         from cascade.sharding import shard_cascade
@@ -197,6 +199,11 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--aug-level", type=float, default=None,
                    help="noise-conditioning augmentation level given to the SR stages (default: their "
                         "configs'; 0.2 in the shipped ones)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one, else the CPU)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the diffusion stages' weights (default: auto, bfloat16 on a GPU that has it, else "
+                        "float32); the same seed, device and dtype give identical images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--shard", action="store_true",
                    help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "

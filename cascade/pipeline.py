@@ -118,18 +118,26 @@ class Cascade:
         self.manifest = manifest or {}
         check_chain(clip, stages)
 
+    @property
+    def device(self) -> torch.device:
+        return self.clip.image_mean.device
+
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_bundle(cls, path: str | Path, stages: tuple[str, ...] | None = None) -> "Cascade":
-        """Load the stages present in bundle `path` (safetensors only; never unpickles).
+    def from_bundle(cls, path: str | Path, stages: tuple[str, ...] | None = None, *,
+                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32") -> "Cascade":
+        """Load the stages present in bundle `path` (safetensors only; never unpickles) onto `device`, the
+        diffusion stages' weights in `dtype` (see `cascade.devices`; the CLIP towers stay fp32).
 
         Checks the manifest's format version and stage list against the folders, and the chain of
         resolutions and embedding sizes between stages; every mismatch is a one-line UserError.
         """
-        from cascade.bundle import load_stage
+        from cascade.bundle import load_stage, read_manifest
+        from cascade.devices import resolve_device, resolve_dtype
         from cascade.encoders import load_encoder
 
-        from cascade.bundle import read_manifest
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
 
         path = Path(path)
         manifest_path = path / "cascade.json"
@@ -141,8 +149,8 @@ class Cascade:
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
         wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
-        clip = load_encoder(path / "clip")
-        loaded = {name: load_stage(path / name) for name in wanted}
+        clip = load_encoder(path / "clip", device=device)
+        loaded = {name: load_stage(path / name, device=device).to(dtype) for name in wanted}
         return cls(clip, loaded, manifest)
 
     # ------------------------------------------------------------------ stages
@@ -166,7 +174,7 @@ class Cascade:
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.clip.encode_image(images)
+            return self.clip.encode_image(images.to(self.device))
 
     def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
                  text: dict | None = None, shared_noise: bool = False,

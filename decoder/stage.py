@@ -153,7 +153,7 @@ class Decoder(Stage):
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         x = diffusion.sample(self.denoiser(conditioning), (b, 3, s, s), schedule=self.schedule, sampler=sampler,
                              steps=steps, eta=eta, guidance=guidance, threshold=threshold, generator=generator,
-                             x_T=noise, callback=callback, progress=progress)
+                             x_T=noise, callback=callback, progress=progress, device=self.device)
         return x.clamp(-1.0, 1.0)
 
     @torch.no_grad()

@@ -97,7 +97,8 @@ class PriorStage(Stage):
             return model_output_to_eps(self.schedule, cfg.prediction, out, x_t, t)
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
-                             steps=steps, guidance=guidance, generator=generator, x_T=x_T, callback=callback)
+                             steps=steps, guidance=guidance, generator=generator,
+                             x_T=None if x_T is None else x_T.to(device), callback=callback, device=device)
         z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
         best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)
         return z[torch.arange(b, device=device), best]

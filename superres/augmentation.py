@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from cascade.diffusion import NoiseSchedule
+from cascade.diffusion.noise import randn
 
 
 def alpha_bar_at_level(schedule: NoiseSchedule, level: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,5 @@ def noise_augment(x: torch.Tensor, level: torch.Tensor, schedule: NoiseSchedule,
     """z_s = sqrt(alpha_bar(s)) x + sqrt(1 - alpha_bar(s)) eps for x (B, C, H, W), level (B,) in [0, 1];
     eps is `noise` (broadcasting against x) when given, else drawn from `generator`."""
     ab = alpha_bar_at_level(schedule, level).to(x.dtype).view(-1, 1, 1, 1)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    noise = randn(x.shape, generator, x.device, x.dtype) if noise is None else noise.to(x.device, x.dtype)
     return ab.sqrt() * x + (1 - ab).sqrt() * noise

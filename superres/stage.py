@@ -177,7 +177,8 @@ class SuperResStage(Stage):
             threshold = "static"
         x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler,
                    steps=steps, guidance=guidance if text is not None else None,
-                   threshold=threshold, generator=generator, x_T=noise, callback=callback, progress=progress)
+                   threshold=threshold, generator=generator, x_T=None if noise is None else noise.to(low.device),
+                   callback=callback, progress=progress, device=low.device)
         if c.residual:
             x = x + bicubic_upsample(low, (size_h, size_w))
         return x.clamp(-1.0, 1.0)

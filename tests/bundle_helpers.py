@@ -1,6 +1,8 @@
 """Builders of small, untrained stages for the tests that save them into bundles (it holds no tests)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from cascade.registry import get_stage
@@ -11,3 +13,25 @@ def seeded_stage(name: str, **model):
     cls = get_stage(name)
     torch.manual_seed(0)
     return cls(cls.Config(**model))
+
+
+# The small bundle's stages: each config carries its sampling defaults (small, so the tests are fast).
+CONFIG_STEPS = {"prior": 2, "decoder": 4, "sr256": 3, "sr1024": 1}
+DECODER = dict(clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+               attention_resolutions=[16], head_dim=8, patch_size=2)
+SR = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
+
+
+def small_bundle(root: Path) -> Path:
+    """A bundle of small untrained stages (clip, prior, decoder, sr256, sr1024) written to `root`."""
+    from cascade.bundle import save_stage, write_manifest
+
+    save_stage(seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16), root / "clip")
+    save_stage(seeded_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2,
+                            steps=CONFIG_STEPS["prior"]), root / "prior")
+    save_stage(seeded_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
+    save_stage(seeded_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
+    save_stage(seeded_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]),
+               root / "sr1024")
+    write_manifest(root)
+    return root

@@ -130,3 +130,18 @@ def test_bad_schedule_arguments_are_user_errors():
             s.respace(steps)
     with pytest.raises(UserError, match="spacing"):
         s.respace(5, "karras")
+
+
+def test_schedule_tables_are_copied_once_per_device_and_dtype():
+    from cascade.diffusion.noise_schedule import broadcast_at, on_device
+
+    schedule = NoiseSchedule.from_name("cosine", 50)
+    table = schedule.alphas_cumprod  # float64 on the CPU
+    assert on_device(table, table.device, table.dtype) is table
+    half = on_device(table, torch.device("cpu"), torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and on_device(table, torch.device("cpu"), torch.bfloat16) is half
+    like = torch.zeros(3, 2, 4, 4, dtype=torch.bfloat16)
+    t = torch.tensor([0, 10, 49])
+    out = broadcast_at(table, t, like)
+    assert out.shape == (3, 1, 1, 1) and out.dtype == torch.bfloat16
+    assert torch.equal(out.flatten(), table[t].to(torch.bfloat16))  # the same values as index-then-cast

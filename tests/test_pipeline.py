@@ -16,28 +16,14 @@ from cascade.bundle import save_stage, write_manifest
 from cascade.cli import main
 from cascade.errors import UserError
 from cascade.pipeline import Cascade, Settings
-from bundle_helpers import seeded_stage
+from bundle_helpers import CONFIG_STEPS, SR, seeded_stage, small_bundle
 
 FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
-CONFIG_STEPS = {"prior": 2, "decoder": 4, "sr256": 3, "sr1024": 1}
-DECODER = dict(clip_dim=32, text_dim=384, channels=16, channel_mult=[1, 2], num_res_blocks=1,
-               attention_resolutions=[16], head_dim=8, patch_size=2)
-SR = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1])
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    clip = seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
-    save_stage(clip, root / "clip")
-    # Each stage's config carries its sampling defaults (small here, so the tests are fast).
-    save_stage(seeded_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2,
-                      steps=CONFIG_STEPS["prior"]), root / "prior")
-    save_stage(seeded_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
-    save_stage(seeded_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
-    save_stage(seeded_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]), root / "sr1024")
-    write_manifest(root)
-    return root
+    return small_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -321,3 +321,41 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path, data):
     assert lb == pytest.approx(la, rel=1e-5)
     state = json.loads((tmp_path / "accum" / "checkpoints" / "step-000004" / "state.json").read_text())
     assert state["micro_batches"] == 8
+
+
+def test_a_non_finite_loss_skips_its_batch_and_too_many_in_a_row_stop_the_run(tmp_path, data, monkeypatch, capsys):
+    cfg = write_config(tmp_path / "c.yaml", max_steps=6, log_every=3, max_nonfinite=3)
+    monkeypatch.setenv("CASCADE_TEST_NAN_AT_CALLS", "2,3")
+    result = _train(tmp_path, "run", data, cfg)
+    assert result.step == 6 and not result.interrupted
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [3, 6] and all(math.isfinite(r["loss"]) for r in records)
+    said = "".join(capsys.readouterr())
+    assert "step 2: loss is nan" in said and "(2 in a row, the run stops at 3)" in said
+
+    monkeypatch.setenv("CASCADE_TEST_NAN_AT_CALLS", "2-")
+    with pytest.raises(UserError, match="3 non-finite losses in a row at step 2: the run diverged"):
+        _train(tmp_path, "diverged", data, cfg)
+
+
+def test_a_bf16_deepspeed_config_trains_a_real_stage_from_fp32_data(tmp_path):
+    """DeepSpeed's bf16 casts the weights to bf16 while the data stay fp32 (the defect: every stage
+    crashed on its first batch); three steps of the prior train, log finite losses and export."""
+    from cascade.bundle import load_stage
+    from cascade.training.engine import TrainArgs, train
+    from prior.synthetic import write_shards as write_embedded
+
+    dims = dict(embed_dim=16, token_dim=8, max_text_len=6)
+    data = tmp_path / "data"
+    write_embedded(data, 64, 8, shard_size=32, **dims)
+    cfg = _yaml(tmp_path / "prior.yaml", {"stage": "prior", "model": {**dims, "width": 32, "depth": 1, "heads": 2},
+                                          "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 3, "log_every": 1,
+                                                    "ckpt_every": 0, "sample_every": 0, "eval_at_end": False}})
+    (tmp_path / "bf16.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}))
+    result = train(TrainArgs(stage="prior", config=cfg, data=data, run_dir=tmp_path / "run",
+                             deepspeed_config=tmp_path / "bf16.json", export=tmp_path / "bundle"))
+    assert result.step == 3
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 3 and all(math.isfinite(v) and v > 0 for v in losses)
+    stage = load_stage(tmp_path / "bundle" / "prior")
+    assert all(p.dtype == torch.float32 for p in stage.parameters())  # the EMA copy is fp32

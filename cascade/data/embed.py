@@ -181,11 +181,14 @@ def add_parser(data_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip", required=True,
                         help="a CLIP stage folder (e.g. BUNDLE/clip) or an open_clip name[:pretrained]")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    counts = embed_dataset(args.data, args.clip, batch_size=args.batch_size, device=args.device)
+    from cascade.devices import resolve_device
+
+    counts = embed_dataset(args.data, args.clip, batch_size=args.batch_size, device=resolve_device(args.device))
     print(f"embedded {counts['embedded']} samples; {counts['skipped']} already embedded by this CLIP")
     return 0

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from cascade.diffusion.guidance import guided_denoise
-from cascade.diffusion.noise_schedule import NoiseSchedule
+from cascade.diffusion.noise_schedule import NoiseSchedule, on_device
 from cascade.diffusion.parameterization import eps_to_x0, x0_to_eps
 from cascade.diffusion.thresholding import apply_threshold
 
@@ -32,7 +32,7 @@ class Denoiser:
         self.guidance, self.threshold = guidance, threshold
 
     def __call__(self, x: torch.Tensor, i: torch.Tensor) -> DenoiserOutput:
-        t = self.kept_steps.to(x.device)[i]
+        t = on_device(self.kept_steps, x.device, torch.long)[i]
         eps, variance_out = guided_denoise(self.denoise, x, t, self.guidance)
         x0 = eps_to_x0(self.schedule, x, i, eps)
         if self.threshold is not None:

@@ -24,7 +24,7 @@ import torch
 from cascade.diffusion.forward_process import q_posterior_mean_variance, q_sample
 from cascade.diffusion.learned_variance import interpolated_log_variance
 from cascade.diffusion.likelihood import mean_flat, vlb_term_bpd
-from cascade.diffusion.noise_schedule import NoiseSchedule
+from cascade.diffusion.noise_schedule import NoiseSchedule, on_device
 from cascade.diffusion.parameterization import Prediction, model_output_to_x0, prediction_target
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,7 +78,8 @@ def min_snr_weight(schedule: NoiseSchedule, prediction: Prediction | str, t: tor
     x0-space weight min(SNR_t, gamma), or min(SNR_t + 1, gamma) with `plus_one`, in `prediction`'s units."""
     if gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {gamma}")
-    snr = (schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)).to(t.device)[t]
+    alpha_bar = on_device(schedule.alphas_cumprod, t.device, torch.float64)[t]
+    snr = alpha_bar / (1.0 - alpha_bar)
     clipped = (snr + 1.0 if plus_one else snr).clamp(max=gamma)
     prediction = Prediction(prediction)
     if prediction is Prediction.EPS:

@@ -27,9 +27,22 @@ from cascade.errors import UserError
 LOG_SNR_FLOOR = -8.0
 
 
+def on_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A schedule table on `device` in `dtype`, copied once per (table, device, dtype) and reused: the
+    samplers and losses index the tables at every step, and a fresh host-to-device copy each time is
+    a synchronising transfer on a GPU."""
+    if values.device == device and values.dtype == dtype:
+        return values
+    copies = values.__dict__.setdefault("_copies", {})  # kept on the table itself, gone with it
+    key = (device, dtype)
+    if key not in copies:
+        copies[key] = values.to(device, dtype)
+    return copies[key]
+
+
 def broadcast_at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] shaped (B, 1, ..., 1) to broadcast against `like` (B, ...), in like's dtype."""
-    out = values.to(like.device)[t.to(like.device).long()].to(like.dtype)
+    out = on_device(values, like.device, like.dtype)[t.to(like.device).long()]
     return out.reshape(out.shape + (1,) * (like.ndim - 1))
 
 

@@ -3,7 +3,7 @@
     ds/                      DeepSpeed's own checkpoint: module, optimizer partitions (per rank)
     weights.safetensors      the full live weights, gathered from the ZeRO partitions
     ema.safetensors          the EMA of the trainable weights
-    rng-rank<R>.safetensors  each rank's torch RNG state
+    rng-rank<R>.safetensors  each rank's torch RNG states (CPU, and CUDA on a GPU)
     state.json               step, data position, world size, ZeRO stage (written last)
 
 Everything is written into `.tmp-step-NNNNNN/` and renamed once every rank has finished, so a
@@ -91,7 +91,7 @@ def save(run_dir: Path, engine, stage: nn.Module, ema: EMA, state: CheckpointSta
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     weights = full_state_dict(stage, is_main=is_main)
     rank = torch.distributed.get_rank()
-    save_file({"cpu": torch.get_rng_state()}, str(tmp / f"rng-rank{rank}.safetensors"))
+    save_file(rng_state(), str(tmp / f"rng-rank{rank}.safetensors"))
     if is_main:
         save_file(weights, str(tmp / "weights.safetensors"))
         save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
@@ -126,12 +126,27 @@ def load_ema(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "ema.safetensors"))
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: the CPU's and, on a GPU, this rank's CUDA device's (dropout and
+    the stages' noise draw from it there), so a resume on a GPU is as exact as on the CPU."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def load_rng(path: Path, rank: int) -> bool:
-    """Restore this rank's RNG state; False if the checkpoint has none for it."""
+    """Restore this rank's RNG states; False if the checkpoint has none for it."""
     file = path / f"rng-rank{rank}.safetensors"
     if not file.is_file():
         return False
-    torch.set_rng_state(load_file(str(file))["cpu"])
+    set_rng_state(load_file(str(file)))
     return True
 
 

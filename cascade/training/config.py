@@ -33,6 +33,7 @@ class TrainConfig(Config):
     eval_every: int = Field(0, ge=0)  # 0: at the end only
     eval_at_end: bool = True  # False: no evaluation at the last step (e.g. when `cascade eval` follows)
     num_workers: int = Field(0, ge=0)
+    max_nonfinite: int = Field(10, gt=0)  # non-finite losses in a row (each batch skipped) before the run stops
 
     @field_validator("betas")
     @classmethod

@@ -108,15 +108,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device`, in their own dtypes: under bf16 the networks cast what they read
+    to their weights' dtype, and the stages keep the diffusion maths (targets, losses) in fp32."""
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
 
 
 class _StopFlag:
@@ -206,7 +202,6 @@ class Trainer:
                 # DeepSpeed's optimizer partitions only fit the layout that wrote them.
                 stage.load_state_dict(checkpoints.load_weights(path), strict=True)
         promote_scalars(stage)
-        ema = EMA(stage, cfg.ema_decay, holds=self.main)
         optimizer = torch.optim.AdamW(param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                       weight_decay=cfg.weight_decay)
         wrapper = _LossOf(stage)
@@ -215,8 +210,9 @@ class Trainer:
             for p in params_read_outside_forward(stage, lambda: stage.loss(probe)):
                 deepspeed.zero.register_external_parameter(wrapper, p)
         engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
+        # After initialize, which moves the weights to the engine's device: the EMA lives there too.
+        ema = EMA(stage, cfg.ema_decay, holds=self.main)
         self.engine, self.stage, self.ema, self.zero_stage = engine, stage, ema, zero_stage
-        self.dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else None
 
         self.step = 0
         self.micro_batches = 0
@@ -342,7 +338,8 @@ class Trainer:
         preview_batch = self._preview_batch() if grids and self.main else None
         batches = self._loader(self.stage, skip_batches=self.micro_batches)
         interrupted = False
-        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        nonfinite = 0  # non-finite losses in a row
+        window_loss, window_steps, window_time = torch.zeros((), device=engine.device), 0, 0.0
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         first_step = self.step
         with _StopFlag() as stop:
@@ -353,29 +350,36 @@ class Trainer:
                                    max_steps=cfg.max_steps, min_lr_ratio=cfg.min_lr_ratio)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-                step_loss = 0.0
-                for _ in range(cfg.grad_accum):
-                    batch = _to_device(next(batches), engine.device, self.dtype)
+                step_loss = torch.zeros((), device=engine.device)  # on the device: read at logging steps
+                done = 0
+                while done < cfg.grad_accum:
+                    batch = _to_device(next(batches), engine.device)
                     loss = engine(batch)
+                    self.micro_batches += 1
+                    # The one host sync per micro-batch: every rank must skip the same batches.
+                    if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
+                        self._nonfinite(loss, nonfinite := nonfinite + 1)
+                        continue
+                    nonfinite = 0
                     engine.backward(loss)
                     engine.step()
-                    self.micro_batches += 1
-                    step_loss += float(loss.detach()) / cfg.grad_accum
+                    done += 1
+                    step_loss += loss.detach().float() / cfg.grad_accum
                 self.step += 1
                 self.ema.update()
                 window_time += time.perf_counter() - started  # training only: not eval, grids, saves
                 window_loss += step_loss
                 window_steps += 1
-                log.advance(step_loss)
+                log.advance()
 
                 last = self.step == cfg.max_steps
                 evaluate = (cfg.eval_every and self.step % cfg.eval_every == 0) or (last and cfg.eval_at_end)
                 metrics = self._evaluate() if evaluate else {}
                 if self.step % cfg.log_every == 0 or last or evaluate:
-                    mean_loss = distributed.mean_over_ranks(window_loss / window_steps)
+                    mean_loss = distributed.mean_over_ranks(float(window_loss) / window_steps)
                     speed = window_steps * samples_per_step / max(window_time, 1e-9)
                     log.record(self.step, {"loss": mean_loss, "lr": lr, "samples_per_s": speed, **metrics})
-                    window_loss, window_steps, window_time = 0.0, 0, 0.0
+                    window_loss, window_steps, window_time = torch.zeros((), device=engine.device), 0, 0.0
                 if grids and (self.step % cfg.sample_every == 0 or last):
                     self._sample(preview_batch)
                 if distributed.any_rank(stop.raised):
@@ -392,6 +396,16 @@ class Trainer:
         if self.args.export is not None and not interrupted:
             export_dir = self.export(Path(self.args.export))
         return TrainResult(step=self.step, interrupted=interrupted, export_dir=export_dir, start_step=first_step)
+
+    def _nonfinite(self, loss: torch.Tensor, in_a_row: int) -> None:
+        """Report a non-finite loss (on some rank) and skip its batch; stop after `max_nonfinite` in a row."""
+        limit = self.train_cfg.max_nonfinite
+        self.log(f"step {self.step + 1}: loss is {float(loss.detach()):g} on this rank or another; batch "
+                 f"skipped ({in_a_row} in a row, the run stops at {limit})")
+        if in_a_row >= limit:
+            raise UserError(f"{limit} non-finite losses in a row at step {self.step + 1}: the run diverged. "
+                            f"Lower train.lr, check the data, or resume from the last checkpoint in "
+                            f"{self.run_dir / 'checkpoints'}")
 
     def export(self, bundle_dir: Path) -> Path | None:
         """Write the EMA weights as `bundle_dir/<stage>/` and update `bundle_dir/cascade.json`."""

@@ -20,7 +20,7 @@ from cascade.errors import UserError
 
 RUN_FILE = "run.json"
 MUTABLE_TRAIN_KEYS = frozenset({"max_steps", "log_every", "ckpt_every", "sample_every", "eval_every",
-                                "num_workers"})
+                                "num_workers", "max_nonfinite"})
 MUTABLE_MODEL_KEYS = frozenset({"sampler", "steps", "guidance", "eval_steps", "eval_guidance"})
 
 

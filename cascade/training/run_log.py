@@ -53,15 +53,18 @@ class RunLog:
         if self.active:
             tqdm.write(text)
 
-    def advance(self, loss: float) -> None:
+    def advance(self) -> None:
+        """One optimizer step done (the bar shows the loss of the last logged window, see `record`: reading
+        the loss every step would wait for the device every step)."""
         if self.active:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def record(self, step: int, metrics: dict[str, Any]) -> None:
         """One line of metrics.jsonl (and TensorBoard scalars) for `step`."""
         if not self.active:
             return
+        if "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         # JSON has no NaN or infinity; a diverged loss is written as the string "nan".
         clean = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
         self.file.write(json.dumps({"step": step, **clean}) + "\n")

@@ -1,0 +1,93 @@
+"""The device and dtype policy (`cascade.devices`) and the pipeline on the device and dtype asked for.
+
+The device is a parameter: `CASCADE_TEST_DEVICE=cuda pytest -m "not slow"` runs the same tests on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cascade.devices import resolve_device, resolve_dtype
+from cascade.errors import UserError
+
+DEVICE = torch.device(os.environ.get("CASCADE_TEST_DEVICE", "cpu"))
+
+
+def test_auto_picks_the_gpu_when_there_is_one_and_fp32_on_the_cpu():
+    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == want
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("name,needle", [("tpu", "use auto, cpu, cuda or cuda:N"), ("cuda:x", "use auto"),
+                                         ("cuda:99", "CUDA GPU")])
+def test_a_device_this_machine_lacks_is_a_one_line_error(name, needle):
+    with pytest.raises(UserError, match=needle) as err:
+        resolve_device(name)
+    assert "\n" not in str(err.value)
+
+
+def test_float16_on_the_cpu_and_unknown_dtypes_are_one_line_errors():
+    with pytest.raises(UserError, match="float16 needs a GPU"):
+        resolve_dtype("float16", torch.device("cpu"))
+    with pytest.raises(UserError, match="use auto, float32, bfloat16, float16"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+class _Placement(TorchDispatchMode):
+    """Records every op whose floating-point output is not on `device` in `dtype` (or fp32, the dtype the
+    diffusion maths run in). Noise is drawn on the CPU generator and copied over on purpose; the drawing
+    ops and copies are not counted, nor the samplers' scalar bookkeeping."""
+
+    ALLOWED = ("aten.randn", "aten.normal", "aten._to_copy", "aten.copy_", "aten.lift_fresh", "aten._local_scalar")
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.device, self.dtypes, self.wrong = device, {dtype, torch.float32}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
+                    and not name.startswith(self.ALLOWED)
+                    and (t.device.type != self.device.type or t.dtype not in self.dtypes | {torch.float64})):
+                self.wrong.append((name, t.device, t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generate_runs_every_stage_on_the_device_and_dtype_asked_for(tmp_path, dtype):
+    from bundle_helpers import small_bundle
+
+    from cascade.pipeline import Cascade, Settings
+
+    cascade = Cascade.from_bundle(small_bundle(tmp_path), device=DEVICE, dtype=dtype)
+    for stage in cascade.stages.values():
+        assert all(p.device.type == DEVICE.type and p.dtype == dtype for p in stage.parameters())
+    settings = Settings(steps={"prior": 2, "decoder": 2, "sr256": 1})
+    with _Placement(DEVICE, dtype) as seen:
+        out = cascade.generate(["a red circle"], seed=3, until="sr256", settings=settings)
+    assert not seen.wrong, sorted(set(seen.wrong))[:10]
+    assert out.final.device.type == DEVICE.type and out.final.dtype == torch.float32
+    assert torch.isfinite(out.final).all() and out.final.shape == (1, 3, 256, 256)
+    again = cascade.generate(["a red circle"], seed=3, until="sr256", settings=settings)
+    assert torch.equal(out.final, again.final)  # same seed, device and dtype: identical images
+
+
+def test_the_cli_takes_device_and_dtype(tmp_path, capsys):
+    from bundle_helpers import small_bundle
+
+    from cascade.cli import main
+
+    bundle = small_bundle(tmp_path)
+    args = ["generate", "--prompt", "a red circle", "--model", str(bundle), "--num-images", "1", "--until",
+            "decoder", "--steps", "prior=2,decoder=2", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(args + ["--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2
+    assert main(args + ["--device", "cuda:99"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err
