@@ -17,7 +17,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from cascade.nn import TransformerBlock
+from cascade.nn import TransformerBlock, run_block
 from decoder.config import DecoderConfig
 
 
@@ -40,6 +40,7 @@ class Conditioning(nn.Module):
         self.text_proj = nn.Linear(config.text_dim, width)
         self.text_blocks = nn.ModuleList(TransformerBlock(width, config.head_dim) for _ in range(config.text_layers))
         self.norm = nn.LayerNorm(width)
+        self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(self, image_emb: torch.Tensor, tokens: torch.Tensor | None, token_mask: torch.Tensor | None,
                 keep_image: torch.Tensor, keep_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,7 +59,7 @@ class Conditioning(nn.Module):
                 token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
             text = self.text_proj(tokens.to(image_emb.dtype))  # (B, L, C)
             for block in self.text_blocks:
-                text = block(text, token_mask)
+                text = run_block(block, text, token_mask, checkpoint=self.gradient_checkpointing)
             text_visible = token_mask & keep_text[:, None]  # (B, L)
             parts.append(text)
             visible += [~text_visible.any(dim=1, keepdim=True), text_visible]

@@ -41,7 +41,8 @@ class Decoder(Stage):
                          num_res_blocks=config.block_counts, attention_resolutions=config.attention_resolutions,
                          head_dim=config.head_dim, context_dim=config.context_width,
                          emb_dim=config.embedding_dim, dropout=config.dropout, patch_size=config.patch_size,
-                         coord_channels=config.coord_channels, attention_positions=config.attention_positions)
+                         coord_channels=config.coord_channels, attention_positions=config.attention_positions,
+                         gradient_checkpointing=config.gradient_checkpointing)
         self._schedule = None
 
     @property

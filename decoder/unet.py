@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade.nn import Downsample, ResBlock, SelfAttention2d, TimestepEmbedding, Upsample, group_norm, zero_module
+from cascade.nn import (Downsample, ResBlock, SelfAttention2d, TimestepEmbedding, Upsample, group_norm, run_block,
+                        zero_module)
 
 
 def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
@@ -59,14 +60,17 @@ class UNet(nn.Module):
 
     `emb_cond` is added to the timestep embedding (the caller projects the image embedding into it);
     `context` are the tokens attention blocks may attend to, `mask` True where they may.
+    With `gradient_checkpointing`, each level (ResBlock + attention) is recomputed in backward while training.
     """
 
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int, channels: int,
                  channel_mult: list[int], num_res_blocks: list[int], attention_resolutions: list[int],
                  head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1,
-                 coord_channels: bool = False, attention_positions: bool = False):
+                 coord_channels: bool = False, attention_positions: bool = False,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.patch_size = patch_size
+        self.gradient_checkpointing = gradient_checkpointing
         self.coord_channels = coord_channels
         self.time_embed = TimestepEmbedding(emb_dim, freq_dim=channels)
         self.stem = nn.Conv2d(in_channels * patch_size**2 + 2 * coord_channels, channels, 3, padding=1)
@@ -115,16 +119,17 @@ class UNet(nn.Module):
             x = torch.cat([x, coordinate_grid(x)], dim=1)
         h = self.stem(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
+        ckpt = self.gradient_checkpointing
         for layer in self.down:
-            h = layer(h) if isinstance(layer, Downsample) else layer(h, emb, context, mask)
+            h = layer(h) if isinstance(layer, Downsample) else run_block(layer, h, emb, context, mask, checkpoint=ckpt)
             hs.append(h)
         for layer in self.mid:
-            h = layer(h, emb, context, mask)
+            h = run_block(layer, h, emb, context, mask, checkpoint=ckpt)
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:
-                h = layer(torch.cat([h, hs.pop()], dim=1), emb, context, mask)
+                h = run_block(layer, torch.cat([h, hs.pop()], dim=1), emb, context, mask, checkpoint=ckpt)
         h = self.out(F.silu(self.out_norm(h)))
         if self.patch_size > 1:
             h = F.pixel_shuffle(h, self.patch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cascade.nn import TimestepEmbedding, TransformerBlock
+from cascade.nn import TimestepEmbedding, TransformerBlock, run_block
 from prior.config import PriorConfig
 
 EXTRA_TOKENS = 4  # text embedding, timestep, noised image embedding, query
@@ -37,6 +37,7 @@ class PriorTransformer(nn.Module):
             for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(w)
         self.out = nn.Linear(w, cfg.embed_dim)
+        self.gradient_checkpointing = cfg.gradient_checkpointing  # recompute each block in backward
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,5 +63,5 @@ class PriorTransformer(nn.Module):
         ], dim=1) + self.pos  # (B, L + 4, W)
         key_mask = torch.cat([mask, mask.new_ones(b, EXTRA_TOKENS)], dim=1)  # (B, L + 4)
         for block in self.blocks:
-            seq = block(seq, key_mask)
+            seq = run_block(block, seq, key_mask, checkpoint=self.gradient_checkpointing)
         return self.out(self.norm_out(seq[:, -1]))  # (B, D)

@@ -50,7 +50,8 @@ class SuperResStage(Stage):
         self._check(config)
         self.net = EfficientUNet(base_channels=config.base_channels, channel_mults=config.channel_mults,
                                  num_res_blocks=config.num_res_blocks, dropout=config.dropout,
-                                 text_dim=config.text_dim if config.text else None, head_dim=config.head_dim)
+                                 text_dim=config.text_dim if config.text else None, head_dim=config.head_dim,
+                                 gradient_checkpointing=config.gradient_checkpointing)
         with torch.device("cpu"):  # the schedule is data, not weights: keep it real under a meta device
             self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
 

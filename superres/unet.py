@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade.nn import Downsample, TimestepEmbedding, Upsample, zero_module
+from cascade.nn import Downsample, TimestepEmbedding, Upsample, run_block, zero_module
 from superres.blocks import LocalResBlock, PixelNorm, TextCrossAttention
 
 AUG_SCALE = 1000.0  # levels in [0, 1] are embedded on the timestep scale, so both share frequencies
@@ -32,12 +32,14 @@ class EfficientUNet(nn.Module):
     Level i has channels[i] = base * channel_mults[i] and num_res_blocks[i] blocks on the way down,
     the same number on the way up (after concatenating the level's skip), at resolution H / 2^i.
     The bottleneck holds two blocks with text cross-attention between them when `text_dim` is set.
+    With `gradient_checkpointing`, every block and the cross-attention are recomputed in backward while training.
     """
 
     def __init__(self, *, base_channels: int, channel_mults: Sequence[int], num_res_blocks: Sequence[int],
                  image_channels: int = 3, text_dim: int | None = None, head_dim: int = 64,
-                 dropout: float = 0.0, emb_mult: int = 4):
+                 dropout: float = 0.0, emb_mult: int = 4, gradient_checkpointing: bool = False):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if len(channel_mults) != len(num_res_blocks):
             raise ValueError("channel_mults and num_res_blocks need one entry per level")
         chans = [base_channels * m for m in channel_mults]
@@ -83,21 +85,22 @@ class EfficientUNet(nn.Module):
         # in the weights' dtype (bf16 under mixed precision)
         h = torch.cat([x_t, low_res_up], dim=1).to(self.conv_in.weight.dtype).contiguous(memory_format=torch.channels_last)
         h = self.conv_in(h)
+        ckpt = self.gradient_checkpointing
         skips = []
         for sampler, blocks in zip(self.down_samplers, self.down_blocks):
             h = sampler(h)
             for block in blocks:
-                h = block(h, emb)
+                h = run_block(block, h, emb, checkpoint=ckpt)
             skips.append(h)
-        h = self.mid1(h, emb)
+        h = run_block(self.mid1, h, emb, checkpoint=ckpt)
         if self.cross_attn is not None and text is not None:
             if text_mask is None:
                 text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-            h = self.cross_attn(h, text.to(h.dtype), text_mask)
-        h = self.mid2(h, emb)
+            h = run_block(self.cross_attn, h, text.to(h.dtype), text_mask, checkpoint=ckpt)
+        h = run_block(self.mid2, h, emb, checkpoint=ckpt)
         for i in reversed(range(self.levels)):
             h = torch.cat([h, skips[i]], dim=1)
             for block in self.up_blocks[i]:
-                h = block(h, emb)
+                h = run_block(block, h, emb, checkpoint=ckpt)
             h = self.up_samplers[i](h)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
