@@ -90,6 +90,7 @@ class Stage(nn.Module):
     image_sizes: ClassVar[tuple[int, ...]] = ()  # which `<size>.png` the reader decodes
     needs_embeddings: ClassVar[bool] = False  # whether batches carry precomputed CLIP embeddings
     samples_images: ClassVar[bool] = True  # whether `preview` returns an image grid
+    networks: ClassVar[tuple[str, ...]] = ()  # the submodules `compile_networks` compiles
 
     def __init__(self, config: Config):
         super().__init__()
@@ -103,6 +104,19 @@ class Stage(nn.Module):
         the config decides (a stage overrides this then). The one source for the training reader,
         evaluation and the bundle manifest."""
         return tuple(cls.image_sizes), cls.needs_embeddings
+
+    def compile_networks(self, **options: Any) -> None:
+        """Compile the stage's networks (`networks`) in place with `torch.compile`, for training and sampling.
+
+        Each network's call is compiled (`nn.Module.compile`): the modules stay where they are, so parameter
+        names, state_dict keys, checkpoints and bundles are the same as uncompiled. `options` go to
+        `torch.compile` (backend, mode, dynamic). Compiling is lazy: the first calls are slow (seconds to
+        minutes), and a new input shape, dtype or device, or switching between training and eval, compiles
+        again (about one compilation of each variant a run uses)."""
+        if not self.networks:
+            raise NotImplementedError(f"the {self.name or type(self).__name__} stage names no networks to compile")
+        for name in self.networks:
+            getattr(self, name).compile(**options)
 
     def preprocess(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Per-sample transform run in the data loader before collation (crops, degradations)."""

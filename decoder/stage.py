@@ -26,6 +26,7 @@ class Decoder(Stage):
     Config = DecoderConfig
     image_sizes = (64,)
     needs_embeddings = True
+    networks = ("conditioning", "unet")
 
     @classmethod
     def data_needs(cls, config: DecoderConfig) -> tuple[tuple[int, ...], bool]:

@@ -32,6 +32,7 @@ class PriorStage(Stage):
     image_sizes = ()
     needs_embeddings = True
     samples_images = False
+    networks = ("net",)
 
     def __init__(self, config: PriorConfig):
         super().__init__(config)

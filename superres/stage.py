@@ -39,6 +39,7 @@ class SuperResStage(Stage):
     Config: ClassVar[type[Config]] = SRConfig
     low_size: ClassVar[int] = 64
     high_size: ClassVar[int] = 256
+    networks = ("net",)
 
     @classmethod
     def data_needs(cls, config: SRConfig) -> tuple[tuple[int, ...], bool]:

@@ -34,6 +34,7 @@ class TinyAE(Stage):
 
     Config = TinyAEConfig
     image_sizes = (64,)
+    networks = ("encode", "decode")
 
     def __init__(self, config: TinyAEConfig):
         super().__init__(config)

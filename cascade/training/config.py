@@ -34,6 +34,7 @@ class TrainConfig(Config):
     eval_at_end: bool = True  # False: no evaluation at the last step (e.g. when `cascade eval` follows)
     num_workers: int = Field(0, ge=0)
     max_nonfinite: int = Field(10, gt=0)  # non-finite losses in a row (each batch skipped) before the run stops
+    compile: bool = False  # torch.compile the stage's networks (`Stage.compile_networks`); the first steps compile
 
     @field_validator("betas")
     @classmethod

@@ -162,6 +162,9 @@ class Trainer:
         find_shards(args.data, "train")
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
+        if self.train_cfg.compile and not self.stage_cls.networks:
+            raise UserError(f"{self.run.source}: train.compile is set but the {self.run.stage} stage has no "
+                            f"networks to compile; remove it")
         run_dirs.claim(self.run_dir, self.run.as_dict(), self.run.source, write=False,
                        defaults=self.run.defaults(), upgrade_model=self._upgrade_model)
 
@@ -209,6 +212,13 @@ class Trainer:
             probe = next(self._loader(stage, skip_batches=0))
             for p in params_read_outside_forward(stage, lambda: stage.loss(probe)):
                 deepspeed.zero.register_external_parameter(wrapper, p)
+        if cfg.compile:
+            # In place, so the engine, the checkpoints and the EMA see the same parameter names.
+            stage.compile_networks()
+            if zero_stage == 3:
+                self.log("train.compile under ZeRO-3: TorchDynamo also traces DeepSpeed's parameter gathering "
+                         "hooks (recompiling them up to its limit, then running them uncompiled); expect less "
+                         "of a speed-up than with ZeRO 0-2")
         engine, _, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer, config=ds_config)
         # After initialize, which moves the weights to the engine's device: the EMA lives there too.
         ema = EMA(stage, cfg.ema_decay, holds=self.main)

@@ -7,7 +7,8 @@ A key the recorded config lacks (an option added to cascade after the run began)
 default, which by convention keeps the old behaviour: an upgrade does not orphan a run; nor does a
 key renamed since (the stage config's `upgrade_keys` maps the recorded one). The sampling defaults and
 evaluation settings (`MUTABLE_MODEL_KEYS`) shape previews and scores, not the weights, so they may
-change too; so may `gradient_checkpointing`, which trades memory for time and changes no result.
+change too; so may `gradient_checkpointing` and `compile`, which trade memory or start-up time for
+speed and change the results at most by rounding.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from cascade.errors import UserError
 
 RUN_FILE = "run.json"
 MUTABLE_TRAIN_KEYS = frozenset({"max_steps", "log_every", "ckpt_every", "sample_every", "eval_every",
-                                "num_workers", "max_nonfinite"})
+                                "num_workers", "max_nonfinite", "compile"})
 MUTABLE_MODEL_KEYS = frozenset({"sampler", "steps", "guidance", "eval_steps", "eval_guidance",
                                 "gradient_checkpointing"})
 
