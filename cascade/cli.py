@@ -59,12 +59,13 @@ def _load(args):
     from cascade.pipeline import Cascade
 
     device = resolve_device(args.device)
-    cascade = Cascade.from_bundle(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    cascade = Cascade.from_bundle(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                                  offload="none" if args.shard else args.offload)
     args.rank = 0
     if args.shard:
         from cascade.sharding import shard_cascade
 
-        args.rank = shard_cascade(cascade, offload=args.offload)
+        args.rank = shard_cascade(cascade, offload=args.offload != "none")
         args.quiet = args.quiet or args.rank != 0
     return cascade
 
@@ -208,7 +209,11 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--shard", action="store_true",
                    help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "
                         "cascade.cli ...` launch (ZeRO-3 inference); for models too large for one device")
-    p.add_argument("--offload", action="store_true", help="with --shard: keep the partitions in CPU memory")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                   help="for a model larger than the device's memory: 'model' keeps the stages in CPU memory "
+                        "and moves each to the device only while it samples; 'sequential' brings each layer "
+                        "over only for its own call (smallest, slowest); with --shard, either keeps the "
+                        "partitions in CPU memory (default: none)")
     if num_images:
         p.add_argument("--num-images", type=int, default=4, help="images to make (default: %(default)s)")
 

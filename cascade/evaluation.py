@@ -62,7 +62,8 @@ def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dic
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
-                    stages: list[str] | None = None, limit: int = 64) -> dict[str, dict[str, float]]:
+                    stages: list[str] | None = None, limit: int = 64,
+                    device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
     from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards
     from cascade.images import make_grid, save_png
@@ -76,7 +77,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     results: dict[str, dict[str, float]] = {}
     loaded = {}
     for name in wanted:
-        stage = loaded[name] = load_stage(bundle / name)
+        stage = loaded[name] = load_stage(bundle / name, device=device)
         print(f"evaluating {name} ...", flush=True)
         scores = stage.evaluate(_val(data, stage), torch.Generator().manual_seed(seed),
                                 _val(data, stage, batch_size=64, split="train"))
@@ -127,12 +128,17 @@ def add_parser(sub) -> None:
                    help="val samples for the text-to-image score; also bounds the placement probe "
                         "(9 images per probe object, 1-4 objects)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one)")
     p.set_defaults(func=_run)
 
 
 def _run(args: Any) -> int:
     stages = [s for s in args.stages.split(",") if s] or None
-    results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit)
+    from cascade.devices import resolve_device
+
+    results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
+                              device=resolve_device(args.device))
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0 if results else 1

@@ -17,6 +17,7 @@ its `total` sampling steps (the CLI draws one bar per stage from it).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from cascade.errors import UserError
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES
 
 MAX_PROMPT_CHARS = 300
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total); see the module docstring
 
@@ -112,22 +114,47 @@ def check_prompt(prompt: str) -> str:
 class Cascade:
     """The stages of one model bundle: `clip` (an encoder) and any of prior, decoder, sr256, sr1024."""
 
-    def __init__(self, clip, stages: dict[str, torch.nn.Module], manifest: dict | None = None):
+    def __init__(self, clip, stages: dict[str, torch.nn.Module], manifest: dict | None = None, *,
+                 offload: str = "none", execution_device: torch.device | None = None):
         self.clip = clip
         self.stages = stages
         self.manifest = manifest or {}
+        self.offload = offload
+        self.execution_device = execution_device or clip.image_mean.device
         check_chain(clip, stages)
 
     @property
     def device(self) -> torch.device:
         return self.clip.image_mean.device
 
+    @contextmanager
+    def _resident(self, name: str):
+        """The stage `name`, on the execution device while the block runs: with model offload it moves there
+        and back to the CPU afterwards (one stage on the device at a time); otherwise it stays put."""
+        stage = self._need(name)
+        if self.offload != "model":
+            yield stage
+            return
+        stage.to(self.execution_device)
+        try:
+            yield stage
+        finally:
+            stage.to("cpu")
+            if self.execution_device.type == "cuda":
+                torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_bundle(cls, path: str | Path, stages: tuple[str, ...] | None = None, *,
-                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32") -> "Cascade":
+                    device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "float32",
+                    offload: str = "none") -> "Cascade":
         """Load the stages present in bundle `path` (safetensors only; never unpickles) onto `device`, the
         diffusion stages' weights in `dtype` (see `cascade.devices`; the CLIP towers stay fp32).
+
+        `offload` keeps a model larger than the device's memory off it: "model" holds the stages in CPU
+        memory and moves each to the device only while it samples; "sequential" (accelerate's
+        `cpu_offload`) brings each layer's weights over only for its own forward call, the smallest
+        footprint and the slowest. "none" puts everything on the device.
 
         Checks the manifest's format version and stage list against the folders, and the chain of
         resolutions and embedding sizes between stages; every mismatch is a one-line UserError.
@@ -138,6 +165,8 @@ class Cascade:
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if offload not in OFFLOAD_MODES:
+            raise UserError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, not '{offload}'")
 
         path = Path(path)
         manifest_path = path / "cascade.json"
@@ -150,8 +179,15 @@ class Cascade:
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
         wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
         clip = load_encoder(path / "clip", device=device)
-        loaded = {name: load_stage(path / name, device=device).to(dtype) for name in wanted}
-        return cls(clip, loaded, manifest)
+        home = device if offload == "none" else torch.device("cpu")
+        loaded = {name: load_stage(path / name, device=home).to(dtype) for name in wanted}
+        if offload == "sequential":
+            from accelerate import cpu_offload
+
+            for stage in loaded.values():
+                cpu_offload(stage, execution_device=device)
+                stage.execution_device = device
+        return cls(clip, loaded, manifest, offload=offload, execution_device=device)
 
     # ------------------------------------------------------------------ stages
     def _need(self, name: str):
@@ -198,8 +234,9 @@ class Cascade:
                 fixed = {"noise": torch.randn(size, generator=g).expand(b, -1, -1, -1),
                          "aug_noise": torch.randn(size, generator=g).expand(b, -1, -1, -1)}
             kwargs = settings.for_stage(name, stage)
-            low = stage.sample(cond, generator=g, **fixed, **kwargs,
-                               callback=_step_callback(progress, name, kwargs["steps"]))
+            with self._resident(name):
+                low = stage.sample(cond, generator=g, **fixed, **kwargs,
+                                   callback=_step_callback(progress, name, kwargs["steps"]))
             out[name] = low
         return out
 
@@ -218,8 +255,9 @@ class Cascade:
             size = decoder.config.image_size
             noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
         kwargs = settings.for_stage("decoder", decoder)
-        return decoder.sample(cond, generator=g, noise=noise, **kwargs,
-                              callback=_step_callback(progress, "decoder", kwargs["steps"]))
+        with self._resident("decoder"):
+            return decoder.sample(cond, generator=g, noise=noise, **kwargs,
+                                  callback=_step_callback(progress, "decoder", kwargs["steps"]))
 
     # ------------------------------------------------------------------ the four jobs
     @torch.no_grad()
@@ -233,8 +271,9 @@ class Cascade:
         z_t, tokens, mask = self.encode_text(prompts)
         text = {"clip_tokens": tokens, "clip_mask": mask}
         kwargs = settings.for_stage("prior", prior)
-        z_i = prior.sample({"clip_text": z_t, **text}, generator=stage_generator(seed, "prior"), **kwargs,
-                           callback=_step_callback(progress, "prior", kwargs["steps"]))
+        with self._resident("prior"):
+            z_i = prior.sample({"clip_text": z_t, **text}, generator=stage_generator(seed, "prior"), **kwargs,
+                               callback=_step_callback(progress, "prior", kwargs["steps"]))
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)

@@ -97,6 +97,18 @@ class Stage(nn.Module):
         self.config = config
         # per instance: what the reader decodes for this config (see `data_needs`)
         self.image_sizes, self.needs_embeddings = self.data_needs(config)
+        # Where `sample` runs when the weights live elsewhere (sequential CPU offload keeps them off the
+        # device between layer calls); None: where the weights are.
+        self.execution_device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where this stage computes: its execution device, else its first parameter's (or buffer's)."""
+        if self.execution_device is not None:
+            return self.execution_device
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     @classmethod
     def data_needs(cls, config: Config) -> tuple[tuple[int, ...], bool]:

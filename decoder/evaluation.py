@@ -55,7 +55,7 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
     for start in tqdm(range(0, n, chunk), desc=f"decoding (guidance {guidance:g})", leave=False):
         rows = slice(start, start + chunk)
         out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=sampler, steps=steps,
-                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator))
+                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator).cpu())
     return torch.cat(out)
 
 

@@ -54,10 +54,6 @@ class Decoder(Stage):
                 self._schedule = diffusion.NoiseSchedule.from_name(self.config.schedule, self.config.timesteps)
         return self._schedule
 
-    @property
-    def device(self) -> torch.device:
-        return self.conditioning.null_text.device
-
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
         image_emb = source["clip_image"].to(self.device)
         tokens, mask = source.get("clip_tokens"), source.get("clip_mask")

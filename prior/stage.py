@@ -86,7 +86,7 @@ class PriorStage(Stage):
         sampler, steps, guidance = resolve_sampling(cfg, sampler, steps, guidance)
         k = candidates or cfg.candidates
         self._check_dims(conditioning)
-        device = next(self.parameters()).device
+        device = self.device
         cond = [conditioning[key].to(device) for key in _COND_KEYS]
         text, tokens, mask = cond[0].float(), cond[1].float(), cond[2].bool()
         b = text.shape[0]

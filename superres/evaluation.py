@@ -47,7 +47,7 @@ def evaluate_superres(stage, batches, generator: torch.Generator) -> dict[str, f
     seed = int(torch.randint(2 ** 31, (), generator=generator))
     for level, steps in itertools.product(c.eval_aug_levels, c.eval_steps):
         g = torch.Generator().manual_seed(seed)  # the same noise for every setting of the sweep
-        out = stage.sample(cond, steps=steps, generator=g, aug_level=level)
+        out = stage.sample(cond, steps=steps, generator=g, aug_level=level).cpu()
         scores[f"aug{level:g}_steps{steps}"] = (psnr(out, high), ssim(out, high))
     groups = {"": torch.ones(len(low), dtype=torch.bool)}
     if len(set(sources)) > 1:

@@ -156,6 +156,7 @@ class SuperResStage(Stage):
         low = conditioning["low_res"]
         if low.dim() != 4 or low.shape[1] != 3:
             raise UserError(f"low_res must be (B, 3, h, w), got {tuple(low.shape)}")
+        low = low.to(self.device)
         b, _, h, w = low.shape
         size_h, size_w = h * self.scale, w * self.scale
         if size_h % self.net.downsample_factor or size_w % self.net.downsample_factor:
@@ -163,6 +164,7 @@ class SuperResStage(Stage):
         level = torch.full((b,), c.aug_level if aug_level is None else float(aug_level), device=low.device)
         low_up = self._condition(low, (size_h, size_w), level, generator, aug_noise)
         text, mask = conditioning.get("clip_tokens"), conditioning.get("clip_mask")
+        text, mask = (None if v is None else v.to(self.device) for v in (text, mask))
         if not c.text:
             text = mask = None
         elif text is not None and mask is None:

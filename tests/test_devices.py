@@ -91,3 +91,33 @@ def test_the_cli_takes_device_and_dtype(tmp_path, capsys):
     assert len(capsys.readouterr().out.split()) == 2
     assert main(args + ["--device", "cuda:99"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_offloaded_stages_make_the_same_images_and_live_off_the_device(tmp_path, offload):
+    from bundle_helpers import small_bundle
+
+    from cascade.pipeline import Cascade, Settings
+
+    bundle = small_bundle(tmp_path)
+    settings = Settings(steps={"prior": 2, "decoder": 2, "sr256": 1})
+    plain = Cascade.from_bundle(bundle, device=DEVICE).generate(["a red circle"], seed=1, until="sr256",
+                                                                 settings=settings)
+    cascade = Cascade.from_bundle(bundle, device=DEVICE, offload=offload)
+    out = cascade.generate(["a red circle"], seed=1, until="sr256", settings=settings)
+    assert out.final.device.type == DEVICE.type
+    for name in ("decoder", "sr256"):
+        torch.testing.assert_close(out.images[name], plain.images[name], atol=1e-5, rtol=0)
+    # Between samplings the weights are not on the device: in CPU memory (model), or not materialised at
+    # all outside their own layer's call (sequential: accelerate keeps them on "meta", a CPU copy aside).
+    held = {p.device.type for stage in cascade.stages.values() for p in stage.parameters()}
+    assert held == ({"cpu"} if offload == "model" else {"meta"})
+
+
+def test_an_unknown_offload_mode_is_a_one_line_error(tmp_path):
+    from bundle_helpers import small_bundle
+
+    from cascade.pipeline import Cascade
+
+    with pytest.raises(UserError, match="--offload must be one of none, model, sequential"):
+        Cascade.from_bundle(small_bundle(tmp_path), offload="disk")
