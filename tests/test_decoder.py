@@ -108,6 +108,18 @@ def test_image_embedding_moves_the_block_embedding_as_much_as_the_timestep_does(
     assert emb.std(dim=0).mean().item() > 0.5 * emb.std().item()
 
 
+def test_the_unet_gives_channels_last_and_contiguous_input_the_same_output():
+    """It runs channels-last whatever layout x_t comes in, and returns a contiguous NCHW tensor."""
+    stage = small_decoder(coord_channels=True).eval()
+    randomise_outputs(stage)
+    denoise = stage.denoiser(conditioning())
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 900])
+    out = denoise(x, t)
+    last = denoise(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(last, out)
+    assert out.is_contiguous() and last.is_contiguous()
+
+
 def test_cond_mask_contract():
     stage = small_decoder().eval()
     randomise_outputs(stage)

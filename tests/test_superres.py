@@ -116,6 +116,18 @@ def test_tiled_equals_untiled_when_margin_covers_receptive_field():
     assert not torch.allclose(seams, full, atol=1e-5)  # too little context: the seams show
 
 
+def test_the_unet_gives_channels_last_and_contiguous_input_the_same_output():
+    torch.manual_seed(0)
+    net = _randomise(EfficientUNet(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1]))
+    x, low = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    t, s = torch.tensor([3, 700]), torch.tensor([0.0, 0.5])
+    with torch.no_grad():
+        out = net(x, low, t, s)
+        last = net(*(v.contiguous(memory_format=torch.channels_last) for v in (x, low)), t, s)
+    torch.testing.assert_close(last, out)
+    assert out.is_contiguous() and last.is_contiguous()
+
+
 # -- metrics ------------------------------------------------------------------------------------------
 
 def test_psnr_closed_form_and_ssim_identities():
