@@ -61,6 +61,9 @@ def _load(args):
     device = resolve_device(args.device)
     cascade = Cascade.from_bundle(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
                                   offload="none" if args.shard else args.offload)
+    if args.compile:
+        for stage in cascade.stages.values():
+            stage.compile_networks()
     args.rank = 0
     if args.shard:
         from cascade.sharding import shard_cascade
@@ -209,6 +212,9 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--shard", action="store_true",
                    help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "
                         "cascade.cli ...` launch (ZeRO-3 inference); for models too large for one device")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stages' networks first (pays off on a GPU for many images; the first "
+                        "images take longer while it compiles)")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                    help="for a model larger than the device's memory: 'model' keeps the stages in CPU memory "
                         "and moves each to the device only while it samples; 'sequential' brings each layer "

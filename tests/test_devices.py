@@ -121,3 +121,18 @@ def test_an_unknown_offload_mode_is_a_one_line_error(tmp_path):
 
     with pytest.raises(UserError, match="--offload must be one of none, model, sequential"):
         Cascade.from_bundle(small_bundle(tmp_path), offload="disk")
+
+
+def test_the_cli_compiles_every_stage_with_compile(tmp_path, capsys, monkeypatch):
+    from bundle_helpers import small_bundle
+
+    from cascade.cli import main
+    from cascade.stage import Stage
+
+    compiled = []
+    monkeypatch.setattr(Stage, "compile_networks", lambda self, **kw: compiled.append(self.name))
+    args = ["generate", "--prompt", "a red circle", "--model", str(small_bundle(tmp_path)), "--num-images", "1",
+            "--until", "decoder", "--steps", "prior=1,decoder=1", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(args) == 0 and compiled == []
+    assert main(args + ["--compile"]) == 0
+    assert sorted(compiled) == ["decoder", "prior", "sr1024", "sr256"]
