@@ -6,6 +6,11 @@
 
 or the same with `python train_stage.py ...` in one process. Running it again with the same
 --run-dir resumes from the latest checkpoint. Mistakes in the input exit with code 2 and one line.
+
+    python train_stage.py --stage NAME --config CONFIG --dry-run [--gpus N] [--deepspeed_config JSON] [--json]
+
+prints the parameter count and the estimated memory per GPU for ZeRO 0, 2 and 3 with and without CPU
+offload (`cascade.memory_estimate`), without allocating the model or starting DeepSpeed.
 """
 from __future__ import annotations
 
@@ -21,16 +26,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_stage.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, help=f"stage to train: {', '.join(stage_names())}")
     p.add_argument("--config", required=True, type=Path, help="stage YAML with keys stage, model, train")
-    p.add_argument("--data", required=True, type=Path,
-                   help="shard directory with train/*.tar (and val/*.tar for evaluation)")
-    p.add_argument("--run-dir", required=True, type=Path,
-                   help="where checkpoints, metrics.jsonl, TensorBoard logs and sample grids go")
+    p.add_argument("--data", type=Path,
+                   help="shard directory with train/*.tar (and val/*.tar for evaluation); required unless --dry-run")
+    p.add_argument("--run-dir", type=Path,
+                   help="where checkpoints, metrics.jsonl, TensorBoard logs and sample grids go; required "
+                        "unless --dry-run")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--deepspeed_config", "--deepspeed-config", type=Path,
                    help="DeepSpeed JSON (ZeRO stage, precision); default: ZeRO stage 0, fp32")
     p.add_argument("--export", type=Path, metavar="BUNDLE",
                    help="after training, write the EMA weights to BUNDLE/<stage>/ and list the stage "
                         "in BUNDLE/cascade.json")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the parameter count and the estimated memory per GPU (ZeRO 0/2/3, with and without "
+                        "CPU offload, at train.batch_size per GPU) and exit; allocates no model, starts no DeepSpeed")
+    p.add_argument("--gpus", type=int, default=1, help="with --dry-run: GPUs to estimate for (default: %(default)s)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="with --dry-run: memory per GPU for the max-batch column (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON line instead of the table")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -45,7 +58,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     set_process_defaults()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        from cascade.memory_estimate import train_dry_run
+
+        return run_cli("train_stage.py", lambda: train_dry_run(args))
+    missing = [option for option, value in (("--data", args.data), ("--run-dir", args.run_dir)) if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     # a second Ctrl-C stops without the checkpoint the first one asked for: "aborted", not "interrupted"
     return run_cli("train_stage.py", lambda: _train(args), interrupted="aborted")
 

@@ -117,6 +117,10 @@ def cmd_generate(args) -> int:
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
     settings = _settings(args)
+    if args.dry_run:
+        from cascade.memory_estimate import generate_dry_run
+
+        return generate_dry_run(args, settings)
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
                               progress=_stage_bars(args))
@@ -231,6 +235,13 @@ def register_model_commands(sub) -> None:
                                    "settings are stored in the PNG text chunks.")
     p.add_argument("--prompt", required=True, help="the text to draw")
     _add_common(p, num_images=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's parameters and the estimated GPU memory (fp32 and bf16, with and "
+                        "without --offload model) and exit, reading no weights")
+    p.add_argument("--config", nargs="+", action="extend", metavar="YAML",
+                   help="with --dry-run: estimate for these stage configs (e.g. configs/dalle2/*.yaml) instead "
+                        "of --model's bundle")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON line instead of the tables")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("vary", help="variations of an image (its CLIP embedding, decoded with fresh noise)")

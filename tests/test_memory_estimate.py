@@ -1,0 +1,223 @@
+"""`--dry-run` memory estimates (cascade.memory_estimate): the ZeRO closed form, parameter counts of stages
+built on meta, activations measured on meta against a real backward, and the two commands."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cascade.memory_estimate import (ParamCounts, build_on_meta, count_params, estimate_training, example_batch,
+                                     training_activation_bytes, training_rows)
+from cascade.registry import get_stage
+from cascade.training.config import load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DECODER = dict(clip_dim=32, text_dim=48, channels=16, channel_mult=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[16], head_dim=8, patch_size=2)
+
+
+def _rows(counts, **kw):
+    return {(r.zero_stage, r.offload): r for r in training_rows(counts, 1000, **kw)}
+
+
+def test_zero_closed_form_bf16():
+    # P = T = 1000 parameters, the largest module holds 100; activations 1000 bytes
+    counts = ParamCounts(total=1000, trainable=1000, largest_module=100)
+    one = _rows(counts)
+    z0 = one[(0, "none")]
+    # ZeRO-0: 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, m, v) bytes per parameter, + EMA 4
+    assert (z0.params, z0.grads, z0.optimizer, z0.gathered, z0.ema, z0.cpu) == (2000, 2000, 12000, 0, 4000, 0)
+    assert z0.gpu == 16 * 1000 + 4000 + 1000
+    # on one GPU, partitioning changes nothing but ZeRO-3's gathered module (4 bytes per parameter)
+    assert one[(2, "none")].gpu == z0.gpu and one[(3, "none")].gpu == z0.gpu + 400
+    four = _rows(counts, gpus=4)
+    z2, z3 = four[(2, "none")], four[(3, "none")]
+    assert (z2.params, z2.grads, z2.optimizer) == (2000, 500, 3000)  # 2P + (2 + 12) T / N
+    assert (z3.params, z3.grads, z3.optimizer, z3.gathered) == (500, 500, 3000, 400)  # 16 P / N
+    # offload moves each rank's grad and optimizer partitions (and, for ZeRO-3's params, the weights') to the CPU
+    off = four[(3, "optimizer")]
+    assert (off.grads, off.optimizer, off.cpu) == (0, 0, 4 * (500 + 3000))
+    both = four[(3, "optimizer+params")]
+    assert (both.params, both.cpu) == (0, 4 * (500 + 500 + 3000))
+    assert four[(2, "optimizer")].cpu == 4 * (500 + 3000)
+    assert all(r.ema == 4000 and r.activations == 1000 for r in four.values())  # rank 0's whole EMA, per-GPU batch
+
+
+def test_zero_closed_form_fp32_and_frozen_parameters():
+    counts = ParamCounts(total=1000, trainable=600, largest_module=100)
+    rows = _rows(counts, precision="fp32")
+    # fp32 without ZeRO: weights 4, grads 4, Adam m and v 8 (torch's AdamW steps the weights themselves)
+    assert (rows[(0, "none")].params, rows[(0, "none")].grads, rows[(0, "none")].optimizer) == (4000, 2400, 4800)
+    # ZeRO keeps an fp32 copy of its partition all the same: 12 bytes per trainable parameter
+    assert rows[(2, "none")].optimizer == 7200 and rows[(3, "none")].gathered == 800
+
+
+def test_bad_gpu_count_is_a_user_error():
+    from cascade.errors import UserError
+
+    with pytest.raises(UserError, match="--gpus"):
+        training_rows(ParamCounts(1, 1, 1), 0, gpus=0)
+
+
+def test_parameter_counts_match_the_real_stage():
+    run = load_run_config(ROOT / "configs/tiny/decoder.yaml")
+    meta = build_on_meta("decoder", run.model)
+    assert next(meta.parameters()).is_meta
+    real = get_stage("decoder")(run.model)
+    assert count_params(meta).total == sum(p.numel() for p in real.parameters())
+    assert count_params(meta).largest_module == max(sum(p.numel() for p in m.parameters(recurse=False))
+                                                    for m in real.modules())
+
+
+def test_trainable_counts_leave_frozen_parameters_out():
+    from tests.training_helpers import TinyAE, TinyAEConfig
+
+    counts = count_params(TinyAE(TinyAEConfig(width=8)))
+    assert counts.total - counts.trainable == 2 * 2 + 2  # the frozen Linear(2, 2)
+
+
+def _saved_tensor_bytes(stage, batch) -> int:
+    """Bytes of the distinct storages autograd saves for backward during a real loss (weights left out),
+    plus the batch: an independent measurement of what training holds at its peak."""
+    weights = {p.untyped_storage().data_ptr() for p in stage.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = stage.loss(batch)
+    loss.backward()
+    return sum(saved.values()) + sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("name,model,batch_size", [
+    ("decoder", TINY_DECODER, 8),
+    ("sr256", dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=[1, 1], train_crop=64), 4),
+    ("prior", dict(embed_dim=32, token_dim=48, max_text_len=16, width=64, depth=2, heads=4), 32),
+])
+def test_activations_on_meta_match_a_real_fp32_backward(name, model, batch_size):
+    cls = get_stage(name)
+    config = cls.Config(**model)
+    estimate = training_activation_bytes(build_on_meta(name, config), example_batch(build_on_meta(name, config),
+                                                                                    batch_size))
+    torch.manual_seed(0)
+    real = cls(config).train()
+    batch = example_batch(real, batch_size, "cpu", torch.Generator().manual_seed(0))
+    measured = _saved_tensor_bytes(real, batch)
+    assert abs(estimate - measured) / measured < 0.15, (estimate, measured)
+
+
+def test_activations_grow_with_the_batch_and_halve_in_bf16():
+    config = get_stage("decoder").Config(**TINY_DECODER)
+    stage = build_on_meta("decoder", config)
+    small, large = (training_activation_bytes(stage, example_batch(stage, b)) for b in (4, 16))
+    assert 3.5 < large / small <= 4.0
+    half = training_activation_bytes(stage.to(torch.bfloat16), example_batch(stage, 16))
+    assert 0.45 < half / large < 0.65  # the diffusion maths and the batch stay fp32
+
+
+def _run_script(args, timeout=120):
+    """train_stage.py in a child process that reports its own peak RSS (bytes) on its last stderr line."""
+    code = ("import resource, sys; sys.path.insert(0, '.'); from train_stage import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def test_train_stage_dry_run_on_the_dalle2_decoder_allocates_nothing():
+    proc, seconds = _run_script(["--stage", "decoder", "--config", "configs/dalle2/decoder.yaml", "--dry-run",
+                                 "--json", "--gpus", "8", "--deepspeed_config", "configs/deepspeed/zero3.json"])
+    assert proc.returncode == 0, proc.stderr
+    est = json.loads(proc.stdout)
+    params = est["params"]["total"]
+    assert 3.2e9 < params < 3.5e9 and est["batch_size"] == 2048 and est["gpus"] == 8
+    assert est["deepspeed_config"] == {"zero_stage": 3, "offload": "none"}
+    z3 = next(r for r in est["rows"] if (r["zero_stage"], r["offload"]) == (3, "none"))
+    assert z3["params"] == pytest.approx(2 * params / 8, abs=1) and z3["activations"] > 100 * 2**30
+    peak_rss = int(proc.stderr.strip().splitlines()[-1])
+    assert peak_rss < 0.1 * 4 * params  # a tenth of the fp32 weights: nothing was allocated
+    assert seconds < 20
+
+
+def test_train_stage_dry_run_prints_a_table(capsys):
+    from train_stage import main
+
+    assert main(["--stage", "prior", "--config", str(ROOT / "configs/tiny/prior.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    real = sum(p.numel() for p in get_stage("prior")(load_run_config(ROOT / "configs/tiny/prior.yaml").model)
+               .parameters())
+    assert f"{real:,} parameters" in out
+    assert out.count("optimizer+params") == 1 and "max batch (80 GiB)" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--stage", "decoder", "--config", "configs/tiny/nope.yaml"], "config file not found"),
+    (["--stage", "decoder", "--config", "configs/tiny/decoder.yaml", "--gpus", "0"], "--gpus must be at least 1"),
+    (["--stage", "prior", "--config", "configs/tiny/decoder.yaml"], "--stage is 'prior'"),
+    (["--stage", "decoder", "--config", "configs/tiny/decoder.yaml", "--deepspeed_config", "nope.json"],
+     "DeepSpeed config not found"),
+])
+def test_train_stage_dry_run_mistakes_exit_2_with_one_line(args, message, capsys, monkeypatch):
+    from train_stage import main
+
+    monkeypatch.chdir(ROOT)
+    assert main([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("train_stage.py: error:") and message in err
+
+
+def test_generate_dry_run_on_a_small_bundle(tmp_path, capsys):
+    from cascade.cli import main
+    from tests.bundle_helpers import small_bundle
+
+    bundle = small_bundle(tmp_path / "bundle")
+    assert main(["generate", "--prompt", "a red circle", "--model", str(bundle), "--dry-run", "--json",
+                 "--num-images", "2", "--until", "sr256", "--out", str(tmp_path / "out")]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "out").exists()
+    assert [s["name"] for s in est["stages"]] == ["clip", "prior", "decoder", "sr256"]
+    from cascade.bundle import load_stage
+
+    for s in est["stages"]:
+        if s["name"] != "clip":
+            assert s["params"] == sum(p.numel() for p in load_stage(bundle / s["name"]).parameters())
+    decoder = next(s for s in est["stages"] if s["name"] == "decoder")
+    assert decoder["batch"] == 4 and decoder["activations"]["float32"] > decoder["activations"]["bfloat16"] > 0
+    rows = {(r["dtype"], r["offload"]): r for r in est["rows"]}
+    assert rows[("float32", "model")]["gpu"] < rows[("float32", "none")]["gpu"]
+    assert rows[("bfloat16", "none")]["gpu"] < rows[("float32", "none")]["gpu"]
+    weights = sum(s["params"] for s in est["stages"]) * 4
+    assert rows[("float32", "none")]["gpu"] == weights + max(s["activations"]["float32"] for s in est["stages"])
+
+
+def test_generate_dry_run_from_configs_prints_tables(capsys, monkeypatch):
+    from cascade.cli import main
+
+    monkeypatch.chdir(ROOT)
+    configs = [f"configs/tiny/{n}.yaml" for n in ("clip", "prior", "decoder")]
+    assert main(["generate", "--prompt", "x", "--dry-run", "--until", "decoder", "--config", *configs]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16  model" in out and "configs/tiny/decoder.yaml" in out
+    assert main(["generate", "--prompt", "x", "--dry-run", "--config", *configs]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no sr256, sr1024" in err
+
+
+def test_dry_run_of_a_mid_size_config_written_on_the_fly(tmp_path):
+    data = yaml.safe_load((ROOT / "configs/tiny/decoder.yaml").read_text())
+    data["model"].update(channels=64)
+    data["train"]["batch_size"] = 4
+    path = tmp_path / "decoder.yaml"
+    path.write_text(yaml.safe_dump(data))
+    est = estimate_training(path, "decoder", gpus=2)
+    assert est.params.total > 4 * 4_768_716 * 0.9 and est.rows[0].gpu > est.rows[3].gpu
