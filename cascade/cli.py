@@ -212,13 +212,13 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the diffusion stages' weights (default: auto, bfloat16 on a GPU that has it, else "
                         "float32); the same seed, device and dtype give identical images")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stages' networks first (pays off on a GPU for many images; the first "
+                        "images take longer while it compiles)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--shard", action="store_true",
                    help="partition the stages' weights across the ranks of a `deepspeed --num_gpus N --module "
                         "cascade.cli ...` launch (ZeRO-3 inference); for models too large for one device")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the stages' networks first (pays off on a GPU for many images; the first "
-                        "images take longer while it compiles)")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                    help="for a model larger than the device's memory: 'model' keeps the stages in CPU memory "
                         "and moves each to the device only while it samples; 'sequential' brings each layer "
