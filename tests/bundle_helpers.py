@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from cascade.registry import get_stage
 
@@ -35,3 +36,18 @@ def small_bundle(root: Path) -> Path:
                root / "sr1024")
     write_manifest(root)
     return root
+
+
+def small_batch(name: str, b: int = 3) -> dict[str, torch.Tensor]:
+    """A training batch for the small prior, decoder (32x32) or sr256 configs of the compile and
+    gradient-checkpointing tests: 8-d CLIP embeddings, 4 tokens of 8 (the last one padding)."""
+    g = torch.Generator().manual_seed(3)
+    text = {"clip_tokens": torch.randn(b, 4, 8, generator=g), "clip_mask": torch.arange(4).expand(b, 4) < 3}
+    if name == "prior":
+        return {"clip_text": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
+                "clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1), **text}
+    if name == "decoder":
+        return {"clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
+                "image_32": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, **text}
+    high = torch.rand(b, 3, 64, 64, generator=g) * 2 - 1
+    return {"sr_high": high, "sr_low": F.avg_pool2d(high, 4), **text}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cascade.errors import UserError
+from bundle_helpers import small_batch
 from cascade.registry import get_stage
 from training_helpers import TinyAE, read_jsonl, write_config, write_shards
 
@@ -43,19 +44,6 @@ def needs_inductor():
     reason = inductor_missing()
     if reason:
         pytest.skip(reason)
-
-
-def _batch(name: str, b: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    text = {"clip_tokens": torch.randn(b, 4, 8, generator=g), "clip_mask": torch.arange(4).expand(b, 4) < 3}
-    if name == "prior":
-        return {"clip_text": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
-                "clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1), **text}
-    if name == "decoder":
-        return {"clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
-                "image_32": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, **text}
-    high = torch.rand(b, 3, 64, 64, generator=g) * 2 - 1
-    return {"sr_high": high, "sr_low": F.avg_pool2d(high, 4), **text}
 
 
 def _pair(name: str):
@@ -93,7 +81,7 @@ def test_compiling_keeps_every_parameter_name(name):
 def test_a_compiled_stage_has_the_eager_loss_and_gradients(name, one_thread):
     eager, compiled = _pair(name)
     compiled.compile_networks(backend="aot_eager")
-    batch = _batch(name)
+    batch = small_batch(name)
     loss, grads = _loss_and_grads(eager, batch)
     loss_c, grads_c = _loss_and_grads(compiled, batch)
     torch.testing.assert_close(loss_c, loss)
@@ -102,10 +90,11 @@ def test_a_compiled_stage_has_the_eager_loss_and_gradients(name, one_thread):
         torch.testing.assert_close(grads_c[key], grad, msg=key)
 
 
+@pytest.mark.slow  # tracing the sampling loop's steps takes 20-40 s on this CPU
 def test_a_compiled_decoder_samples_the_eager_images_and_checkpoints_compile_too(one_thread):
     eager, compiled = _pair("decoder")
     compiled.compile_networks(backend="aot_eager")
-    cond = {k: v[:2] for k, v in _batch("decoder").items() if k != "image_32"}
+    cond = {k: v[:2] for k, v in small_batch("decoder").items() if k != "image_32"}
     out = eager.eval().sample(cond, guidance=2.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(compiled.eval().sample(cond, guidance=2.0, generator=torch.Generator().manual_seed(0)),
                                out)
@@ -113,8 +102,8 @@ def test_a_compiled_decoder_samples_the_eager_images_and_checkpoints_compile_too
     recomputing = get_stage("decoder")(get_stage("decoder").Config(**SMALL["decoder"], gradient_checkpointing=True))
     recomputing.load_state_dict(eager.state_dict())
     recomputing.compile_networks(backend="aot_eager")
-    loss, grads = _loss_and_grads(eager, _batch("decoder"))
-    loss_r, grads_r = _loss_and_grads(recomputing, _batch("decoder"))
+    loss, grads = _loss_and_grads(eager, small_batch("decoder"))
+    loss_r, grads_r = _loss_and_grads(recomputing, small_batch("decoder"))
     torch.testing.assert_close(loss_r, loss)
     for key, grad in grads.items():
         torch.testing.assert_close(grads_r[key], grad, msg=key)
@@ -125,8 +114,8 @@ def test_an_inductor_compiled_decoder_has_the_eager_loss_and_gradients(one_threa
     needs_inductor()
     eager, compiled = _pair("decoder")
     compiled.compile_networks()
-    loss, grads = _loss_and_grads(eager, _batch("decoder"))
-    loss_c, grads_c = _loss_and_grads(compiled, _batch("decoder"))
+    loss, grads = _loss_and_grads(eager, small_batch("decoder"))
+    loss_c, grads_c = _loss_and_grads(compiled, small_batch("decoder"))
     torch.testing.assert_close(loss_c, loss)
     for key, grad in grads.items():
         torch.testing.assert_close(grads_c[key], grad, msg=key)

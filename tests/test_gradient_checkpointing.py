@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bundle_helpers import small_batch
 from cascade.registry import get_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,21 +30,8 @@ def _blocks(name: str, stage) -> list[torch.nn.Module]:
     return [stage.net.down_blocks[0][0], stage.net.mid1, stage.net.cross_attn, stage.net.up_blocks[0][0]]
 
 
-def _batch(name: str, b: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    text = {"clip_tokens": torch.randn(b, 4, 8, generator=g), "clip_mask": torch.arange(4).expand(b, 4) < 3}
-    if name == "prior":
-        return {"clip_text": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
-                "clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1), **text}
-    if name == "decoder":
-        return {"clip_image": F.normalize(torch.randn(b, 8, generator=g), dim=-1),
-                "image_32": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, **text}
-    high = torch.rand(b, 3, 64, 64, generator=g) * 2 - 1
-    return {"sr_high": high, "sr_low": F.avg_pool2d(high, 4), **text}
-
-
 def _conditioning(name: str, b: int = 2) -> dict[str, torch.Tensor]:
-    batch = _batch(name, b)
+    batch = small_batch(name, b)
     if name == "prior":
         return {k: batch[k] for k in ("clip_text", "clip_tokens", "clip_mask")}
     if name == "decoder":
@@ -76,7 +64,7 @@ def _count_calls(blocks: list[torch.nn.Module]) -> list[int]:
 @pytest.mark.parametrize("name", ["prior", "decoder", "sr256"])
 def test_checkpointing_recomputes_the_blocks_and_gives_the_same_loss_and_gradients(name):
     plain, recomputing = _pair(name)
-    batch = _batch(name)
+    batch = small_batch(name)
     results = []
     for stage in (plain, recomputing):
         stage.train()
@@ -112,5 +100,5 @@ def test_eval_mode_sampling_is_unaffected_and_recomputes_nothing(name):
     counts = _count_calls(_blocks(name, recomputing))
     with torch.no_grad():
         torch.manual_seed(1)
-        recomputing.loss(_batch(name))
+        recomputing.loss(small_batch(name))
     assert counts == [1] * len(counts)
