@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 import cascade
-from cascade.atomic_files import replace_dir, write_text_atomic
+from cascade.atomic_files import replace_dir, use_umask_mode, write_text_atomic
 from cascade.config import parse_config
 from cascade.errors import UserError
 
@@ -61,6 +61,7 @@ def save_stage(stage: nn.Module, stage_dir: str | Path) -> Path:
     _write_json(tmp / CONFIG_FILE, config)
     save_model(stage, str(tmp / WEIGHTS_FILE),
                metadata={"format_version": str(FORMAT_VERSION), "stage": stage.name})
+    use_umask_mode(tmp / WEIGHTS_FILE)
     replace_dir(tmp, stage_dir)
     return stage_dir
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -41,6 +43,19 @@ def test_export_replaces_an_older_one(tmp_path):
     newer = _stage(seed=1)
     save_stage(newer, tmp_path / "s")
     assert torch.equal(load_stage(tmp_path / "s").decode.weight, newer.decode.weight)
+
+
+def test_every_file_of_an_export_follows_the_umask(tmp_path):
+    """safetensors writes 0600; the weights get the mode every other file gets, 0666 less the umask."""
+    old = os.umask(0o027)
+    try:
+        path = save_stage(_stage(), tmp_path / "b" / "test_tiny_ae")
+        write_manifest(tmp_path / "b")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert modes == {"model.safetensors": 0o640, "config.json": 0o640, "cascade.json": 0o640}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
 
 
 @register_stage("test_tied_ae")

@@ -246,6 +246,24 @@ def test_eval_at_end_false_skips_the_last_evaluation(tmp_path, data):
     assert not any(k.startswith("eval/") for r in records for k in r)
 
 
+def test_checkpoint_and_export_files_follow_the_umask(tmp_path, data):
+    """safetensors writes 0600; the checkpoint's and the export's weights get the mode DeepSpeed's files and
+    every other file get, 0666 less the umask."""
+    import stat
+
+    cfg = write_config(tmp_path / "c.yaml", max_steps=2, log_every=1, eval_at_end=False)
+    old = os.umask(0o027)
+    try:
+        _train(tmp_path, "run", data, cfg, export=tmp_path / "bundle")
+    finally:
+        os.umask(old)
+    files = [p for root in (tmp_path / "run" / "checkpoints", tmp_path / "bundle") for p in root.rglob("*")
+             if p.is_file()]
+    assert {"weights.safetensors", "ema.safetensors", "rng-rank0.safetensors", "model.safetensors"} <= \
+        {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o640" for p in files}
+
+
 def test_loss_falls_over_30_steps_with_logs_grids_eval_and_export(tmp_path, data):
     from cascade.bundle import load_stage
 

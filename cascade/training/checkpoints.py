@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cascade.atomic_files import replace_dir, write_text_atomic
+from cascade.atomic_files import replace_dir, use_umask_mode, write_text_atomic
 from cascade.training import distributed
 from cascade.training.ema import EMA
 from cascade.training.zero_params import GATHER_CHUNK, gathered, saved_form
@@ -91,10 +91,10 @@ def save(run_dir: Path, engine, stage: nn.Module, ema: EMA, state: CheckpointSta
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     weights = full_state_dict(stage, is_main=is_main)
     rank = torch.distributed.get_rank()
-    save_file(rng_state(), str(tmp / f"rng-rank{rank}.safetensors"))
+    _save_file(rng_state(), tmp / f"rng-rank{rank}.safetensors")
     if is_main:
-        save_file(weights, str(tmp / "weights.safetensors"))
-        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+        _save_file(weights, tmp / "weights.safetensors")
+        _save_file(ema.state_dict(), tmp / "ema.safetensors")
     distributed.barrier()
     if is_main:
         write_text_atomic(tmp / "state.json", json.dumps(asdict(state), indent=2) + "\n")
@@ -102,6 +102,11 @@ def save(run_dir: Path, engine, stage: nn.Module, ema: EMA, state: CheckpointSta
         _prune(root)
     distributed.barrier()
     return final
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path))
+    use_umask_mode(path)  # safetensors makes its files 0600; the rest of the checkpoint follows the umask
 
 
 def remove_unfinished(run_dir: Path) -> None:
