@@ -55,3 +55,31 @@ def test_a_truncated_shard_is_skipped_and_counted(shapes, tmp_path, caplog):
         s["key"] for s in read_samples(shapes, "train", image_sizes=(32,))}  # every sample of the good shard
     assert loader.skipped >= 1
     assert "skipping corrupt shard" in caplog.text
+
+
+def _keys(out: Path, split: str) -> list[str]:
+    return [s["key"] for s in read_samples(out, split, image_sizes=(32,))]
+
+
+def test_a_small_build_gets_one_val_sample_where_the_hash_picks_none(tmp_path, capsys):
+    """20 shapes samples at seed 0: no key hashes into a 5% val split, so the last one goes there; at seed 2
+    one does, and the splits are the hash's alone. One sample, or a val fraction of 0, leaves val empty."""
+    from cascade.data.shards import split_of
+
+    def build(name, count, seed, fraction="0.05"):
+        out = tmp_path / name
+        assert main(["data", "build", "--source", "shapes", "--out", str(out), "--count", str(count),
+                     "--sizes", "32", "--val-fraction", fraction, "--seed", str(seed)]) == 0
+        return out
+
+    keys = [f"shapes-s0-{i:07d}" for i in range(20)]
+    assert all(split_of(k, 0.05) == "train" for k in keys)
+    out = build("small", 20, 0)
+    assert "wrote 19 train and 1 val samples" in capsys.readouterr().out
+    assert _keys(out, "val") == keys[-1:] and _keys(out, "train") == keys[:-1]
+    out = build("hashed", 20, 2)
+    for split in ("train", "val"):
+        assert _keys(out, split) == [f"shapes-s2-{i:07d}" for i in range(20)
+                                     if split_of(f"shapes-s2-{i:07d}", 0.05) == split]
+    assert len(_keys(build("one", 1, 0), "train")) == 1
+    assert len(_keys(build("none", 20, 0, fraction="0"), "train")) == 20

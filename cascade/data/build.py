@@ -62,7 +62,9 @@ def open_source(spec: str, *, sizes: tuple[int, ...], count: int | None, seed: i
 def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | None = None, seed: int = 0,
           val_fraction: float = 0.05, shard_size: int = 1000, overwrite: bool = False,
           cache: str | None = None, progress: bool = True) -> dict[str, int]:
-    """Write the shards; returns the number of samples per split."""
+    """Write the shards; returns the number of samples per split. A hash of each key picks its split;
+    with val_fraction > 0 and 2 or more samples, at least one lands in val (the last train one when no
+    key hashes there)."""
     if count is not None and count < 1:
         raise UserError(f"bad --count {count}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
@@ -72,6 +74,15 @@ def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | No
     with staged_output(out, overwrite=overwrite) as stage:
         with ShardWriter(stage / "train", shard_size) as train, ShardWriter(stage / "val", shard_size) as val:
             writers = {"train": train, "val": val}
+
+            def write(split: str, key: str, fields: dict[str, Any]) -> None:
+                writers[split].write(key, fields)
+                counts[split] += 1
+
+            # While val is empty, the latest train sample waits here: if no key hashes into val by the
+            # end, it goes there instead, so a small set still has one val sample (it keeps its place
+            # in train otherwise, and the shards stay what the hash alone makes).
+            held: tuple[str, dict[str, Any]] | None = None
             for sample in tqdm(samples, total=total, desc=f"building {spec}", unit="sample",
                                disable=not progress):
                 if not sample.txt.strip():
@@ -80,8 +91,15 @@ def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | No
                 fields: dict[str, Any] = {f"{s}.png": sample.images[s] for s in sizes}
                 fields["txt"] = sample.txt
                 fields["json"] = sample.json
-                writers[split].write(sample.key, fields)
-                counts[split] += 1
+                if held is not None:
+                    write("train", *held)
+                    held = None
+                if split == "train" and val_fraction > 0 and counts["val"] == 0:
+                    held = (sample.key, fields)
+                else:
+                    write(split, sample.key, fields)
+            if held is not None:
+                write("val" if counts["train"] > 0 else "train", *held)
         if counts["train"] + counts["val"] == 0:
             raise UserError(f"source '{spec}' gave no samples")
         manifest = {"source": spec, "sizes": list(sizes), "seed": seed, "counts": counts,
