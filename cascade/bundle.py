@@ -84,9 +84,18 @@ def _read_versioned(path: Path, missing: str, kind: str) -> dict[str, Any]:
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     """The parsed `cascade.json` of a model bundle, with its format version checked."""
     bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise UserError(f"model bundle not found: {bundle_dir}")
+    check_bundle_dir(bundle_dir)
     return _read_versioned(bundle_dir / MANIFEST_FILE, f"{bundle_dir} is not a model bundle", "bundle")
+
+
+def check_bundle_dir(bundle_dir: Path) -> None:
+    """A one-line UserError unless `bundle_dir` is a directory: not found, or a file where the bundle's
+    directory should be."""
+    if not os.path.lexists(bundle_dir):
+        raise UserError(f"model bundle not found: {bundle_dir} does not exist")
+    if not bundle_dir.is_dir():
+        raise UserError(f"{bundle_dir} is a file, not a model bundle (a directory with {MANIFEST_FILE} and "
+                        "a folder per stage)")
 
 
 def read_stage_config(stage_dir: str | Path) -> dict[str, Any]:
@@ -175,8 +184,7 @@ def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     from cascade.registry import get_stage
 
     bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise UserError(f"model bundle not found: {bundle_dir}")
+    check_bundle_dir(bundle_dir)
     details: dict[str, Any] = {}
     for folder in sorted(p for p in bundle_dir.iterdir() if (p / CONFIG_FILE).is_file()):
         data = read_stage_config(folder)

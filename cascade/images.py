@@ -40,8 +40,10 @@ def from_pil(image: Image.Image, size: int | None = None) -> torch.Tensor:
 def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     """Read an image file as (3, H, W) in [-1, 1]; a UserError for a missing or non-image file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not an image file")
     if not path.is_file():
-        raise UserError(f"image not found: {path}")
+        raise UserError(f"image not found: {path} does not exist")
     try:
         with Image.open(path) as im:
             im.load()

@@ -83,3 +83,20 @@ def test_done_shards_are_skipped_and_another_clip_reembeds(clips, data):
 def test_empty_data_dir_is_a_user_error(clips, tmp_path):
     with pytest.raises(UserError, match="no shards"):
         embed.embed_dataset(tmp_path, clips[0])
+
+
+def test_a_clip_path_that_is_missing_or_a_file_says_so(data, tmp_path, capsys):
+    from cascade.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    for clip, needle in [(tmp_path / "missing" / "path", f"CLIP stage folder not found: {tmp_path}/missing/path "
+                                                          "does not exist"),
+                         (notes, f"{notes} is a file, not a CLIP stage folder")]:
+        assert main(["data", "embed", "--data", str(data), "--clip", str(clip)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="not found: bundles/nope does not exist"):
+        load_encoder("bundles/nope")
+    with pytest.raises(UserError, match="unknown open_clip model"):  # a name, not a path
+        load_encoder("no-such-model:some/file.pt")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -56,12 +57,24 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Clip
             raise UserError(f"{weights_path}: weights do not match its config.json "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         encoder.identity = encoder_identity(folder)
+    elif os.path.lexists(folder):
+        raise UserError(f"{folder} is a file, not a CLIP stage folder (a directory with config.json and "
+                        "model.safetensors) or an open_clip model name")
+    elif _looks_like_path(str(source)):
+        raise UserError(f"CLIP stage folder not found: {folder} does not exist")
     else:
         name, _, pretrained = str(source).partition(":")
         config = ClipEncoderConfig(open_clip_model=name, open_clip_pretrained=pretrained or None)
         encoder = ClipEncoder(config)
         encoder.identity = f"open_clip:{source}"
     return encoder.to(device).eval()
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether `source` names a folder rather than "open_clip_name[:tag_or_file]": its name part has a
+    path separator or starts like a relative or home path (open_clip names have neither)."""
+    name = source.partition(":")[0]
+    return "/" in name or os.sep in name or name.startswith((".", "~"))
 
 
 def _tied_to_loaded(encoder: ClipEncoder, name: str, state: dict[str, torch.Tensor]) -> bool:
