@@ -11,17 +11,24 @@ et al. 2020, section 3.1, with K = 12, checked against what DeepSpeed 0.19's opt
     optimizer  12T     fp32 master weights, Adam's m and v   ZeRO-2, ZeRO-3: 12T/N
     gathered   ZeRO-3 only: the largest module's weights and gradients whole while it runs (4 bytes per
                parameter), as DeepSpeed's own `estimate_zero3_model_states_mem_needs` counts
+    buckets    ZeRO-2 and 3: the gradient reduction bucket DeepSpeed allocates on the GPU whatever the model's
+               size, reduce_bucket_size elements (default 5e8: 0.93 GiB in bf16) of the gradients' dtype, two
+               of them with ZeRO-2's overlap_comm; from --deepspeed_config when given
     EMA        4T: the engine's fp32 EMA copy lives on rank 0's GPU (`cascade.training.ema`)
     activations  measured (below) at train.batch_size per GPU, the batch included
 
 so ZeRO-0 is 2 + 2 + 12 = 16 bytes per parameter, plus the EMA's 4 and the activations. CPU offload moves
-the gradient and optimizer partitions (14T/N per rank) to host memory; ZeRO-3's parameter offload moves
-the weights' partitions (2P/N) too. In fp32 (a DeepSpeed config without bf16) weights and gradients take
-4 bytes each, and the optimizer 8 without ZeRO (torch's AdamW steps the weights) or 12 with it (ZeRO keeps
-an fp32 copy of its partition all the same). Not counted: DeepSpeed's communication buckets
-(reduce_bucket_size, ZeRO-3's prefetch and live-parameter limits), the fp32 gradient copy its optimizers
-make at the step (after the activations are freed), the CUDA context (~0.5 GiB) and the caching
-allocator's fragmentation.
+the optimizer partition to host memory together with an fp32 gradient partition that the CPU optimizer
+steps with and DeepSpeed keeps between steps (ZeRO-2 reduces the gradients straight into it: 16T/N per
+rank; ZeRO-3 also keeps its bf16 gradient partition there: 18T/N, the figures of DeepSpeed's own
+estimators); ZeRO-3's parameter offload moves the weights' partitions (2P/N) too. In fp32 (a DeepSpeed
+config without bf16) weights and gradients take 4 bytes each, and the optimizer 8 without ZeRO (torch's
+AdamW steps the weights) or 12 with it (ZeRO keeps an fp32 copy of its partition all the same).
+
+Not counted: the gradients are counted whole beside the activations, though at the peak (the start of
+backward) most do not exist yet; the parameters ZeRO-3 prefetches beyond the running module; the fp32
+gradient copy DeepSpeed's optimizers make at the step without offload (after the activations are freed);
+the CUDA context (~0.5 GiB) and the caching allocator's fragmentation.
 
 Activations are measured, not modelled: the stage's `loss` and its backward run on meta tensors of the
 config's batch shapes while a dispatch mode records when each storage is allocated and freed; the
@@ -57,8 +64,10 @@ from cascade.errors import UserError
 # fp32 without ZeRO (torch's AdamW stepping the weights themselves), an fp32 master copy
 STATE_BYTES = {"bf16": (2, 2), "fp32": (4, 4)}
 ADAM_BYTES, MASTER_BYTES, EMA_BYTES = 8, 4, 4
+FP32_GRAD_BYTES = 4  # the fp32 gradient partition an offloaded optimizer steps with, kept on the host
 # (ZeRO stage, what is offloaded): the set-ups DeepSpeed offers (offload needs ZeRO >= 1)
 TRAIN_SETUPS = ((0, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "optimizer+params"))
+REDUCE_BUCKET_SIZE = 500_000_000  # DeepSpeed's default, in elements
 DEFAULT_TEXT_LEN = 77  # CLIP's context length, for stages whose config does not say how long captions are
 MAX_MATERIALISED = 1 << 24  # elements: a data-dependent op on a larger meta tensor is an error, not zeros
 
@@ -87,13 +96,14 @@ class TrainRow:
     grads: int
     optimizer: int
     gathered: int
+    buckets: int
     ema: int
     activations: int
     cpu: int  # host memory the offloaded states take, summed over the ranks
 
     @property
     def gpu(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered + self.ema + self.activations
+        return self.params + self.grads + self.optimizer + self.gathered + self.buckets + self.ema + self.activations
 
 
 def optimizer_bytes(precision: str, zero_stage: int) -> int:
@@ -102,9 +112,11 @@ def optimizer_bytes(precision: str, zero_stage: int) -> int:
     return ADAM_BYTES + (0 if precision == "fp32" and zero_stage == 0 else MASTER_BYTES)
 
 
-def training_rows(counts: ParamCounts, activations: int, *, gpus: int = 1, precision: str = "bf16"
-                  ) -> list[TrainRow]:
-    """The closed form of the module docstring for every set-up of `TRAIN_SETUPS`."""
+def training_rows(counts: ParamCounts, activations: int, *, gpus: int = 1, precision: str = "bf16",
+                  reduce_bucket_size: int = REDUCE_BUCKET_SIZE, overlap_comm: bool | None = None,
+                  contiguous_gradients: bool = True) -> list[TrainRow]:
+    """The closed form of the module docstring for every set-up of `TRAIN_SETUPS`; the bucket settings are
+    DeepSpeed's zero_optimization keys (overlap_comm None: DeepSpeed's default, on for ZeRO-3 only)."""
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}")
     w, g = STATE_BYTES[precision]
@@ -117,13 +129,19 @@ def training_rows(counts: ParamCounts, activations: int, *, gpus: int = 1, preci
         optimizer = o * t if stage < 1 else math.ceil(o * t / gpus)
         cpu = 0
         if offload != "none":
-            cpu += (grads + optimizer) * gpus
+            host = FP32_GRAD_BYTES * t + (g * t if stage == 3 else 0)
+            cpu += (math.ceil(host / gpus) + optimizer) * gpus
             grads = optimizer = 0
         if offload == "optimizer+params":
             cpu += params * gpus
             params = 0
         gathered = (w + g) * counts.largest_module if stage == 3 else 0
-        rows.append(TrainRow(stage, offload, params, grads, optimizer, gathered, EMA_BYTES * t, activations, cpu))
+        # ZeRO-3 allocates one bucket whether or not it overlaps communication; ZeRO-2 a second to overlap
+        overlap = (stage == 3) if overlap_comm is None else overlap_comm
+        buckets = 0 if stage == 0 or not contiguous_gradients else \
+            g * reduce_bucket_size * (2 if stage == 2 and overlap else 1)
+        rows.append(TrainRow(stage, offload, params, grads, optimizer, gathered, buckets, EMA_BYTES * t,
+                             activations, cpu))
     return rows
 
 
@@ -336,10 +354,11 @@ class TrainingEstimate:
                 "notes": self.notes}
 
 
-def _deepspeed_setup(path: Path | None) -> tuple[str, tuple[int, str] | None]:
-    """(precision, (ZeRO stage, offload)) a DeepSpeed JSON asks for; bf16 without one (the GPU case)."""
+def _deepspeed_setup(path: Path | None) -> tuple[str, tuple[int, str] | None, dict[str, Any]]:
+    """(precision, (ZeRO stage, offload), bucket settings for `training_rows`) a DeepSpeed JSON asks for;
+    bf16 and DeepSpeed's defaults without one (the GPU case)."""
     if path is None:
-        return "bf16", None
+        return "bf16", None, {}
     if not Path(path).is_file():
         raise UserError(f"DeepSpeed config not found: {path}")
     try:
@@ -356,7 +375,10 @@ def _deepspeed_setup(path: Path | None) -> tuple[str, tuple[int, str] | None]:
         offload = "optimizer"
         if zero.get("offload_param", {}).get("device", "none") != "none":
             offload = "optimizer+params"
-    return precision, (stage, offload) if (stage, offload) in TRAIN_SETUPS else None
+    buckets = {key: zero[key] for key in ("overlap_comm", "contiguous_gradients") if key in zero}
+    if "reduce_bucket_size" in zero:
+        buckets["reduce_bucket_size"] = int(float(zero["reduce_bucket_size"]))
+    return precision, (stage, offload) if (stage, offload) in TRAIN_SETUPS else None, buckets
 
 
 def estimate_training(config_path: str | Path, stage: str | None = None, *, gpus: int = 1,
@@ -370,7 +392,7 @@ def estimate_training(config_path: str | Path, stage: str | None = None, *, gpus
     if not gpu_memory > 0:
         raise UserError(f"--gpu-memory must be positive, got {gpu_memory}")
     run = load_run_config(config_path, stage)
-    precision, selected = _deepspeed_setup(deepspeed_config)
+    precision, selected, buckets = _deepspeed_setup(deepspeed_config)
     model = build_on_meta(run.stage, run.model)
     counts = count_params(model)
     batch = example_batch(model, run.train.batch_size)
@@ -386,7 +408,8 @@ def estimate_training(config_path: str | Path, stage: str | None = None, *, gpus
                      f"activations are measured in fp32")
         activations = training_activation_bytes(model.float(), batch)
     return TrainingEstimate(run.stage, str(config_path), counts, run.train.batch_size, gpus, precision,
-                            activations, training_rows(counts, activations, gpus=gpus, precision=precision),
+                            activations, training_rows(counts, activations, gpus=gpus, precision=precision,
+                                                       **buckets),
                             gpu_memory, selected, notes)
 
 
@@ -532,19 +555,20 @@ def format_training(est: TrainingEstimate) -> str:
              f"largest module {p.largest_module:,}",
              f"training memory per GPU, {est.precision}, batch {est.batch_size} per GPU, {est.gpus} GPU(s); "
              f"activations {_size(est.activations)} ({_size(est.activations // est.batch_size)} per sample)", ""]
-    rows = [("ZeRO", "offload", "params", "grads", "optimizer", "gathered", "EMA", "activations", "GPU total",
-             "CPU (all ranks)", f"max batch ({est.gpu_memory:g} GiB)", "")]
+    rows = [("ZeRO", "offload", "params", "grads", "optimizer", "gathered", "buckets", "EMA", "activations",
+             "GPU total", "CPU (all ranks)", f"max batch ({est.gpu_memory:g} GiB)", "")]
     for r in est.rows:
-        rows.append((str(r.zero_stage), r.offload, *map(_size, (r.params, r.grads, r.optimizer, r.gathered, r.ema,
-                                                                 r.activations, r.gpu, r.cpu)),
-                     str(est.max_batch(r)), "<- --deepspeed_config" if (r.zero_stage, r.offload) == est.selected else ""))
+        sizes = (r.params, r.grads, r.optimizer, r.gathered, r.buckets, r.ema, r.activations, r.gpu, r.cpu)
+        mark = "<- --deepspeed_config" if (r.zero_stage, r.offload) == est.selected else ""
+        rows.append((str(r.zero_stage), r.offload, *map(_size, sizes), str(est.max_batch(r)), mark))
     lines += _table(rows, left=2)
     lines += ["", f"bytes per parameter: weights {weights}, grads {grads}, optimizer (fp32 master, Adam m and v) "
                   f"{optimizer_bytes(est.precision, 2)}; ZeRO-2 partitions grads and optimizer over the GPUs, "
                   f"ZeRO-3 the weights too, offload moves the partitions to the CPU.",
-              "gathered: ZeRO-3's largest module, whole while it runs. EMA: the fp32 copy on rank 0's GPU. "
+              "gathered: ZeRO-3's largest module, whole while it runs. buckets: DeepSpeed's gradient reduction "
+              "buffer (reduce_bucket_size). EMA: the fp32 copy on rank 0's GPU. "
               "max batch: the largest batch per GPU that fits, activations taken as linear in the batch.",
-              "Not counted: DeepSpeed's communication buffers, the CUDA context and allocator overhead; leave "
+              "Not counted: parameters ZeRO-3 prefetches, the CUDA context and the allocator's overhead; leave "
               "10-20% free."]
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)

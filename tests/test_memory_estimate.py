@@ -21,6 +21,7 @@ TINY_DECODER = dict(clip_dim=32, text_dim=48, channels=16, channel_mult=[1, 2], 
 
 
 def _rows(counts, **kw):
+    kw.setdefault("reduce_bucket_size", 50)
     return {(r.zero_stage, r.offload): r for r in training_rows(counts, 1000, **kw)}
 
 
@@ -32,18 +33,24 @@ def test_zero_closed_form_bf16():
     # ZeRO-0: 2 (bf16 weights) + 2 (bf16 grads) + 12 (fp32 master, m, v) bytes per parameter, + EMA 4
     assert (z0.params, z0.grads, z0.optimizer, z0.gathered, z0.ema, z0.cpu) == (2000, 2000, 12000, 0, 4000, 0)
     assert z0.gpu == 16 * 1000 + 4000 + 1000
-    # on one GPU, partitioning changes nothing but ZeRO-3's gathered module (4 bytes per parameter)
-    assert one[(2, "none")].gpu == z0.gpu and one[(3, "none")].gpu == z0.gpu + 400
+    # on one GPU, partitioning changes nothing but DeepSpeed's reduction bucket (reduce_bucket_size bf16
+    # gradients) and ZeRO-3's gathered module (4 bytes per parameter)
+    assert one[(2, "none")].buckets == one[(3, "none")].buckets == 2 * 50
+    assert one[(2, "none")].gpu == z0.gpu + 100 and one[(3, "none")].gpu == z0.gpu + 100 + 400
+    assert _rows(counts, overlap_comm=True)[(2, "none")].buckets == 2 * 2 * 50  # ZeRO-2 double-buffers
+    assert _rows(counts, contiguous_gradients=False)[(3, "none")].buckets == 0
+    assert training_rows(counts, 0)[1].buckets == 2 * 500_000_000  # DeepSpeed's default size
     four = _rows(counts, gpus=4)
     z2, z3 = four[(2, "none")], four[(3, "none")]
     assert (z2.params, z2.grads, z2.optimizer) == (2000, 500, 3000)  # 2P + (2 + 12) T / N
     assert (z3.params, z3.grads, z3.optimizer, z3.gathered) == (500, 500, 3000, 400)  # 16 P / N
-    # offload moves each rank's grad and optimizer partitions (and, for ZeRO-3's params, the weights') to the CPU
+    # offload moves each rank's optimizer partition to the CPU with the fp32 gradient partition it steps with
+    # (ZeRO-2: 4 + 12 bytes per parameter over N; ZeRO-3 keeps its bf16 gradient partition there too: 18)
+    assert (four[(2, "optimizer")].grads, four[(2, "optimizer")].cpu) == (0, 4 * (1000 + 3000))
     off = four[(3, "optimizer")]
-    assert (off.grads, off.optimizer, off.cpu) == (0, 0, 4 * (500 + 3000))
-    both = four[(3, "optimizer+params")]
-    assert (both.params, both.cpu) == (0, 4 * (500 + 500 + 3000))
-    assert four[(2, "optimizer")].cpu == 4 * (500 + 3000)
+    assert (off.grads, off.optimizer, off.cpu) == (0, 0, 4 * (500 + 1000 + 3000))
+    both = four[(3, "optimizer+params")]  # and the weights' partitions
+    assert (both.params, both.cpu) == (0, 4 * (500 + 500 + 1000 + 3000))
     assert all(r.ema == 4000 and r.activations == 1000 for r in four.values())  # rank 0's whole EMA, per-GPU batch
 
 
@@ -220,4 +227,7 @@ def test_dry_run_of_a_mid_size_config_written_on_the_fly(tmp_path):
     path = tmp_path / "decoder.yaml"
     path.write_text(yaml.safe_dump(data))
     est = estimate_training(path, "decoder", gpus=2)
-    assert est.params.total > 4 * 4_768_716 * 0.9 and est.rows[0].gpu > est.rows[3].gpu
+    assert est.params.total > 4 * 4_768_716 * 0.9  # twice the width: about four times the weights
+    z0, z3 = est.rows[0], est.rows[3]
+    assert (z0.zero_stage, z3.zero_stage) == (0, 3) and z3.params == z0.params // 2
+    assert z3.gpu - z3.buckets < z0.gpu and z3.activations == z0.activations
