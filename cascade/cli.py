@@ -244,24 +244,38 @@ def register_model_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON line instead of the tables")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("vary", help="variations of an image (its CLIP embedding, decoded with fresh noise)")
+    p = sub.add_parser("vary", help="variations of an image (its CLIP embedding, decoded with fresh noise)",
+                       description="Make variations of an image (DALL-E 2 section 3.1): its CLIP image "
+                                   "embedding -> decoder -> sr256 -> sr1024, each image from fresh noise, so "
+                                   "they keep what CLIP sees in the image and vary the rest. No prompt and no "
+                                   "prior. Writes one PNG per image and a grid.")
     p.add_argument("--image", required=True, help="the source image file")
     _add_common(p, num_images=True)
     p.set_defaults(func=cmd_vary)
 
-    p = sub.add_parser("interpolate", help="frames between two images (slerp of CLIP embeddings)")
+    p = sub.add_parser("interpolate", help="frames between two images (slerp of CLIP embeddings)",
+                       description="Blend two images (DALL-E 2 section 3.2): slerp from image A's CLIP image "
+                                   "embedding to image B's in --frames steps and decode each, every frame "
+                                   "from the same noise at every stage, so only the embedding changes from "
+                                   "frame to frame. Writes one PNG per frame and a grid.")
     p.add_argument("--image", action="append", default=[], required=True, help="give twice: image A and image B")
     p.add_argument("--frames", type=int, default=5, help="number of frames, endpoints included (default: %(default)s)")
     _add_common(p)
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("textdiff", help="edit an image by a text difference (DALL-E 2 text diffs)")
+    p = sub.add_parser("textdiff", help="edit an image by a text difference (DALL-E 2 text diffs)",
+                       description="Edit an image with words (DALL-E 2 section 3.3): move its CLIP image "
+                                   "embedding towards the direction from the --from caption's text embedding "
+                                   "to the --to caption's, by angle fractions from 0 to --max-theta, and "
+                                   "decode each frame from the same noise. Writes one PNG per frame and a "
+                                   "grid.")
     p.add_argument("--image", required=True, help="the source image file")
     p.add_argument("--from", dest="from_text", required=True, help="text describing the image now")
     p.add_argument("--to", dest="to_text", required=True, help="text describing the wanted image")
     p.add_argument("--frames", type=int, default=5, help="number of frames (default: %(default)s)")
     p.add_argument("--max-theta", type=float, default=0.5,
-                   help="largest slerp fraction towards the text diff (default: %(default)s)")
+                   help="largest slerp fraction towards the text diff, above 0 and at most 1 (default: "
+                        "%(default)s)")
     _add_common(p)
     p.set_defaults(func=cmd_textdiff)
 

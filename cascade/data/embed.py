@@ -176,11 +176,16 @@ def _count_samples(shard: Path) -> int:
 
 def add_parser(data_subparsers: argparse._SubParsersAction) -> None:
     parser = data_subparsers.add_parser(
-        "embed", help="store CLIP image/text embeddings and token states in each shard (resumable)")
+        "embed", help="store CLIP image/text embeddings and token states in each shard (resumable)",
+        description="Add each sample's CLIP image and text embeddings and text token states to its shard "
+                    "(clip_image.npy, clip_text.npy, clip_tokens.npy, clip_mask.npy), which the prior and "
+                    "decoder train on. Shards already embedded by the same CLIP are skipped, so an "
+                    "interrupted run resumes.")
     parser.add_argument("--data", required=True, help="a dataset directory with train/ and val/ shards")
     parser.add_argument("--clip", required=True,
                         help="a CLIP stage folder (e.g. BUNDLE/clip) or an open_clip name[:pretrained]")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="samples per CLIP forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one)")
     parser.set_defaults(func=_run)
