@@ -30,6 +30,10 @@ under torch.autocast) or `fp32` (--smoke's). Prints a readable table, then one J
         [--out FILE] [--parts speed,diffusers,train,generate,tests] [--keep DIR] [--precision P]
 
 Without a GPU and without --smoke it exits 2 and says so in one line.
+
+On a lent GPU machine whose Python lacks this project's packages: `python benchmarks/gpu_carry.py pack`
+here, carry `.cache/gpu_check`, and there `python3 benchmarks/gpu_carry.py unpack /tmp/site &&
+PYTHONPATH=/tmp/site python3 benchmarks/gpu_check.py --out ...` (see benchmarks/gpu_carry.py).
 """
 from __future__ import annotations
 
@@ -143,6 +147,13 @@ class Run:
         self.bundle = self.work / "bundle"
         self.results: dict[str, Any] = {}
         self.deadline: float | None = None  # perf_counter time after which no part starts
+
+    def timeout(self) -> float:
+        """A child's time limit: the plan's, cut to the budget left plus a minute's grace."""
+        limit = float(self.plan.subprocess_timeout)
+        if self.deadline is not None:
+            limit = min(limit, max(30.0, self.deadline + 60.0 - time.perf_counter()))
+        return limit
 
     def sync(self) -> None:
         if self.cuda:
@@ -445,7 +456,7 @@ def child(run: Run, cmd: list[str], log: Path) -> float:
     started = time.perf_counter()
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=run.env(), stdout=f, stderr=subprocess.STDOUT,
-                              timeout=run.plan.subprocess_timeout)
+                              timeout=run.timeout())
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
@@ -561,7 +572,7 @@ def part_tests(run: Run) -> dict[str, Any]:
     started = time.perf_counter()
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=ROOT, env=run.env(CASCADE_TEST_DEVICE=device), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=run.plan.subprocess_timeout)
+                              stderr=subprocess.STDOUT, timeout=run.timeout())
     text = log.read_text(errors="replace")
     counts = {key: 0 for key in ("passed", "failed", "errors", "skipped")}
     summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|errors?|skipped)", ln)]
