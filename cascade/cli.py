@@ -13,7 +13,7 @@ from pathlib import Path
 from cascade.errors import UserError, run_cli
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
 
-DEFAULT_MODEL = os.environ.get("CASCADE_MODEL", "bundles/tiny")
+DEMO_BUNDLES = ("bundles/tiny", "bundles/quick")  # what `make demo` and `make demo-quick` build
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
 
@@ -49,17 +49,48 @@ def _settings(args):
     return settings
 
 
+def _prepare(args) -> None:
+    """Check what a model command can check before loading any weights: the seed, that --out can be
+    written, and which bundle to load (see `_resolve_model`)."""
+    from cascade.outputs import check_out_dir
+    from cascade.pipeline import check_seed
+
+    check_seed(args.seed, "--seed")
+    check_out_dir(args.out)
+    _resolve_model(args)
+
+
+def _resolve_model(args) -> None:
+    """--model, else $CASCADE_MODEL, else the bundle the demo built (bundles/tiny, else bundles/quick);
+    when the user gave no --model, one line on stderr says which bundle this run uses."""
+    if args.model is not None:
+        return
+    if os.environ.get("CASCADE_MODEL"):
+        args.model, why = os.environ["CASCADE_MODEL"], "from $CASCADE_MODEL"
+    else:
+        found = [b for b in DEMO_BUNDLES if (Path(b) / "cascade.json").is_file()]
+        if not found:
+            raise UserError(f"no --model given and no model bundle in {' or '.join(DEMO_BUNDLES)}: make one with "
+                            "`make demo-quick` (or `make demo`), or pass --model BUNDLE")
+        args.model, why = found[0], "the demo's bundle; pass --model to choose another"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cascade: using model {args.model} ({why})", file=sys.stderr)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
 # ---------------------------------------------------------------------------- model commands
-def _load(args):
+def _load(args, *, prior: bool = True):
+    """The bundle's clip and the stages this command runs: the prior if `prior`, then the image stages
+    up to --until (a broken or missing later stage does not stop an earlier --until)."""
     from cascade.devices import resolve_device, resolve_dtype
     from cascade.pipeline import Cascade
 
     device = resolve_device(args.device)
-    cascade = Cascade.from_bundle(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+    stages = (("prior",) if prior else ()) + IMAGE_STAGES[: IMAGE_STAGES.index(args.until) + 1]
+    cascade = Cascade.from_bundle(args.model, stages, device=device, dtype=resolve_dtype(args.dtype, device),
                                   offload="none" if args.shard else args.offload)
     if args.compile:
         for stage in cascade.stages.values():
@@ -94,12 +125,17 @@ def _stage_bars(args):
 
 
 def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -> list[Path]:
+    """One PNG per image and a grid, `<stem>-00.png`, ..., `<stem>-grid.png`; where an earlier run left
+    any of those names, the whole set becomes `<stem>-2-*`, `<stem>-3-*`, ... unless --overwrite."""
     from cascade.images import make_grid, save_png
+    from cascade.outputs import free_stem
 
     if getattr(args, "rank", 0) != 0:
         return []  # sharded runs: every rank computes, rank 0 writes
     out = Path(args.out)
     images = result.final
+    if not args.overwrite:
+        stem = free_stem(out, stem, [f"-{i:02d}.png" for i in range(len(images))] + ["-grid.png"])
     paths = []
     for i, image in enumerate(images):
         paths.append(save_png(image, out / f"{stem}-{i:02d}.png", {**text, "index": str(i)}))
@@ -120,7 +156,10 @@ def cmd_generate(args) -> int:
     if args.dry_run:
         from cascade.memory_estimate import generate_dry_run
 
+        if not args.config:
+            _resolve_model(args)
         return generate_dry_run(args, settings)
+    _prepare(args)
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
                               progress=_stage_bars(args))
@@ -137,7 +176,8 @@ def cmd_vary(args) -> int:
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
     settings = _settings(args)
-    cascade = _load(args)
+    _prepare(args)
+    cascade = _load(args, prior=False)
     result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
                           progress=_stage_bars(args))
     text = {"source": str(args.image), "seed": str(args.seed), "until": args.until,
@@ -161,7 +201,8 @@ def cmd_interpolate(args) -> int:
     a, b = (read_image(p, size=INPUT_SIZE) for p in args.image)
     frames = _frames(args)
     settings = _settings(args)
-    cascade = _load(args)
+    _prepare(args)
+    cascade = _load(args, prior=False)
     result = cascade.interpolate(a, b, frames=frames, seed=args.seed, until=args.until, settings=settings,
                                  progress=_stage_bars(args))
     text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed),
@@ -178,8 +219,12 @@ def cmd_textdiff(args) -> int:
     image = read_image(args.image, size=INPUT_SIZE)
     src, dst = check_prompt(args.from_text), check_prompt(args.to_text)
     frames = _frames(args)
+    if not 0 < args.max_theta <= 1:
+        raise UserError(f"--max-theta {args.max_theta}: must be above 0 and at most 1 (the fraction of the "
+                        "angle from the image's embedding to the text diff)")
     settings = _settings(args)
-    cascade = _load(args)
+    _prepare(args)
+    cascade = _load(args, prior=False)
     result = cascade.textdiff(image, src, dst, frames=frames, max_theta=args.max_theta, seed=args.seed,
                               until=args.until, settings=settings, progress=_stage_bars(args))
     text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed),
@@ -190,10 +235,16 @@ def cmd_textdiff(args) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model bundle directory (default: %(default)s, or $CASCADE_MODEL)")
+    p.add_argument("--model", default=None,
+                   help="model bundle directory (default: $CASCADE_MODEL if set, else the bundle the demo "
+                        "built: bundles/tiny, else bundles/quick)")
     p.add_argument("--out", default="out", help="output directory for the PNGs (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; same seed and settings give identical pixels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's files of the same names (default: name the new set "
+                        "<stem>-2-*.png, <stem>-3-*.png, ...)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, 0 to 2**63-1 (default: %(default)s); the same seed and settings give "
+                        "identical pixels")
     p.add_argument("--until", choices=IMAGE_STAGES, default="sr1024",
                    help="last stage to run: decoder (64px), sr256 or sr1024 (default: %(default)s)")
     p.add_argument("--steps", default="", metavar="STAGE=N,...",

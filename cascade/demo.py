@@ -142,10 +142,10 @@ def demo(plan: Plan, root: Path) -> int:
     run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
     for stage in STAGES[1:]:
         train(stage, plan, data, runs, bundle)
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(PROMPTS):  # a demo run again (to go on after a stop) replaces its images
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),
-                   "--seed", str(i), "--out", str(out), *steps], "generate")
+                   "--seed", str(i), "--out", str(out), "--overwrite", *steps], "generate")
     done = out / "eval" / ".complete"  # eval.json is written after every stage, so it may be partial
     if not done.is_file():
         run(cli + ["eval", "--model", str(bundle), "--data", str(data), "--out", str(out / "eval"),

@@ -127,15 +127,21 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=64,
                    help="val samples for the text-to-image score; also bounds the placement probe "
                         "(9 images per probe object, 1-4 objects)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the evaluations' sampling, 0 to 2**63-1 (default: %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one)")
     p.set_defaults(func=_run)
 
 
 def _run(args: Any) -> int:
-    stages = [s for s in args.stages.split(",") if s] or None
     from cascade.devices import resolve_device
+    from cascade.outputs import check_out_dir
+    from cascade.pipeline import check_seed
+
+    check_seed(args.seed, "--seed")
+    check_out_dir(args.out)
+    stages = [s for s in args.stages.split(",") if s] or None
 
     results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
                               device=resolve_device(args.device))

@@ -17,6 +17,7 @@ its `total` sampling steps (the CLI draws one bar per stage from it).
 from __future__ import annotations
 
 import json
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from cascade.errors import UserError
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES
 
 MAX_PROMPT_CHARS = 300
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (what a signed 64-bit integer holds)
 OFFLOAD_MODES = ("none", "model", "sequential")
 
 Progress = Callable[[str, int, int], None]  # progress(stage, done, total); see the module docstring
@@ -79,11 +81,24 @@ class Result:
         return self.images[[s for s in IMAGE_STAGES if s in self.images][-1]]
 
 
+def check_seed(seed: int, name: str = "seed") -> int:
+    """`seed` if 0 <= seed < 2**63, else a one-line UserError that calls it `name`."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise UserError(f"{name} {seed} is out of range: a seed is a whole number from 0 to 2**63 - 1 "
+                        f"({SEED_LIMIT - 1})")
+    return value
+
+
 def stage_generator(seed: int, stage: str) -> torch.Generator:
     """The one generator a stage draws all its noise from in a run with `seed` (x_T, augmentation and
     sampler noise, in that order), so stopping earlier with `until` never changes the images of the
-    stages that ran."""
-    return torch.Generator().manual_seed(int(seed) * 7919 + 1 + SAMPLED_STAGES.index(stage))
+    stages that ran. The generator's seed is taken modulo 2**64 (what torch takes); 7919 is odd, so
+    distinct seeds still give distinct generators, and seeds below 2**64 / 7919 keep their old ones."""
+    return torch.Generator().manual_seed((check_seed(seed) * 7919 + 1 + SAMPLED_STAGES.index(stage)) % 2**64)
 
 
 def _step_callback(progress: Progress | None, stage: str, total: int) -> Callable[[dict], None] | None:
@@ -308,9 +323,11 @@ class Cascade:
                  max_theta: float = 0.5, seed: int = 0, until: str = "sr1024",
                  settings: Settings | None = None, progress: Progress | None = None) -> Result:
         """Text diffs (section 3.3): move z_i towards normalize(z_t(to) - z_t(from)) by angle fractions
-        theta in [0, max_theta], every stage's noise shared by the frames."""
+        theta in [0, max_theta] (0 <= max_theta <= 1), every stage's noise shared by the frames."""
         from decoder.manipulation import text_diff
 
+        if not 0 <= max_theta <= 1:
+            raise UserError(f"max_theta {max_theta}: must be between 0 and 1")
         settings = settings or Settings()
         self.stages_until(until)
         z_t, _, _ = self.encode_text([check_prompt(text_from), check_prompt(text_to)])

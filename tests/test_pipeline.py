@@ -15,7 +15,7 @@ from PIL import Image
 from cascade.bundle import save_stage, write_manifest
 from cascade.cli import main
 from cascade.errors import UserError
-from cascade.pipeline import Cascade, Settings
+from cascade.pipeline import Cascade, Settings, stage_generator
 from bundle_helpers import CONFIG_STEPS, SR, seeded_stage, small_bundle
 
 FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
@@ -198,6 +198,20 @@ def test_each_stage_draws_from_one_generator_and_no_draw_repeats_another(cascade
     assert not torch.equal(decoder_next, decoder_kwargs["noise"][:1])
     sr_kwargs, _ = seen["sr256"]
     assert not torch.equal(sr_kwargs["aug_noise"][:1], sr_kwargs["noise"][:1])
+
+
+def test_stage_generators_take_every_seed_below_2_63_and_refuse_the_rest(cascade):
+    """Seeds that fitted before keep their generators; 10**16 * 7919 no longer overflows torch's 64 bits."""
+    assert stage_generator(5, "decoder").initial_seed() == 5 * 7919 + 2
+    seeds = {stage_generator(seed, stage).initial_seed() for seed in (10**16, 2**63 - 1) for stage in CONFIG_STEPS}
+    assert len(seeds) == 8
+    for seed in (-1, 2**63, 1.5):
+        with pytest.raises(UserError, match="out of range"):
+            stage_generator(seed, "prior")
+    image = torch.rand(3, 64, 64) * 2 - 1
+    for theta in (-0.5, 7.0):
+        with pytest.raises(UserError, match="max_theta"):
+            cascade.textdiff(image, "a cat", "a dog", max_theta=theta, until="decoder")
 
 
 def test_a_text_conditioned_sr256_gets_the_prompt_in_the_full_cascade(bundle, tmp_path, monkeypatch):

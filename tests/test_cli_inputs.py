@@ -1,0 +1,234 @@
+"""What the `cascade` command does with a user's inputs before and after sampling: seeds, --out, the
+default model, which stages it loads, file names that never replace earlier outputs, messages that say
+what is wrong, and help text for every option (issue #20)."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascade.cli import build_parser, main
+from cascade.pipeline import Cascade, Result
+from bundle_helpers import small_bundle
+
+FAST = "prior=2,decoder=2"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return small_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "src.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture
+def quick_generate(monkeypatch):
+    """`Cascade.generate` without sampling: 64x64 images drawn from the seed (for tests of what happens
+    around the sampling)."""
+    def generate(self, prompts, *, seed=0, until="sr1024", settings=None, progress=None):
+        g = torch.Generator().manual_seed(seed)
+        return Result({"decoder": torch.rand(len(prompts), 3, 64, 64, generator=g) * 2 - 1},
+                      torch.zeros(len(prompts), 32))
+
+    monkeypatch.setattr(Cascade, "generate", generate)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+    monkeypatch.setattr(Cascade, "from_bundle", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def _commands(image: Path) -> list[list[str]]:
+    """One call of every model command that samples, each valid but for what the test adds."""
+    return [["generate", "--prompt", "a red circle"], ["vary", "--image", str(image)],
+            ["interpolate", "--image", str(image), "--image", str(image)],
+            ["textdiff", "--image", str(image), "--from", "a red circle", "--to", "a blue square"]]
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+@pytest.mark.parametrize("seed", [str(2**63), "100000000000000000000", "-1"])
+def test_an_out_of_range_seed_is_one_line_before_any_model_loads(bundle, image, tmp_path, seed, no_loading, capsys):
+    for command in _commands(image):
+        assert main([*command, "--model", str(bundle), "--out", str(tmp_path / "o"), "--seed", seed]) == 2
+        err = _error(capsys)
+        assert "--seed" in err and "2**63" in err
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    assert main(["eval", "--model", str(bundle), "--data", str(data), "--out", str(tmp_path / "e"),
+                 "--seed", seed]) == 2
+    assert "--seed" in _error(capsys)
+
+
+@pytest.mark.parametrize("seed", [10**16, 2**63 - 1])
+def test_large_seeds_run(bundle, tmp_path, seed, capsys):
+    """10**16 * 7919 overflowed the generator's 64 bits (issue #20); every seed below 2**63 runs."""
+    assert main(["generate", "--prompt", "a red circle", "--model", str(bundle), "--until", "decoder",
+                 "--steps", FAST, "--num-images", "1", "--seed", str(seed), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    assert f"s{seed}-00.png" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- --out
+def test_an_out_that_is_a_file_or_under_a_file_is_one_line_before_any_model_loads(bundle, image, tmp_path,
+                                                                                    no_loading, capsys):
+    file = tmp_path / "taken.png"
+    file.write_bytes(b"not a directory")
+    for out, needle in [(file, f"--out {file} is a file, not a directory"),
+                        (file / "sub" / "dir", f"cannot make --out {file / 'sub' / 'dir'}: {file} is a file")]:
+        for command in _commands(image):
+            assert main([*command, "--model", str(bundle), "--out", str(out)]) == 2
+            assert needle in _error(capsys)
+    assert file.read_bytes() == b"not a directory"
+
+
+def test_a_read_only_out_is_one_line_before_any_model_loads(bundle, image, tmp_path, monkeypatch, no_loading,
+                                                            capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anyway: answer as the kernel does for anyone else
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: (Path(p) != ro or not mode & os.W_OK)
+                            and real(p, mode, **kw))
+    try:
+        for out, needle in [(ro, f"--out {ro} is not writable"),
+                            (ro / "new", f"cannot make --out {ro / 'new'}: {ro} is not writable")]:
+            for command in _commands(image):
+                assert main([*command, "--model", str(bundle), "--out", str(out)]) == 2
+                assert needle in _error(capsys)
+    finally:
+        ro.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("theta", ["7", "0", "-0.5", "nan"])
+def test_max_theta_outside_0_to_1_is_one_line(bundle, image, tmp_path, theta, no_loading, capsys):
+    assert main(["textdiff", "--image", str(image), "--from", "a", "--to", "b", "--max-theta", theta,
+                 "--model", str(bundle), "--out", str(tmp_path / "o")]) == 2
+    assert f"--max-theta {float(theta)}" in _error(capsys)
+
+
+def test_every_option_of_every_command_has_help_and_every_command_a_description():
+    def walk(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from walk(child, f"{name} {sub}")
+
+    parsers = dict(walk(build_parser(), "cascade"))
+    assert {"cascade vary", "cascade interpolate", "cascade textdiff", "cascade data build",
+            "cascade data embed"} <= set(parsers)
+    for name, parser in parsers.items():
+        assert parser.description, f"{name} has no description"
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {'/'.join(action.option_strings) or action.dest} has no help"
+
+
+def test_vary_help_starts_with_its_description(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["vary", "--help"])
+    assert exit_.value.code == 0
+    assert "Make variations of an image" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_a_second_run_with_the_same_prompt_and_seed_keeps_the_first_runs_files(bundle, tmp_path, quick_generate,
+                                                                                  capsys):
+    out = tmp_path / "o"
+    args = ["generate", "--prompt", "a red circle", "--model", str(bundle), "--until", "decoder", "--steps", FAST,
+            "--num-images", "2", "--seed", "4", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    first = capsys.readouterr().out.split()
+    assert [Path(p).name for p in first] == [f"a-red-circle-s4-{n}.png" for n in ("00", "01", "grid")]
+    before = {p: Path(p).read_bytes() for p in first}
+    for (p, data) in before.items():
+        Path(p).write_bytes(data + b"mark")  # so a rewrite would show
+    assert main(args) == 0
+    second = capsys.readouterr().out.split()
+    assert [Path(p).name for p in second] == [f"a-red-circle-s4-2-{n}.png" for n in ("00", "01", "grid")]
+    assert all(Path(p).read_bytes() == data + b"mark" for p, data in before.items())
+    assert main(args) == 0
+    assert Path(capsys.readouterr().out.split()[-1]).name == "a-red-circle-s4-3-grid.png"
+    # One leftover name of a set is enough to move the next set on; --overwrite writes the plain names.
+    (out / "a-red-circle-s4-4-01.png").write_bytes(b"x")
+    assert main(args) == 0
+    assert Path(capsys.readouterr().out.split()[0]).name == "a-red-circle-s4-5-00.png"
+    assert main(args + ["--overwrite"]) == 0
+    assert capsys.readouterr().out.split() == first
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
+    assert Path(first[0]).read_bytes() != before[first[0]] + b"mark"
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def test_a_file_given_as_model_and_a_directory_given_as_image_say_so(bundle, image, tmp_path, capsys):
+    notes = tmp_path / "some_file.txt"
+    notes.write_text("hello")
+    assert main(["generate", "--prompt", "a cat", "--model", str(notes), "--out", str(tmp_path / "o")]) == 2
+    assert f"{notes} is a file, not a model bundle" in _error(capsys)
+    assert main(["generate", "--prompt", "a cat", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert f"model bundle not found: {tmp_path / 'nope'} does not exist" in _error(capsys)
+    folder = tmp_path / "some_dir"
+    folder.mkdir()
+    assert main(["vary", "--image", str(folder), "--model", str(bundle), "--out", str(tmp_path / "o")]) == 2
+    assert f"{folder} is a directory, not an image file" in _error(capsys)
+    assert main(["vary", "--image", str(tmp_path / "no.png"), "--model", str(bundle)]) == 2
+    assert "image not found" in _error(capsys)
+
+
+# ---------------------------------------------------------------------------------------------- default model
+def test_without_model_the_demo_bundle_is_used_and_named(bundle, tmp_path, monkeypatch, quick_generate, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CASCADE_MODEL", raising=False)
+    args = ["generate", "--prompt", "a red circle", "--until", "decoder", "--steps", FAST, "--num-images", "1",
+            "--quiet"]
+    assert main(args) == 2
+    err = _error(capsys)
+    assert "no --model given" in err and "make demo-quick" in err
+    (tmp_path / "bundles").mkdir()
+    for name in ("quick", "tiny"):  # the quick demo's bundle, until the full demo has built the tiny one
+        shutil.copytree(bundle, tmp_path / "bundles" / name)
+        assert main(args) == 0
+        out, err = capsys.readouterr()
+        assert err.startswith(f"cascade: using model bundles/{name} (") and len(err.splitlines()) == 1
+        with Image.open(out.split()[0]) as im:
+            assert im.text["model"] == f"bundles/{name}"
+    monkeypatch.setenv("CASCADE_MODEL", str(bundle))
+    assert main(args) == 0
+    assert f"using model {bundle} (from $CASCADE_MODEL)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- stages loaded
+def test_a_corrupt_later_stage_does_not_block_an_earlier_until(bundle, image, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    for stage in ("sr256", "sr1024"):
+        (broken / stage / "model.safetensors").write_bytes(b"garbage")
+    common = ["--model", str(broken), "--steps", FAST, "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(["generate", "--prompt", "a red circle", "--num-images", "1", "--until", "decoder", *common]) == 0
+    assert main(["generate", "--prompt", "a red circle", "--num-images", "1", "--until", "sr256", *common]) == 2
+    assert "sr256/model.safetensors" in _error(capsys)
+    # vary, interpolate and textdiff start from an image embedding: they never need the prior.
+    (broken / "prior" / "model.safetensors").write_bytes(b"garbage")
+    for command in _commands(image)[1:]:
+        num = ["--frames", "2"] if command[0] != "vary" else ["--num-images", "1"]
+        assert main([*command, *num, "--until", "decoder", *common]) == 0
