@@ -57,6 +57,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/gpu_check.py`: the re
     sys.path.insert(0, str(ROOT))
 
 PARTS = ("speed", "diffusers", "train", "generate", "tests")
+GPU_ORDER = ("tests", "speed", "diffusers", "train", "generate")  # the order they run in on a GPU
 STAGES = ("clip", "prior", "decoder", "sr256", "sr1024")
 PROMPTS = ("a red circle at the top left", "a big blue square below a small yellow triangle",
            "a green star in the center", "two small purple circles at the bottom")
@@ -144,7 +145,8 @@ class Run:
         self.precision = args.precision or ("bf16-weights" if self.cuda else "fp32")
         self.work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gpu_check-"))
         self.work.mkdir(parents=True, exist_ok=True)
-        self.bundle = self.work / "bundle"
+        self.bundle = self.work / "bundle"  # the train part writes it, the generate part reads it
+        self.given_bundle = Path(args.bundle) if args.bundle else None
         self.results: dict[str, Any] = {}
         self.deadline: float | None = None  # perf_counter time after which no part starts
 
@@ -532,11 +534,12 @@ def part_generate(run: Run) -> dict[str, Any]:
     from cascade.pipeline import Cascade, Settings
 
     torch = run.torch
-    if not (run.bundle / "cascade.json").is_file():
-        raise RuntimeError(f"no bundle at {run.bundle}: the train part makes it (run it first, or with it)")
+    bundle = run.bundle if "train" in run.args.parts or not run.given_bundle else run.given_bundle
+    if not (bundle / "cascade.json").is_file():
+        raise RuntimeError(f"no bundle at {bundle}: the train part makes it (run it too, or pass --bundle)")
     dtype = "bfloat16" if run.cuda else "float32"
     started = time.perf_counter()
-    cascade = Cascade.from_bundle(run.bundle, device=run.device, dtype=dtype)
+    cascade = Cascade.from_bundle(bundle, device=run.device, dtype=dtype)
     load_s = time.perf_counter() - started
     settings = Settings(steps=dict(run.plan.generate_steps))
     if run.cuda:
@@ -550,8 +553,10 @@ def part_generate(run: Run) -> dict[str, Any]:
         run.sync()
         times.append(time.perf_counter() - started)
     final = result.final
-    out = {"images": final.shape[0], "size": final.shape[-1], "dtype": dtype, "load_s": round(load_s, 2),
-           "seconds": round(times[0], 3), "seconds_per_run": [round(t, 3) for t in times],
+    out = {"bundle": str(bundle), "until": run.plan.generate_until, "images": final.shape[0], "size": final.shape[-1], "dtype": dtype, "load_s": round(load_s, 2),
+           # the generation alone (this part's "seconds" also counts loading the bundle); the first run
+           # includes cuDNN's autotuning, the later ones are warm
+           "generate_s": round(times[0], 3), "generate_s_per_run": [round(t, 3) for t in times],
            "steps": {name: Settings(steps=dict(run.plan.generate_steps)).for_stage(name, stage)["steps"]
                      for name, stage in cascade.stages.items()},
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if run.cuda else None}
@@ -622,9 +627,9 @@ def table(record: dict[str, Any]) -> str:
                                  f"(run {r['seconds']:.1f}s)")
                 else:
                     lines.append(f"  {stage:<8} FAILED: {r.get('error')}")
-        elif name == "generate" and "seconds_per_run" in part:
+        elif name == "generate" and "generate_s_per_run" in part:
             mem = part.get("peak_memory_gib")
-            lines.append(f"  {part['images']} images to {part['size']}^2: {part['seconds_per_run']} s"
+            lines.append(f"  {part['images']} images to {part['size']}^2: {part['generate_s_per_run']} s"
                          + (f", peak memory {mem} GiB" if mem is not None else ""))
         elif name == "tests" and "passed" in part:
             lines.append(f"  {part['passed']} passed, {part['failed']} failed, {part['errors']} errors, "
@@ -647,6 +652,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds after which parts not yet started are skipped (and fail); default 420 on a "
                         "GPU, none with --smoke")
+    p.add_argument("--bundle", metavar="DIR", help="the generate part's bundle when the train part does not "
+                                                   "run (default: the one the train part exports)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (data, runs, bundle, logs); "
                                                  "default: a temporary folder, removed at the end")
     args = p.parse_args(argv)
@@ -674,7 +681,7 @@ def run_part(run: Run, name: str) -> dict[str, Any]:
             traceback.print_exc()
             result, error = {}, one_line(err)
     run.results[name] = result
-    part = {"ok": error is None, "seconds": round(time.perf_counter() - t0, 2), **result}
+    part = {**result, "ok": error is None, "seconds": round(time.perf_counter() - t0, 2)}
     if error is not None:
         part["error"] = error
     print(f"gpu_check: {name} {'ok' if error is None else 'FAILED: ' + error} ({part['seconds']:.1f}s)",
@@ -683,11 +690,13 @@ def run_part(run: Run, name: str) -> dict[str, Any]:
 
 
 def run_parts(run: Run, names: list[str]) -> dict[str, Any]:
-    """On a GPU, the parts one after another (so that no part's timing disturbs another's); with
-    --smoke, to fit its minute on two cores, three lanes at once: the tests (a subprocess), the train
-    then generate parts, and the speed then diffusers parts."""
+    """On a GPU, the parts one after another (so that no part's timing disturbs another's), the short
+    tests first so that --budget never cuts them; with --smoke, to fit its minute on two cores, three
+    lanes at once: the tests (a subprocess), the train then generate parts, and the speed then diffusers
+    parts."""
     if not run.plan.smoke:
-        return {name: run_part(run, name) for name in names}
+        done = {name: run_part(run, name) for name in GPU_ORDER if name in names}
+        return {name: done[name] for name in PARTS if name in done}
     import threading
 
     lanes = [[n for n in ("tests",) if n in names], [n for n in ("train", "generate") if n in names],

@@ -76,5 +76,5 @@ def test_smoke_runs_every_part_on_the_cpu_and_reports_numbers(tmp_path):
     assert set(stages) == {"clip", "prior", "decoder", "sr256", "sr1024"}
     for stage in stages.values():
         assert stage["ok"] and stage["samples_per_s"] > 0 and stage["s_per_step"] > 0, stage
-    assert parts["generate"]["seconds"] > 0 and parts["generate"]["images"] == 4
+    assert parts["generate"]["generate_s"] > 0 and parts["generate"]["images"] == 4
     assert parts["tests"]["passed"] > 0 and parts["tests"]["failed"] == 0
