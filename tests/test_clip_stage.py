@@ -153,3 +153,17 @@ def test_dalle2_config_builds_vit_h_on_the_meta_device():
     assert 0.9e9 < params < 1.1e9  # ViT-H/16 (632M) + a 24-layer 1024-wide text transformer (354M)
     assert (stage.embed_dim, stage.token_dim) == (1024, 1024)
     assert next(stage.parameters()).device.type == "meta"
+
+
+def test_the_clip_stage_trains_with_bf16_towers_from_fp32_images():
+    """DeepSpeed's bf16 casts the towers' weights while the images stay fp32: the towers read them in
+    their own dtype, and the loss matches fp32's."""
+    from bundle_helpers import seeded_stage
+
+    full = seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16)
+    half = seeded_stage("clip", embed_dim=32, head="linear", image_size=64, max_text_len=16).to(torch.bfloat16)
+    batch = {"image_64": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+             "txt": ["a red circle", "a blue square", "a green star", "a big yellow heart"], "key": list("abcd")}
+    loss = half.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(full.loss(batch).item(), rel=0.05)

@@ -78,7 +78,8 @@ class ClipStage(Stage):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         images, texts = batch[f"image_{SOURCE_SIZE}"], list(batch["txt"])
         if self._trunk_cache is not None and self.training:
-            image_features = self.encoder.model.visual.head(self._trunk_features(batch["key"], images))
+            trunk = self._trunk_features(batch["key"], images).to(self.encoder.logit_scale.dtype)
+            image_features = self.encoder.model.visual.head(trunk)
         else:
             image_features = self.encoder.image_features(images)
         image_features = F.normalize(image_features, dim=-1)  # (B, D)

@@ -132,7 +132,8 @@ class ClipEncoder(nn.Module):
             shrink = images.shape[-1] > self.image_size
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic",
                                    align_corners=False, antialias=shrink)
-        return ((images + 1) / 2 - self.image_mean) / self.image_std
+        # in the towers' dtype (bf16 weights under DeepSpeed's bf16; a no-op in fp32)
+        return (((images + 1) / 2 - self.image_mean) / self.image_std).to(self.logit_scale.dtype)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised image features (B, D), with gradients where the tower is unlocked."""
