@@ -100,3 +100,14 @@ def test_a_clip_path_that_is_missing_or_a_file_says_so(data, tmp_path, capsys):
         load_encoder("bundles/nope")
     with pytest.raises(UserError, match="unknown open_clip model"):  # a name, not a path
         load_encoder("no-such-model:some/file.pt")
+
+
+def test_rebuilding_a_set_with_overwrite_forgets_what_embed_did_to_the_old_shards(tmp_path):
+    """The shards are new, so `cascade data embed` must embed them again rather than skip them as done."""
+    from cascade.data.build import build
+    from cascade.data.embed import STATE_FILE
+
+    build("shapes", tmp_path, sizes=(64,), count=6, progress=False)
+    (tmp_path / STATE_FILE).write_text('{"clip": "sha256:old", "done": ["train/shard-000000.tar"]}')
+    build("shapes", tmp_path, sizes=(64,), count=6, seed=1, overwrite=True, progress=False)
+    assert not (tmp_path / STATE_FILE).exists() and any((tmp_path / "train").glob("*.tar"))

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from cascade.data import emoji, folder, shapes
+from cascade.data.embed import STATE_FILE as EMBED_STATE_FILE
 from cascade.data.sample import Sample
 from cascade.data.shards import ShardWriter, split_of, staged_output
 from cascade.errors import UserError
@@ -107,4 +108,6 @@ def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | No
         (stage / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if licenses:
             (stage / "LICENSES").write_text(licenses)
+    # New shards: what `cascade data embed` recorded of the old ones (under --overwrite) no longer holds.
+    (Path(out) / EMBED_STATE_FILE).unlink(missing_ok=True)
     return counts
