@@ -4,7 +4,6 @@ anywhere becomes one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys

@@ -357,14 +357,11 @@ class TrainingEstimate:
 def _deepspeed_setup(path: Path | None) -> tuple[str, tuple[int, str] | None, dict[str, Any]]:
     """(precision, (ZeRO stage, offload), bucket settings for `training_rows`) a DeepSpeed JSON asks for;
     bf16 and DeepSpeed's defaults without one (the GPU case)."""
+    from cascade.training.engine import read_deepspeed_json
+
     if path is None:
         return "bf16", None, {}
-    if not Path(path).is_file():
-        raise UserError(f"DeepSpeed config not found: {path}")
-    try:
-        config = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    config = read_deepspeed_json(path)
     if config.get("fp16", {}).get("enabled"):
         raise UserError(f"{path}: the estimate covers bf16 and fp32 training, not fp16")
     precision = "bf16" if config.get("bf16", {}).get("enabled", False) else "fp32"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bundle_helpers import small_batch
 from cascade.registry import get_stage

@@ -64,6 +64,16 @@ class _LossOf(nn.Module):
         return self.stage.loss(batch)
 
 
+def read_deepspeed_json(path: Path) -> dict[str, Any]:
+    """A DeepSpeed config file as a dict; one-line UserErrors for a missing or malformed file."""
+    if not Path(path).is_file():
+        raise UserError(f"DeepSpeed config not found: {path}")
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
 def deepspeed_config(path: Path | None, train: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config file (ZeRO stage, precision), with batch sizes and clipping from `train`.
 
@@ -73,12 +83,7 @@ def deepspeed_config(path: Path | None, train: TrainConfig, world_size: int) -> 
     if path is None:
         config: dict[str, Any] = {"zero_optimization": {"stage": 0}}
     else:
-        if not Path(path).is_file():
-            raise UserError(f"DeepSpeed config not found: {path}")
-        try:
-            config = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
+        config = read_deepspeed_json(path)
         for section in ("optimizer", "scheduler"):
             if section in config:
                 raise UserError(f"{path}: remove the '{section}' section; the engine brings its own "
