@@ -173,8 +173,10 @@ class Run:
         return contextlib.nullcontext()
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The children's environment: the repo importable without an install, the hub offline."""
-        env = dict(os.environ)
+        """The children's environment: the repo importable without an install, the hub offline, and none
+        of this process's process-group variables (a parent that trained in-process, as a test session
+        may have, leaves MASTER_PORT pointing at a port it still holds)."""
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -182,6 +184,10 @@ class Run:
             env["OMP_NUM_THREADS"] = "1"
         env.update(extra)
         return env
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 
 
 # ---------------------------------------------------------------------------- timing one training step
