@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cascade.errors import UserError, run_cli
-from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
+from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
 
 DEMO_BUNDLES = ("bundles/tiny", "bundles/quick")  # what `make demo` and `make demo-quick` build
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
@@ -88,7 +88,7 @@ def _load(args, *, prior: bool = True):
     from cascade.pipeline import Cascade
 
     device = resolve_device(args.device)
-    stages = (("prior",) if prior else ()) + IMAGE_STAGES[: IMAGE_STAGES.index(args.until) + 1]
+    stages = (("prior",) if prior else ()) + image_stages_until(args.until)
     cascade = Cascade.from_bundle(args.model, stages, device=device, dtype=resolve_dtype(args.dtype, device),
                                   offload="none" if args.shard else args.offload)
     if args.compile:

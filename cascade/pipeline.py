@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import operator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from cascade.errors import UserError
-from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES
+from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES, image_stages_until
 
 MAX_PROMPT_CHARS = 300
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (what a signed 64-bit integer holds)
@@ -49,9 +48,11 @@ class Settings:
     def for_stage(self, name: str, stage) -> dict[str, Any]:
         """The keyword arguments `stage.sample` gets: sampler, steps and guidance (and aug_level for an
         upsampler), each the override or else the stage config's value."""
+        from cascade.stage import resolve_sampling
+
         c = stage.config
-        kwargs = {"sampler": self.sampler or c.sampler, "steps": self.steps.get(name, c.steps),
-                  "guidance": self.guidance.get(name, c.guidance)}
+        sampler, steps, guidance = resolve_sampling(c, self.sampler, self.steps.get(name), self.guidance.get(name))
+        kwargs = {"sampler": sampler, "steps": steps, "guidance": guidance}
         if name in SUPERRES_STAGES:
             kwargs["aug_level"] = c.aug_level if self.aug_level is None else self.aug_level
         return kwargs
@@ -59,15 +60,17 @@ class Settings:
     def as_text(self, stages: dict[str, torch.nn.Module]) -> dict[str, str]:
         """The settings every stage of `stages` samples with, for the PNG text chunks."""
         used = {name: self.for_stage(name, stages[name]) for name in SAMPLED_STAGES if name in stages}
-        samplers = {name: kw["sampler"] for name, kw in used.items()}
-        levels = {name: kw["aug_level"] for name, kw in used.items() if "aug_level" in kw}
-        text = {"steps": json.dumps({n: kw["steps"] for n, kw in used.items()}),
-                "guidance": json.dumps({n: kw["guidance"] for n, kw in used.items()}),
-                "sampler": (next(iter(samplers.values())) if len(set(samplers.values())) == 1
-                            else json.dumps(samplers))}
-        if levels:
-            text["aug_level"] = str(next(iter(levels.values()))) if len(set(levels.values())) == 1 \
-                else json.dumps(levels)
+
+        def per_stage(key: str) -> dict[str, Any]:
+            return {name: kw[key] for name, kw in used.items() if key in kw}
+
+        def one_or_each(values: dict[str, Any]) -> str:  # "ddim" when every stage agrees, else JSON per stage
+            return str(next(iter(values.values()))) if len(set(values.values())) == 1 else json.dumps(values)
+
+        text = {"steps": json.dumps(per_stage("steps")), "guidance": json.dumps(per_stage("guidance")),
+                "sampler": one_or_each(per_stage("sampler"))}
+        if per_stage("aug_level"):
+            text["aug_level"] = one_or_each(per_stage("aug_level"))
         return text
 
 
@@ -142,17 +145,19 @@ class Cascade:
     def device(self) -> torch.device:
         return self.clip.image_mean.device
 
-    @contextmanager
-    def _resident(self, name: str):
-        """The stage `name`, on the execution device while the block runs: with model offload it moves there
-        and back to the CPU afterwards (one stage on the device at a time); otherwise it stays put."""
+    def _sample(self, name: str, conditioning: dict, *, settings: Settings, generator: torch.Generator,
+                progress: Progress | None, **options) -> torch.Tensor:
+        """`name`'s `sample` with the settings' sampler, steps and guidance for it, reporting its steps to
+        `progress`. With model offload the stage is on the execution device only for the call and back in
+        CPU memory afterwards (one stage on the device at a time)."""
         stage = self._need(name)
+        kwargs = settings.for_stage(name, stage)
+        callback = _step_callback(progress, name, kwargs["steps"])
         if self.offload != "model":
-            yield stage
-            return
+            return stage.sample(conditioning, generator=generator, callback=callback, **kwargs, **options)
         stage.to(self.execution_device)
         try:
-            yield stage
+            return stage.sample(conditioning, generator=generator, callback=callback, **kwargs, **options)
         finally:
             stage.to("cpu")
             if self.execution_device.type == "cuda":
@@ -212,9 +217,7 @@ class Cascade:
         return self.stages[name]
 
     def stages_until(self, until: str) -> list[str]:
-        if until not in IMAGE_STAGES:
-            raise UserError(f"--until must be one of {', '.join(IMAGE_STAGES)}, not '{until}'")
-        chain = list(IMAGE_STAGES[: IMAGE_STAGES.index(until) + 1])
+        chain = list(image_stages_until(until))
         for name in chain:
             self._need(name)
         return chain
@@ -248,10 +251,7 @@ class Cascade:
                 size = (1, 3, h * stage.scale, w * stage.scale)
                 fixed = {"noise": torch.randn(size, generator=g).expand(b, -1, -1, -1),
                          "aug_noise": torch.randn(size, generator=g).expand(b, -1, -1, -1)}
-            kwargs = settings.for_stage(name, stage)
-            with self._resident(name):
-                low = stage.sample(cond, generator=g, **fixed, **kwargs,
-                                   callback=_step_callback(progress, name, kwargs["steps"]))
+            low = self._sample(name, cond, settings=settings, generator=g, progress=progress, **fixed)
             out[name] = low
         return out
 
@@ -269,10 +269,7 @@ class Cascade:
         if shared_noise:
             size = decoder.config.image_size
             noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
-        kwargs = settings.for_stage("decoder", decoder)
-        with self._resident("decoder"):
-            return decoder.sample(cond, generator=g, noise=noise, **kwargs,
-                                  callback=_step_callback(progress, "decoder", kwargs["steps"]))
+        return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise)
 
     # ------------------------------------------------------------------ the four jobs
     @torch.no_grad()
@@ -282,13 +279,11 @@ class Cascade:
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
-        prior = self._need("prior")
+        self._need("prior")
         z_t, tokens, mask = self.encode_text(prompts)
         text = {"clip_tokens": tokens, "clip_mask": mask}
-        kwargs = settings.for_stage("prior", prior)
-        with self._resident("prior"):
-            z_i = prior.sample({"clip_text": z_t, **text}, generator=stage_generator(seed, "prior"), **kwargs,
-                               callback=_step_callback(progress, "prior", kwargs["steps"]))
+        z_i = self._sample("prior", {"clip_text": z_t, **text}, settings=settings,
+                           generator=stage_generator(seed, "prior"), progress=progress)
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)

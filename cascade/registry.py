@@ -24,6 +24,14 @@ IMAGE_STAGES = ("decoder", "sr256", "sr1024")  # the stages that make images; a 
 SUPERRES_STAGES = IMAGE_STAGES[1:]
 
 
+def image_stages_until(until: str) -> tuple[str, ...]:
+    """The image stages a run stopping after `until` goes through (decoder first); a UserError for a
+    name that is not an image stage."""
+    if until not in IMAGE_STAGES:
+        raise UserError(f"--until must be one of {', '.join(IMAGE_STAGES)}, not '{until}'")
+    return IMAGE_STAGES[: IMAGE_STAGES.index(until) + 1]
+
+
 def register_stage(name: str):
     """Class decorator: make a stage class available as `name`."""
 
