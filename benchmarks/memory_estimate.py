@@ -36,6 +36,7 @@ import yaml
 
 from benchmarks.common import emit
 from cascade.process_defaults import set_process_defaults
+from prior.synthetic import write_scene_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_LEN = 77  # what the estimate assumes for the decoder's caption tokens (cascade.memory_estimate)
@@ -54,23 +55,6 @@ def write_config(path: Path, *, channels: int, batch_size: int, steps: int) -> P
                          eval_every=0, eval_at_end=False, num_workers=0, warmup_steps=1)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def write_shards(out: Path, count: int, clip_dim: int, text_dim: int) -> Path:
-    """Shapes scenes with random unit 'CLIP' embeddings and token states in the embed step's layout."""
-    from cascade.data.shapes import samples
-    from cascade.data.shards import ShardWriter
-
-    rng = np.random.default_rng(0)
-    with ShardWriter(out / "train", max_count=64) as writer:
-        for s in samples(count, (64,), seed=0):
-            z = rng.normal(size=(2, clip_dim)).astype(np.float32)
-            z /= np.linalg.norm(z, axis=1, keepdims=True)
-            writer.write(s.key, {"64.png": s.images[64], "txt": s.txt, "json": s.json,
-                                 "clip_image.npy": z[0], "clip_text.npy": z[1],
-                                 "clip_tokens.npy": rng.normal(size=(TEXT_LEN, text_dim)).astype(np.float16),
-                                 "clip_mask.npy": np.arange(TEXT_LEN) < 12})
-    return out
 
 
 def direct(config: Path, steps: int) -> dict:
@@ -196,8 +180,9 @@ def main() -> None:
         record["direct"] = {**measured, "ratio_total": round(row0.gpu / measured["peak"], 3),
                             "ratio_activations": round(zero0.activations / measured["beyond_states"], 3)}
         if not args.skip_engine:
-            data = write_shards(tmp / "data", args.batch_size * args.steps, run_model(config, "clip_dim"),
-                                run_model(config, "text_dim"))
+            data = write_scene_shards(tmp / "data", train=args.batch_size * args.steps,
+                                      clip_dim=run_model(config, "clip_dim"), text_dim=run_model(config, "text_dim"),
+                                      text_len=TEXT_LEN, visible=12, shard_size=64)
             for name, ds, estimate in (("engine_zero0", tmp / "zero0.json", row0.gpu),
                                        ("engine_zero3_offload", tmp / "zero3_offload.json", row3.gpu + row3.cpu)):
                 result = engine_run(config, data, tmp / f"run-{name}", ds)

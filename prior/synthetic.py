@@ -132,3 +132,28 @@ def write_shards(out_dir, n_train: int, n_val: int, *, shard_size: int = 1000, *
                     "clip_tokens.npy": pairs["clip_tokens"][i].numpy().astype(np.float16),
                     "clip_mask.npy": pairs["clip_mask"][i].numpy(),
                 })
+
+
+def write_scene_shards(out_dir, *, train: int, val: int = 0, clip_dim: int, text_dim: int, text_len: int,
+                       visible: int, shard_size: int = 8) -> Path:
+    """`out_dir/{train,val}/` with shapes scenes rendered at 64 and random unit 'CLIP' embeddings and token
+    states (the first `visible` of `text_len` unmasked) in `cascade data embed`'s layout: data for the
+    decoder's engine tests and the memory benchmark, where only the shapes matter. One seeded stream
+    over train then val, so the same arguments give the same shards."""
+    import numpy as np
+
+    from cascade.data.shapes import samples
+    from cascade.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    items = list(samples(train + val, (64,), seed=0))
+    for split, chosen in (("train", items[:train]), ("val", items[train:])):
+        with ShardWriter(Path(out_dir) / split, max_count=shard_size) as writer:
+            for s in chosen:
+                z = rng.normal(size=(2, clip_dim)).astype(np.float32)
+                z /= np.linalg.norm(z, axis=1, keepdims=True)
+                writer.write(s.key, {"64.png": s.images[64], "txt": s.txt, "json": s.json,
+                                     "clip_image.npy": z[0], "clip_text.npy": z[1],
+                                     "clip_tokens.npy": rng.normal(size=(text_len, text_dim)).astype(np.float16),
+                                     "clip_mask.npy": np.arange(text_len) < visible})
+    return Path(out_dir)

@@ -51,3 +51,11 @@ def small_batch(name: str, b: int = 3) -> dict[str, torch.Tensor]:
                 "image_32": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, **text}
     high = torch.rand(b, 3, 64, 64, generator=g) * 2 - 1
     return {"sr_high": high, "sr_low": F.avg_pool2d(high, 4), **text}
+
+
+def write_embedded_shards(out: Path, *, train: int, val: int, d: int = 16, dt: int = 12, length: int = 6) -> Path:
+    """Shapes samples with random unit 'CLIP' embeddings (D = d) and token states (L = length, Dt = dt; the
+    first 4 unmasked) in the embed step's layout (`prior.synthetic.write_scene_shards`)."""
+    from prior.synthetic import write_scene_shards
+
+    return write_scene_shards(out, train=train, val=val, clip_dim=d, text_dim=dt, text_len=length, visible=4)

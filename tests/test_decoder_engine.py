@@ -1,31 +1,11 @@
 """The decoder through the training engine: shards with 64.png and CLIP embeddings -> train -> export ->
 cascade.bundle.load_stage -> the same images from the same noise."""
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-
-def write_embedded_shards(out: Path, *, train: int, val: int, d: int = 16, dt: int = 12, length: int = 6) -> Path:
-    """Shapes samples with random unit 'CLIP' embeddings and token states in the embed step's layout."""
-    from cascade.data.shapes import samples
-    from cascade.data.shards import ShardWriter
-
-    rng = np.random.default_rng(0)
-    items = list(samples(train + val, (64,), seed=0))
-    for split, chosen in (("train", items[:train]), ("val", items[train:])):
-        with ShardWriter(out / split, max_count=8) as writer:
-            for s in chosen:
-                z = rng.normal(size=(2, d)).astype(np.float32)
-                z /= np.linalg.norm(z, axis=1, keepdims=True)
-                writer.write(s.key, {"64.png": s.images[64], "txt": s.txt, "json": s.json,
-                                     "clip_image.npy": z[0], "clip_text.npy": z[1],
-                                     "clip_tokens.npy": rng.normal(size=(length, dt)).astype(np.float16),
-                                     "clip_mask.npy": np.arange(length) < 4})
-    return out
+from bundle_helpers import write_embedded_shards
 
 
 @pytest.mark.slow

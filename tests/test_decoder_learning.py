@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from tests.test_decoder_engine import write_embedded_shards
+from bundle_helpers import write_embedded_shards
 
 
 @pytest.mark.slow
