@@ -144,12 +144,18 @@ def test_a_resume_may_switch_compile_and_gradient_checkpointing(tmp_path):
     run_dirs.claim(tmp_path, run.as_dict(), "a.yaml", write=True, defaults=run.defaults())
     switched = run.as_dict()
     switched["model"]["gradient_checkpointing"] = switched["train"]["compile"] = True
-    run_dirs.claim(tmp_path, switched, "b.yaml", write=False, defaults=run.defaults())
+    run_dirs.claim(tmp_path, switched, "b.yaml", write=False, defaults=run.defaults())  # raises if refused
+    # A setting that shapes the weights is still refused, so the claim above does check something.
+    other = run.as_dict()
+    other["train"]["lr"] = 2e-3
+    with pytest.raises(UserError, match="train.lr: 0.001 -> 0.002"):
+        run_dirs.claim(tmp_path, other, "c.yaml", write=False, defaults=run.defaults())
     # A run recorded before the options existed resumes too (they count as their defaults, off).
     old = json.loads((tmp_path / "run.json").read_text())
     del old["model"]["gradient_checkpointing"], old["train"]["compile"]
     (tmp_path / "run.json").write_text(json.dumps(old))
     run_dirs.claim(tmp_path, switched, "b.yaml", write=False, defaults=run.defaults())
+    assert json.loads((tmp_path / "run.json").read_text()) == old  # checked, not rewritten
 
 
 def test_a_compiled_training_run_matches_eager_and_its_checkpoint_and_export_load_uncompiled(tmp_path, monkeypatch):
