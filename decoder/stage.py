@@ -54,6 +54,11 @@ class Decoder(Stage):
                 self._schedule = diffusion.NoiseSchedule.from_name(self.config.schedule, self.config.timesteps)
         return self._schedule
 
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """The U-Net's output in fp32, whatever its weights' dtype: the diffusion maths on it stay fp32."""
+        return self.unet(x, t, emb, context, mask).float()
+
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
         image_emb = source["clip_image"].to(self.device)
         tokens, mask = source.get("clip_tokens"), source.get("clip_mask")
@@ -74,14 +79,14 @@ class Decoder(Stage):
 
         def model(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
             if not self.config.self_condition:
-                return self.unet(x_t, t_, emb, context, mask).float()
+                return self._unet(x_t, t_, emb, context, mask)
             estimate = torch.zeros_like(x_t)
             rows = torch.nonzero(torch.rand(b, device=self.device) < 0.5).flatten()
             if rows.numel():
                 with torch.no_grad():
                     estimate[rows] = self._x0_estimate(x_t[rows], t_[rows], estimate[rows], emb[rows],
                                                        context[rows], None if mask is None else mask[rows])
-            return self.unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask).float()
+            return self._unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask)
 
         return diffusion.diffusion_loss(
             self.schedule, model, x0, t, noise,
@@ -91,7 +96,7 @@ class Decoder(Stage):
     def _x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor, emb: torch.Tensor,
                      context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The self-conditioning input: the net's x0 at (x_t, t) given `estimate`, clipped to [-1, 1]."""
-        out = self.unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask)[:, :3].float()
+        out = self._unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask)[:, :3]
         return diffusion.model_output_to_x0(self.schedule, self.config.prediction, out, x_t, t).clamp(-1.0, 1.0)
 
     def denoiser(self, conditioning: dict[str, Any]):
@@ -120,11 +125,11 @@ class Decoder(Stage):
                 last = state.get("x0")
                 fresh = last is None or last.shape != x.shape or bool((t >= state["t"]).any())
                 estimate = torch.zeros_like(x) if fresh else last
-                out = self.unet(torch.cat([x, estimate], dim=1), t, emb, context, mask).float()
+                out = self._unet(torch.cat([x, estimate], dim=1), t, emb, context, mask)
                 x0 = diffusion.model_output_to_x0(self.schedule, self.config.prediction, out[:, :3], x, t)
                 state["x0"], state["t"] = x0.clamp(-1.0, 1.0), t
             else:
-                out = self.unet(x, t, emb, context, mask).float()
+                out = self._unet(x, t, emb, context, mask)
             variance = None
             if self.config.learned_variance:
                 out, variance = out.chunk(2, dim=1)
