@@ -37,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=Path, metavar="BUNDLE",
                    help="after training, write the EMA weights to BUNDLE/<stage>/ and list the stage "
                         "in BUNDLE/cascade.json")
+    p.add_argument("--preview-bundle", type=Path, metavar="BUNDLE",
+                   help="while training, every --preview-minutes write images of the preview prompts through "
+                        "BUNDLE's prior, this stage's current EMA weights and BUNDLE's sr256 (256x256) into "
+                        "--preview-out; BUNDLE must hold the clip, prior and sr256 stages")
+    p.add_argument("--preview-minutes", type=float, default=10.0, metavar="M",
+                   help="with --preview-bundle: minutes between previews, and one at the end (default: %(default)s)")
+    p.add_argument("--preview-prompt", action="append", default=[], metavar="TEXT",
+                   help="with --preview-bundle: a prompt to preview (repeatable; default: the demo's three)")
+    p.add_argument("--preview-out", type=Path, metavar="DIR",
+                   help="with --preview-bundle: where step-NNNNNN.png and previews.jsonl go "
+                        "(default: RUN_DIR/progress)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the parameter count and the estimated memory per GPU (ZeRO 0/2/3, with and without "
                         "CPU offload, at train.batch_size per GPU) and exit; allocates no model, starts no DeepSpeed")
@@ -52,7 +63,9 @@ def _train(args: argparse.Namespace) -> int:
     from cascade.training.engine import TrainArgs, train
 
     result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
-                             max_steps=args.max_steps, deepspeed_config=args.deepspeed_config, export=args.export))
+                             max_steps=args.max_steps, deepspeed_config=args.deepspeed_config, export=args.export,
+                             preview_bundle=args.preview_bundle, preview_minutes=args.preview_minutes,
+                             preview_prompts=tuple(args.preview_prompt), preview_out=args.preview_out))
     return 130 if result.interrupted else 0
 
 

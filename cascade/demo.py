@@ -27,6 +27,7 @@ from cascade.process_defaults import keep_hub_offline
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = STAGE_ORDER
+TRAIN_ORDER = ("clip", "prior", "sr256", "decoder", "sr1024")
 PROMPTS = ("a red circle at the top left", "a big blue square below a small yellow triangle",
            "a green star in the center")
 
@@ -43,6 +44,7 @@ class Plan:
     overrides: dict = field(default_factory=dict)
     generate_steps: str = ""  # `cascade generate --steps` for the example prompts ("" = its defaults)
     eval_limit: int = 64  # val samples for `cascade eval`'s text -> prior -> decoder score
+    preview_minutes: float = 5.0  # while the decoder trains: a preview of PROMPTS through the cascade this often
 
 
 # Every stage is evaluated once, by `cascade eval` at the end, not also at the end of its training run.
@@ -103,7 +105,7 @@ def build_data(plan: Plan, root: Path) -> Path:
     return mixed
 
 
-def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path) -> None:
+def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
     if (bundle / stage / "model.safetensors").is_file():
         print(f"= {stage}: already trained ({bundle / stage})")
         return
@@ -118,7 +120,7 @@ def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path) -> None:
                           + yaml.safe_dump(data_, sort_keys=False))
     run([sys.executable, str(ROOT / "train_stage.py"), "--stage", stage, "--config", str(config),
          "--data", str(data), "--run-dir", str(runs / stage), "--max-steps", str(plan.steps[stage]),
-         "--export", str(bundle)], f"train {stage}")
+         "--export", str(bundle), *extra], f"train {stage}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +142,17 @@ def demo(plan: Plan, root: Path) -> int:
     data = build_data(plan, data_root)
     train("clip", plan, data, runs, bundle)
     run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
-    for stage in STAGES[1:]:
-        train(stage, plan, data, runs, bundle)
+    # The decoder trains after sr256, so that its previews can go through the whole cascade to 256x256.
+    for stage in TRAIN_ORDER[1:]:
+        extra: tuple[str, ...] = ()
+        if stage == "decoder":
+            progress = out / "progress"
+            print(f"= decoder: previews of the three prompts at 256x256 from its current weights go to {progress}/ "
+                  f"every {plan.preview_minutes:g} minutes of its training and at its end", flush=True)
+            extra = ("--preview-bundle", str(bundle), "--preview-out", str(progress),
+                     "--preview-minutes", str(plan.preview_minutes),
+                     *(x for prompt in PROMPTS for x in ("--preview-prompt", prompt)))
+        train(stage, plan, data, runs, bundle, extra)
     for i, prompt in enumerate(PROMPTS):  # a demo run again (to go on after a stop) replaces its images
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),

@@ -52,6 +52,48 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     return metrics
 
 
+ONE_OBJECT_SEED = 1_000_003  # not a seed the demo's or the README's data builds use
+
+
+def one_object_prompts(count: int, seed: int = ONE_OBJECT_SEED) -> list[tuple[str, dict[str, Any]]]:
+    """(caption, scene json) of the first `count` one-object shapes scenes drawn with `seed`: prompts like
+    "a small red circle at the top left", each naming the object's colour, shape, size and cell."""
+    from cascade.data.shapes import scene_for
+
+    out, index = [], 0
+    while len(out) < count:
+        text, scene = scene_for(seed, index)
+        index += 1
+        if len(scene["objects"]) == 1:
+            out.append((text, scene))
+    return out
+
+
+@torch.no_grad()
+def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed: int,
+                      grid: Path | None = None) -> dict[str, float]:
+    """Text -> prior -> decoder on `count` one-object shapes prompts (`one_object_prompts`): the
+    shapes scorer's colour / shape / position accuracy, keys suffixed "@one_object_g<w>". Needs only
+    the bundle (the prompts are generated, not read from the val split)."""
+    from cascade.images import make_grid, save_png
+    from decoder.evaluation import decode_all, score_decodes
+
+    if count <= 0:
+        return {}
+    prompts = one_object_prompts(count)
+    captions = [text for text, _ in prompts]
+    text, tokens, mask = clip.encode_text(captions)
+    g = torch.Generator().manual_seed(seed)
+    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
+    s = decoder.config.image_size
+    noise = torch.randn(len(prompts), 3, s, s, generator=g)
+    images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, guidance,
+                        desc=f"text -> prior -> decoder, one-object prompts (guidance {guidance:g})")
+    if grid is not None:
+        save_png(make_grid(images, captions), grid)
+    return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
+
+
 def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dict[str, float]:
     """The decoder's placement probe at each eval guidance scale, grids in `out`; `limit` bounds it
     too (9 images per probe object, at least one object)."""
@@ -62,11 +104,11 @@ def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dic
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
-                    stages: list[str] | None = None, limit: int = 64,
+                    stages: list[str] | None = None, limit: int = 64, one_object: int = 36,
                     device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
     from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards
-    from cascade.images import make_grid, save_png
+    from cascade.images import save_png
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
     present = read_manifest(bundle).get("stages", [])
@@ -88,15 +130,19 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
             if images is not None:
-                # Captioned when there is one caption per image (an SR preview shows 3 per sample).
-                captions = list(batch["txt"])
-                grid = make_grid(images, captions[: len(images)] if len(captions) >= len(images) else None)
-                save_png(grid, out / f"{name}-samples.png")
+                save_png(stage.preview_grid(images, list(batch["txt"])), out / f"{name}-samples.png")
         write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
     if "prior" in loaded and "decoder" in loaded:
         print("evaluating text -> prior -> decoder ...", flush=True)
         results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
                                                   guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed)
+        if "clip" in present and one_object > 0:
+            from cascade.encoders import load_encoder
+
+            decoder = loaded["decoder"]
+            results["cascade"].update(one_object_scores(
+                load_encoder(bundle / "clip", device=device), loaded["prior"], decoder, count=one_object,
+                guidance=decoder.config.guidance, seed=seed, grid=out / "one-object-prompts.png"))
     write_report(results, out)
     return results
 
@@ -127,6 +173,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=64,
                    help="val samples for the text-to-image score; also bounds the placement probe "
                         "(9 images per probe object, 1-4 objects)")
+    p.add_argument("--one-object", type=int, default=36, metavar="N",
+                   help="one-object shapes prompts (\"a red circle at the top left\") run text -> prior -> "
+                        "decoder at the decoder's default guidance and scored (0: skip; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the evaluations' sampling, 0 to 2**63-1 (default: %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
@@ -143,8 +192,11 @@ def _run(args: Any) -> int:
     check_out_dir(args.out)
     stages = [s for s in args.stages.split(",") if s] or None
 
+    for name in ("limit", "one_object"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
-                              device=resolve_device(args.device))
+                              one_object=args.one_object, device=resolve_device(args.device))
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0 if results else 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -66,26 +67,46 @@ def save_png(image: torch.Tensor | Image.Image, path: str | Path, text: dict[str
     return path
 
 
+CAPTION_LINES = 3  # a caption wraps onto at most this many lines under its tile ("…" ends a longer one)
+_LINE_H = 11  # PIL's default bitmap font: ~6 px per character, 11 px per line
+
+
+def wrap_caption(text: str, chars: int, lines: int = CAPTION_LINES) -> list[str]:
+    """`text` wrapped to `chars` per line, at most `lines` lines; a cut last line ends with "…"."""
+    wrapped = textwrap.wrap(text, max(4, chars)) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: max(1, chars - 1)].rstrip() + "…"
+    return wrapped
+
+
 def make_grid(images: torch.Tensor | list[torch.Tensor], captions: list[str] | None = None,
-              ncols: int | None = None, pad: int = 2, caption_height: int = 12) -> Image.Image:
-    """Tile (N, 3, H, W) images in [-1, 1] into one RGB image; optional caption under each tile
-    (cut to the tile's width)."""
+              ncols: int | None = None, pad: int = 2, *, column_labels: list[str] | None = None) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one RGB image, `ncols` per row; an optional caption
+    under each tile, wrapped to the tile's width (up to CAPTION_LINES lines; "" for none), and optional
+    `column_labels` above the columns (e.g. "bicubic", "SR", "real")."""
     tiles = [to_pil(im) for im in images]
     n = len(tiles)
     if n == 0:
         raise ValueError("make_grid needs at least one image")
-    w, h = tiles[0].size
+    tile_w, h = tiles[0].size
+    w = max(tile_w, 96) if captions or column_labels else tile_w  # a 64 px tile gets a 96 px column of text
     ncols = ncols or min(n, max(1, math.ceil(math.sqrt(n))))
     nrows = math.ceil(n / ncols)
-    ch = caption_height if captions else 0
-    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + ch + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
     chars = max(4, w // 6)
+    lines = [wrap_caption(c, chars) if c else [] for c in captions] if captions else []
+    ch = max((len(x) for x in lines), default=0) * _LINE_H + (2 if lines else 0)
+    top = _LINE_H + 3 if column_labels else 0
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, top + nrows * (h + ch + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels or []):
+        if c < ncols:
+            text = wrap_caption(label, chars, lines=1)[0]
+            draw.text((pad + c * (w + pad) + max(0, (w - 6 * len(text)) // 2), 1), text, fill=(0, 0, 0))
     for i, tile in enumerate(tiles):
         r, c = divmod(i, ncols)
-        x, y = pad + c * (w + pad), pad + r * (h + ch + pad)
-        grid.paste(tile, (x, y))
-        if captions:
-            text = captions[i]
-            draw.text((x + 1, y + h), text if len(text) <= chars else text[: chars - 1] + "…", fill=(0, 0, 0))
+        x, y = pad + c * (w + pad), top + pad + r * (h + ch + pad)
+        grid.paste(tile, (x + (w - tile_w) // 2, y))
+        for j, line in enumerate(lines[i] if i < len(lines) else []):
+            draw.text((x + 1, y + h + 1 + j * _LINE_H), line, fill=(0, 0, 0))
     return grid

@@ -1,4 +1,5 @@
-"""What a command sets for its whole process: no model-hub access, and a thread count for CPU runs.
+"""What a command sets for its whole process: no model-hub access, a thread count for CPU runs, and
+DeepSpeed told that a machine without a GPU runs it on the CPU.
 
 Importing any cascade module changes neither os.environ nor torch's threads; each entry point
 (`cascade`, `train_stage.py`, the benchmarks) calls `set_process_defaults()` first, and what the
@@ -16,6 +17,7 @@ MAX_CPU_THREADS = 2  # per process, unless OMP_NUM_THREADS says otherwise
 def set_process_defaults() -> None:
     keep_hub_offline()
     limit_cpu_threads()
+    name_cpu_accelerator()
 
 
 def keep_hub_offline() -> None:
@@ -40,3 +42,13 @@ def limit_cpu_threads() -> None:
     if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
         return
     torch.set_num_threads(max(1, min(MAX_CPU_THREADS, (os.cpu_count() or 1) // local_processes())))
+
+
+def name_cpu_accelerator() -> None:
+    """Without a GPU, tell DeepSpeed it runs on the CPU (DS_ACCELERATOR=cpu) before it is imported; left
+    to detect that itself, it warns "Setting accelerator to CPU ..." at the start of every stage's run,
+    which a CPU user can do nothing about. Untouched when DS_ACCELERATOR is set or CUDA is available."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -90,6 +90,8 @@ class Stage(nn.Module):
     image_sizes: ClassVar[tuple[int, ...]] = ()  # which `<size>.png` the reader decodes
     needs_embeddings: ClassVar[bool] = False  # whether batches carry precomputed CLIP embeddings
     samples_images: ClassVar[bool] = True  # whether `preview` returns an image grid
+    # A preview in rows of these columns (e.g. bicubic / SR / real), labelled on top; () = one image per sample.
+    preview_columns: ClassVar[tuple[str, ...]] = ()
     networks: ClassVar[tuple[str, ...]] = ()  # the submodules `compile_networks` compiles
 
     def __init__(self, config: Config):
@@ -154,6 +156,17 @@ class Stage(nn.Module):
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor | None:
         """Images (N, 3, H, W) in [-1, 1] for the training sample grid, or None."""
         return None
+
+    def preview_grid(self, images: torch.Tensor, captions: list[str] | None = None):
+        """The PIL grid `preview`'s images are shown as: captioned (one caption per image, wrapped) or,
+        for a stage with `preview_columns`, in labelled columns without captions (its preview picks its
+        own rows from the batch)."""
+        from cascade.images import make_grid
+
+        if self.preview_columns:
+            return make_grid(images, ncols=len(self.preview_columns), column_labels=list(self.preview_columns))
+        n = images.shape[0]
+        return make_grid(images, list(captions[:n]) if captions is not None and len(captions) >= n else None)
 
     @torch.no_grad()
     def evaluate(self, batches, generator: torch.Generator, train_batches=None) -> dict[str, float]:

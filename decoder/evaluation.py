@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from decoder.fd_effnet import effnet_features, frechet_distance, load_feature_net
 
@@ -49,15 +48,24 @@ def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> di
 @torch.no_grad()
 def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor, guidance: float,
                chunk: int = 16, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, desc: str | None = None) -> torch.Tensor:
     """Decode every row of `conditioning` from the matching rows of `noise`, `chunk` rows at a time, with
-    the stage's sampler and steps unless given; a stochastic sampler draws from `generator`."""
+    the stage's sampler and steps unless given; a stochastic sampler draws from `generator`. A progress
+    bar counts the images, moving at every sampling step."""
+    from cascade.progress_bars import ImageBar
+    from cascade.stage import resolve_sampling
+
     out = []
     n = conditioning["clip_image"].shape[0]
-    for start in tqdm(range(0, n, chunk), desc=f"decoding (guidance {guidance:g})", leave=False):
-        rows = slice(start, start + chunk)
-        out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=sampler, steps=steps,
-                                guidance=guidance, eta=eta, noise=noise[rows], generator=generator).cpu())
+    total_steps = resolve_sampling(stage.config, sampler, steps, guidance)[1]
+    with ImageBar(n, desc or f"decoding (guidance {guidance:g})") as bar:
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            count = len(range(n)[rows])
+            out.append(stage.sample({k: v[rows] for k, v in conditioning.items()}, sampler=sampler, steps=steps,
+                                    guidance=guidance, eta=eta, noise=noise[rows], generator=generator,
+                                    callback=bar.steps(count, total_steps)).cpu())
+            bar.done()
     return torch.cat(out)
 
 
@@ -98,7 +106,8 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
     """Fraction of described objects whose colour / shape / position the scorer finds in the image,
     and position accuracy over the objects whose caption names their cell (`position_stated_acc`:
     what following the text can reach); shape accuracy over the objects of one-object scenes
-    (`shape_single_acc`: drawing a shape, apart from binding it among others); per scene, whether it
+    (`shape_single_acc`: drawing a shape, apart from binding it among others; `colour_single_acc`,
+    `position_single_acc` likewise); per scene, whether it
     shows as many objects as described (`count_acc`) and whether it shows more (`too_many`: a second
     copy drawn); empty when no scene describes objects (e.g. emoji data)."""
     from cascade.data.shapes_scorer import count_objects, score_objects
@@ -108,7 +117,7 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
 
     totals = {"colour": 0, "shape": 0, "position": 0}
     objects = stated = placed_stated = 0
-    single = single_shape = 0
+    single = single_shape = single_colour = single_position = 0
     counted = right_count = too_many = 0
     for image, scene in zip(images, scenes):
         if not scene.get("objects"):
@@ -123,6 +132,8 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
             if len(scene["objects"]) == 1:
                 single += 1
                 single_shape += result.shape
+                single_colour += result.color
+                single_position += result.position
         found = count_objects(image)
         counted += 1
         right_count += found == len(scene["objects"])
@@ -132,8 +143,10 @@ def shapes_accuracy(images: torch.Tensor, scenes: list[dict[str, Any]]) -> dict[
     out = {f"{k}_acc": v / objects for k, v in totals.items()}
     if stated:
         out["position_stated_acc"] = placed_stated / stated
-    if single:
+    if single:  # one-object scenes name their object's cell in every phrasing
         out["shape_single_acc"] = single_shape / single
+        out["colour_single_acc"] = single_colour / single
+        out["position_single_acc"] = single_position / single
     out["count_acc"] = right_count / counted
     out["too_many"] = too_many / counted
     return out

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from cascade.diffusion import NoiseSchedule, diffusion_loss, model_output_to_eps, repeat_to_batch, sample_timesteps
 from cascade.diffusion import sample as diffusion_sample
 from cascade.errors import UserError
+from cascade.progress_bars import ImageBar
 from cascade.registry import register_stage
 from cascade.stage import Stage, resolve_sampling
 from prior.config import PriorConfig
@@ -125,9 +126,14 @@ class PriorStage(Stage):
         if val is None:
             return {}
         true = val["clip_image"].float()
-        preds = [self.sample({k: val[k][i: i + 256] for k in _COND_KEYS}, steps=cfg.eval_steps,
-                             guidance=cfg.eval_guidance, generator=generator)
-                 for i in range(0, true.shape[0], 256)]
+        preds = []
+        steps = resolve_sampling(cfg, None, cfg.eval_steps, None)[1]
+        with ImageBar(true.shape[0], "prior: sampling val embeddings") as bar:
+            for i in range(0, true.shape[0], 256):
+                rows = {k: val[k][i: i + 256] for k in _COND_KEYS}
+                preds.append(self.sample(rows, steps=cfg.eval_steps, guidance=cfg.eval_guidance, generator=generator,
+                                         callback=bar.steps(rows["clip_text"].shape[0], steps)))
+                bar.done()
         out = {"val_count": float(true.shape[0])}
         out.update(embedding_scores("prior", torch.cat(preds).cpu(), true))
         out.update(embedding_scores("text", val["clip_text"], true))

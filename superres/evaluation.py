@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cascade.batches import balanced_batch
 from cascade.errors import UserError
+from cascade.progress_bars import ImageBar
 from superres.metrics import bicubic_upsample, psnr, ssim
 
 
@@ -45,10 +46,14 @@ def evaluate_superres(stage, batches, generator: torch.Generator) -> dict[str, f
     bicubic = bicubic_upsample(low, high.shape[-1])
     scores = {"bicubic": (psnr(bicubic, high), ssim(bicubic, high))}
     seed = int(torch.randint(2 ** 31, (), generator=generator))
-    for level, steps in itertools.product(c.eval_aug_levels, c.eval_steps):
-        g = torch.Generator().manual_seed(seed)  # the same noise for every setting of the sweep
-        out = stage.sample(cond, steps=steps, generator=g, aug_level=level).cpu()
-        scores[f"aug{level:g}_steps{steps}"] = (psnr(out, high), ssim(out, high))
+    sweep = list(itertools.product(c.eval_aug_levels, c.eval_steps))
+    with ImageBar(len(sweep) * len(low), f"{stage.name}: upsampling the val crops") as bar:
+        for level, steps in sweep:
+            g = torch.Generator().manual_seed(seed)  # the same noise for every setting of the sweep
+            out = stage.sample(cond, steps=steps, generator=g, aug_level=level,
+                               callback=bar.steps(len(low), steps)).cpu()
+            bar.done()
+            scores[f"aug{level:g}_steps{steps}"] = (psnr(out, high), ssim(out, high))
     groups = {"": torch.ones(len(low), dtype=torch.bool)}
     if len(set(sources)) > 1:
         groups.update({f"_{name}": torch.tensor([s == name for s in sources]) for name in sorted(set(sources))})

@@ -189,6 +189,8 @@ class SuperResStage(Stage):
 
     # -- evaluation ---------------------------------------------------------------------------------
 
+    preview_columns = ("bicubic", "SR", "real")
+
     @torch.no_grad()
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """Rows of [bicubic, upsampled, real] for up to 4 validation images (detailed crops if eval_crop)."""

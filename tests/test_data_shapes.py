@@ -80,3 +80,36 @@ def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path, monkey
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_inspect_counts_a_mixed_set_by_source_and_scores_its_shapes_part(tmp_path, capsys):
+    """A set copied together from others (as the demo's mixed set) has no dataset.json: the counts and
+    sizes come from the shards, and --score judges the shapes scenes and skips the rest."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(6):
+        Image.new("RGB", (80, 80), (40 * i, 90, 200)).save(pictures / f"p{i}.png")
+        (pictures / f"p{i}.txt").write_text(f"a flat colour {i}")
+    shapes, folder, mixed = tmp_path / "shapes", tmp_path / "folder", tmp_path / "mixed"
+    assert main(["data", "build", "--source", "shapes", "--out", str(shapes), "--count", "20", "--sizes", "64,128"]) == 0
+    assert main(["data", "build", "--source", f"folder:{pictures}", "--out", str(folder), "--sizes", "64,128"]) == 0
+    for split in ("train", "val"):
+        (mixed / split).mkdir(parents=True)
+        for source in (shapes, folder):
+            for shard in (source / split).glob("*.tar"):
+                shutil.copyfile(shard, mixed / split / f"{source.name}-{shard.name}")
+    counts = {s: json.loads((d / "dataset.json").read_text())["counts"] for s, d in (("shapes", shapes), ("other", folder))}
+    capsys.readouterr()
+    assert main(["data", "inspect", str(mixed), "--score", "--n", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    train = counts["shapes"]["train"] + counts["other"]["train"]
+    assert lines[0] == (f"train: {train} samples in 2 shards (other {counts['other']['train']}, "
+                        f"shapes {counts['shapes']['train']})")
+    assert "sizes: 64,128" in lines[2] and "?" not in "\n".join(lines[:3])
+    assert lines[-1].startswith("shapes scorer accuracy") and f"in {counts['shapes']['val']} shapes scenes" in lines[-1]
+    assert float(lines[-1].split(": ")[1].split()[0]) >= 0.9

@@ -32,3 +32,23 @@ def test_an_exported_stage_is_not_trained_again(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
     demo.train("prior", demo.QUICK, tmp_path / "data", tmp_path / "runs", tmp_path / "bundle")
     assert commands == [] and "prior: already trained" in capsys.readouterr().out
+
+
+def test_the_decoder_trains_after_prior_and_sr256_and_previews_through_them(tmp_path, monkeypatch):
+    """The demo's order puts every stage a preview needs (clip, prior, sr256) in the bundle before the
+    decoder trains, and the decoder's command asks for previews of the three prompts into out/<plan>/progress."""
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    (tmp_path / "out" / "quick" / "eval").mkdir(parents=True)
+    assert demo.demo(demo.QUICK, tmp_path) == 0
+    trained = [cmd[cmd.index("--stage") + 1] for cmd in commands if "--stage" in cmd]
+    assert sorted(trained) == sorted(demo.STAGES)
+    assert trained.index("decoder") > max(trained.index("clip"), trained.index("prior"), trained.index("sr256"))
+    (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
+    assert decoder[decoder.index("--preview-bundle") + 1] == str(tmp_path / "bundles" / "quick")
+    assert decoder[decoder.index("--preview-out") + 1] == str(tmp_path / "out" / "quick" / "progress")
+    prompts = [decoder[i + 1] for i, x in enumerate(decoder) if x == "--preview-prompt"]
+    assert prompts == list(demo.PROMPTS)
+    from train_stage import build_parser
+
+    build_parser().parse_args(decoder[2:])  # every option the demo passes is one train_stage.py takes

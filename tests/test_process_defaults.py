@@ -42,6 +42,8 @@ def clean(monkeypatch):
     """No user settings, a CPU-only machine with 8 cores; torch's thread count restored afterwards."""
     for name in USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "")  # so that monkeypatch restores whatever a test sets
+    monkeypatch.delenv("DS_ACCELERATOR")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(process_defaults.os, "cpu_count", lambda: 8)
     before = torch.get_num_threads()
@@ -75,3 +77,26 @@ def test_threads_are_left_alone_on_a_cuda_machine(clean):
     clean.setattr(torch.cuda, "is_available", lambda: True)
     limit_cpu_threads()
     assert torch.get_num_threads() == 5
+
+
+def test_deepspeed_is_told_it_runs_on_the_cpu_unless_there_is_a_gpu_or_a_choice(clean):
+    set_process_defaults()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    clean.setenv("DS_ACCELERATOR", "xpu")
+    set_process_defaults()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    clean.delenv("DS_ACCELERATOR")
+    clean.setattr(torch.cuda, "is_available", lambda: True)
+    set_process_defaults()
+    assert "DS_ACCELERATOR" not in os.environ
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed picks CUDA on a GPU machine and says nothing")
+def test_a_cpu_run_starts_without_deepspeeds_accelerator_warning():
+    code = ("from cascade.process_defaults import set_process_defaults; set_process_defaults(); "
+            "from deepspeed.accelerator import get_accelerator; print(get_accelerator().device_name())")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "cpu" and "Setting accelerator to CPU" not in proc.stderr + proc.stdout

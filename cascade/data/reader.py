@@ -55,6 +55,30 @@ def find_shards(data_dir: str | Path, split: str) -> list[str]:
     return shards
 
 
+def check_embedded(data_dir: str | Path, split: str, stage: str) -> None:
+    """A one-line UserError unless the first sample of every `split` shard carries the CLIP embeddings
+    (`cascade data embed`), for a stage that trains on them: found before a run writes anything, rather
+    than one "skipping" line per sample."""
+    import tarfile
+
+    wanted = {f"{name}.npy" for name in EMBEDDING_FIELDS}
+    for shard in find_shards(data_dir, split):
+        first, fields = None, set()
+        try:
+            with tarfile.open(shard) as tar:
+                for info in tar:
+                    key, _, field = info.name.rpartition("/")[2].partition(".")
+                    if first is not None and key != first:
+                        break
+                    first = key
+                    fields.add(field)
+        except (OSError, tarfile.TarError):
+            continue  # a broken shard is the reader's to skip and report
+        if first is not None and not wanted <= fields:
+            raise UserError(f"{shard} holds no CLIP embeddings, and the {stage} stage trains on them: run "
+                            f"`cascade data embed --data {data_dir} --clip BUNDLE/clip` first")
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB -> (3, H, W) float in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)

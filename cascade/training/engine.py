@@ -27,7 +27,7 @@ from cascade.training.config import RunConfig, TrainConfig, load_run_config
 from cascade.training.ema import EMA
 from cascade.training.lr_schedule import learning_rate
 from cascade.training.run_log import RunLog, truncate_metrics
-from cascade.training.sample_grid import save_grid
+from cascade.images import save_png
 from cascade.training.zero_params import params_read_outside_forward, promote_scalars
 
 PREVIEW_COUNT = 16  # images in a sample grid
@@ -42,6 +42,12 @@ class TrainArgs:
     max_steps: int | None = None
     deepspeed_config: Path | None = None
     export: Path | None = None  # bundle directory: the stage folder goes to export/<stage>
+    # Pictures while training (`cascade.training.cascade_preview`): the bundle that provides the other
+    # stages, how often (minutes of this invocation), what, and where (default: RUN_DIR/progress).
+    preview_bundle: Path | None = None
+    preview_minutes: float = 10.0
+    preview_prompts: tuple[str, ...] = ()
+    preview_out: Path | None = None
 
 
 @dataclass
@@ -152,7 +158,7 @@ class Trainer:
     """One training run of one stage in one run directory (every rank builds one)."""
 
     def __init__(self, args: TrainArgs):
-        from cascade.data.reader import find_shards
+        from cascade.data.reader import check_embedded, find_shards
         from cascade.registry import get_stage
 
         self.args = args
@@ -167,6 +173,21 @@ class Trainer:
         find_shards(args.data, "train")
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
+        if self.stage_cls.data_needs(self.run.model)[1]:
+            check_embedded(args.data, "train", self.run.stage)
+        self.preview = None
+        if args.preview_bundle is not None:
+            from cascade.training.cascade_preview import DEFAULT_PROMPTS, CascadePreview
+
+            if not args.preview_minutes > 0:
+                raise UserError(f"--preview-minutes must be > 0, got {args.preview_minutes}")
+            from cascade.outputs import check_out_dir
+
+            self.preview = CascadePreview(args.preview_bundle, self.run.stage,
+                                          check_out_dir(args.preview_out or self.run_dir / "progress",
+                                                        "--preview-out"),
+                                          prompts=args.preview_prompts or DEFAULT_PROMPTS)
+            self.preview.check(self.stage_cls, self.run.model)
         if self.train_cfg.compile and not self.stage_cls.networks:
             raise UserError(f"{self.run.source}: train.compile is set but the {self.run.stage} stage has no "
                             f"networks to compile; remove it")
@@ -306,9 +327,16 @@ class Trainer:
         if model is not None and preview_batch is not None:
             images = model.preview(preview_batch, torch.Generator().manual_seed(self.train_cfg.seed))
             if images is not None:
-                captions = list(preview_batch.get("txt", []))
-                save_grid(self.run_dir / "samples" / f"step-{self.step:06d}.png", images,
-                          captions[: images.shape[0]] if len(captions) >= images.shape[0] else None)
+                save_png(model.preview_grid(images, list(preview_batch.get("txt", []))),
+                         self.run_dir / "samples" / f"step-{self.step:06d}.png")
+        distributed.barrier()
+
+    def _cascade_preview(self) -> None:
+        """The preview prompts through the bundle's cascade with the EMA weights of this stage (rank 0)."""
+        model = self.ema_stage()
+        if model is not None:
+            path = self.preview(model, self.step)
+            self.log(f"step {self.step}: preview of the cascade with these weights in {path}")
         distributed.barrier()
 
     def _evaluate(self) -> dict[str, float]:
@@ -350,6 +378,7 @@ class Trainer:
         log = RunLog(self.run_dir, active=self.main, start_step=self.step, max_steps=cfg.max_steps,
                      desc=f"{self.run.stage}")
         grids = bool(cfg.sample_every) and self.stage.samples_images
+        previewed = time.monotonic()  # when the last cascade preview was made (or this invocation began)
         preview_batch = self._preview_batch() if grids and self.main else None
         batches = self._loader(self.stage, skip_batches=self.micro_batches)
         interrupted = False
@@ -397,6 +426,9 @@ class Trainer:
                     window_loss, window_steps, window_time = torch.zeros((), device=engine.device), 0, 0.0
                 if grids and (self.step % cfg.sample_every == 0 or last):
                     self._sample(preview_batch)
+                if self.preview is not None and (last or time.monotonic() - previewed >= 60 * self.args.preview_minutes):
+                    self._cascade_preview()
+                    previewed = time.monotonic()
                 if distributed.any_rank(stop.raised):
                     interrupted = True
                     self._save()
