@@ -45,6 +45,8 @@ class Plan:
     generate_steps: str = ""  # `cascade generate --steps` for the example prompts ("" = its defaults)
     eval_limit: int = 64  # val samples for `cascade eval`'s text -> prior -> decoder score
     preview_minutes: float = 5.0  # while the decoder trains: a preview of PROMPTS through the cascade this often
+    decoder_sources: tuple[str, ...] = ()  # the decoder trains on these parts of the mixed set only (() = all)
+    shapes_source: str = "shapes"  # `cascade data build --source` of the shapes part ("shapes:single": one object)
 
 
 # Every stage is evaluated once, by `cascade eval` at the end, not also at the end of its training run.
@@ -52,15 +54,20 @@ NO_END_EVAL = {stage: {"train": {"eval_at_end": False}} for stage in STAGES}
 
 FULL = Plan("tiny", shapes=4000, emoji=2000,
             steps={"clip": 300, "prior": 2000, "decoder": 6000, "sr256": 600, "sr1024": 400}, images=2,
-            overrides=NO_END_EVAL)
+            overrides=NO_END_EVAL, preview_minutes=4.0)  # the first preview ~28 min after the start (quiet)
+# Ten minutes that show the models learn, not only that the path runs: most of the time goes to the decoder,
+# which trains on one-object shapes scenes only, where 1,000 steps learn colour and place (measured with
+# `cascade eval --one-object`; on the mixed set's 1-3 object scenes 900 steps placed nothing: README).
 QUICK = Plan("quick", shapes=600, emoji=300,
-             steps={"clip": 60, "prior": 300, "decoder": 120, "sr256": 60, "sr1024": 40}, images=1,
+             steps={"clip": 60, "prior": 300, "decoder": 1000, "sr256": 60, "sr1024": 20}, images=1,
              overrides={**NO_END_EVAL,
-                        "decoder": {**NO_END_EVAL["decoder"], "model": {"eval_samples": 16, "steps": 25}},
+                        "decoder": {**NO_END_EVAL["decoder"],
+                                    "model": {"eval_samples": 16, "steps": 25, "eval_guidance": [3.0]}},
                         **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [5],
                                                              "eval_aug_levels": [0.0, 0.2]}}
                            for sr in ("sr256", "sr1024")}},
-             generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16)
+             generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16, preview_minutes=60.0,
+             decoder_sources=("shapes",), shapes_source="shapes:single")
 
 
 TIMES: dict[str, float] = {}  # wall-clock minutes of each part of this invocation, for the summary
@@ -85,10 +92,10 @@ def has_shards(path: Path) -> bool:
 def build_data(plan: Plan, root: Path) -> Path:
     """shapes + emoji, each built into its own folder, then linked side by side into one set."""
     cascade = [sys.executable, "-m", "cascade.cli"]
-    shapes, emoji, mixed = root / "shapes", root / "emoji", root / "mixed"
+    shapes, emoji, mixed = root / plan.shapes_source.replace(":", "-"), root / "emoji", root / "mixed"
     if not has_shards(shapes):
-        run(cascade + ["data", "build", "--source", "shapes", "--out", str(shapes), "--count", str(plan.shapes),
-                       "--sizes", "64,256,1024", "--seed", "0"], "data: shapes")
+        run(cascade + ["data", "build", "--source", plan.shapes_source, "--out", str(shapes),
+                       "--count", str(plan.shapes), "--sizes", "64,256,1024", "--seed", "0"], "data: shapes")
     if not has_shards(emoji):
         cmd = cascade + ["data", "build", "--source", "emoji", "--out", str(emoji), "--sizes", "64,256,1024"]
         run(cmd + (["--count", str(plan.emoji)] if plan.emoji else []), "data: emoji")
@@ -103,6 +110,21 @@ def build_data(plan: Plan, root: Path) -> Path:
             if (emoji / extra).exists():
                 shutil.copyfile(emoji / extra, mixed / extra)
     return mixed
+
+
+def source_view(mixed: Path, sources: tuple[str, ...]) -> Path:
+    """`mixed` itself, or a folder beside it whose train/val hold links to the mixed set's shards of the
+    given sources (the copies are named "<source>-shard-*.tar"), so a stage can train on a part of the set."""
+    if not sources:
+        return mixed
+    view = mixed.with_name(f"{mixed.name}-{'-'.join(sources)}")
+    for split in ("train", "val"):
+        (view / split).mkdir(parents=True, exist_ok=True)
+        for shard in sorted((mixed / split).glob("*.tar")):
+            link = view / split / shard.name
+            if shard.name.split("-")[0] in sources and not link.exists():
+                link.symlink_to(shard.resolve())
+    return view
 
 
 def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
@@ -152,7 +174,8 @@ def demo(plan: Plan, root: Path) -> int:
             extra = ("--preview-bundle", str(bundle), "--preview-out", str(progress),
                      "--preview-minutes", str(plan.preview_minutes),
                      *(x for prompt in PROMPTS for x in ("--preview-prompt", prompt)))
-        train(stage, plan, data, runs, bundle, extra)
+        train(stage, plan, source_view(data, plan.decoder_sources) if stage == "decoder" else data, runs, bundle,
+              extra)
     for i, prompt in enumerate(PROMPTS):  # a demo run again (to go on after a stop) replaces its images
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),

@@ -194,10 +194,10 @@ class Cascade:
         listed = list(manifest.get("stages", []))
         if "clip" not in listed:
             raise UserError(f"{manifest_path}: the bundle has no clip stage; every cascade needs one")
-        for name in listed:
+        wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
+        for name in ("clip", *wanted):  # only the stages this load needs: another may be missing (re-training)
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
-        wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
         clip = load_encoder(path / "clip", device=device)
         home = device if offload == "none" else torch.device("cpu")
         loaded = {name: load_stage(path / name, device=home).to(dtype) for name in wanted}

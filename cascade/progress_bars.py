@@ -20,6 +20,7 @@ class ImageBar:
                         dynamic_ncols=True)
         self._batch_left = 0.0
         self._count = 0.0  # what the bar shows (a disabled tqdm counts nothing)
+        self._batch_end = 0.0
 
     def _add(self, images: float) -> None:
         self._count += images
@@ -30,6 +31,7 @@ class ImageBar:
         after the batch squares the count whatever the sampler called back."""
         per_step = rows / max(1, steps)
         self._batch_left = float(rows)
+        self._batch_end = self._count + rows
 
         def step(_: dict) -> None:
             add = min(per_step, self._batch_left)
@@ -43,6 +45,9 @@ class ImageBar:
         if self._batch_left > 0:
             self._add(self._batch_left)
         self._batch_left = 0.0
+        # whole images again: the float steps may have summed to a hair over or under the batch
+        self._count = self.bar.n = self._batch_end
+        self.bar.refresh()
 
     @property
     def count(self) -> float:

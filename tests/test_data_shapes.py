@@ -113,3 +113,21 @@ def test_inspect_counts_a_mixed_set_by_source_and_scores_its_shapes_part(tmp_pat
     assert "sizes: 64,128" in lines[2] and "?" not in "\n".join(lines[:3])
     assert lines[-1].startswith("shapes scorer accuracy") and f"in {counts['shapes']['val']} shapes scenes" in lines[-1]
     assert float(lines[-1].split(": ")[1].split()[0]) >= 0.9
+
+
+def test_shapes_single_draws_one_object_per_scene_under_its_own_keys(tmp_path):
+    scenes = [shapes.scene_for(0, i, single=True) for i in range(60)]
+    assert all(len(scene["objects"]) == 1 for _, scene in scenes)
+    assert all(scene["objects"][0]["color"] in text for text, scene in scenes)
+    assert shapes.sample_key(0, 3, single=True) != shapes.sample_key(0, 3)  # the two sets can be mixed
+    out = tmp_path / "single"
+    assert main(["data", "build", "--source", "shapes:single", "--out", str(out), "--count", "12"]) == 0
+    from cascade.data.reader import read_samples
+
+    samples = read_samples(out, "train") + read_samples(out, "val")
+    assert len(samples) == 12 and all(len(s["json"]["objects"]) == 1 for s in samples)
+
+
+def test_an_unknown_shapes_variant_is_a_one_line_error(tmp_path, capsys):
+    assert main(["data", "build", "--source", "shapes:many", "--out", str(tmp_path / "x")]) == 2
+    assert "shapes:many" in capsys.readouterr().err

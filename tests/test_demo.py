@@ -52,3 +52,30 @@ def test_the_decoder_trains_after_prior_and_sr256_and_previews_through_them(tmp_
     from train_stage import build_parser
 
     build_parser().parse_args(decoder[2:])  # every option the demo passes is one train_stage.py takes
+
+
+def test_source_view_links_only_the_named_parts_of_the_mixed_set(tmp_path):
+    mixed = tmp_path / "mixed"
+    for split in ("train", "val"):
+        (mixed / split).mkdir(parents=True)
+        for name in ("shapes-single-shard-000000.tar", "emoji-shard-000000.tar"):
+            (mixed / split / name).write_bytes(name.encode())
+    assert demo.source_view(mixed, ()) == mixed
+    view = demo.source_view(mixed, ("shapes",))
+    assert view == tmp_path / "mixed-shapes" and demo.source_view(mixed, ("shapes",)) == view  # again: no error
+    for split in ("train", "val"):
+        (link,) = (view / split).iterdir()
+        assert link.name == "shapes-single-shard-000000.tar" and link.read_bytes() == link.name.encode()
+        (mixed / split / link.name).write_bytes(b"re-embedded")  # embed rewrites the mixed set in place
+        assert link.read_bytes() == b"re-embedded"
+
+
+def test_the_quick_plan_trains_its_decoder_on_one_object_shapes_scenes(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    (tmp_path / "out" / "quick" / "eval").mkdir(parents=True)
+    demo.demo(demo.QUICK, tmp_path)
+    (build,) = [cmd for cmd in commands if "build" in cmd and "shapes:single" in cmd]
+    assert build[build.index("--count") + 1] == str(demo.QUICK.shapes)
+    (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
+    assert decoder[decoder.index("--data") + 1] == str(tmp_path / "data" / "quick" / "mixed-shapes")

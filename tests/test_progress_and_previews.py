@@ -184,7 +184,10 @@ def _decoder_run(tmp_path, **preview):
 def test_a_decoder_run_writes_cascade_previews_through_the_bundle(tmp_path):
     from cascade.training.engine import train
 
+    import shutil
+
     bundle = small_bundle(tmp_path / "bundle")
+    shutil.rmtree(bundle / "decoder")  # re-training the bundle's own decoder: its manifest still lists it
     args = _decoder_run(tmp_path, preview_bundle=bundle, preview_minutes=1e-6,
                         preview_prompts=("a red circle", "a green star in the center"))
     result = train(args)
@@ -210,3 +213,16 @@ def test_preview_bundle_mistakes_are_one_line_errors_before_training(tmp_path):
     with pytest.raises(UserError, match="need its sr256 stage"):
         Trainer(_decoder_run(tmp_path / "b", preview_bundle=bundle))
     assert not (tmp_path / "b" / "run").exists()
+
+
+def test_a_bundle_loads_the_stages_asked_for_even_when_another_listed_one_is_missing(tmp_path):
+    import shutil
+
+    from cascade.pipeline import Cascade
+
+    bundle = small_bundle(tmp_path / "bundle")
+    shutil.rmtree(bundle / "decoder")
+    cascade = Cascade.from_bundle(bundle, stages=("prior", "sr256"))
+    assert set(cascade.stages) == {"prior", "sr256"}
+    with pytest.raises(UserError, match="lists stage 'decoder' but .* does not exist"):
+        Cascade.from_bundle(bundle)

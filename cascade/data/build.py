@@ -49,8 +49,10 @@ def open_source(spec: str, *, sizes: tuple[int, ...], count: int | None, seed: i
     """(samples, expected total or None, LICENSES text or None) for a --source value."""
     name, _, arg = spec.partition(":")
     if name == "shapes":
+        if arg not in shapes.VARIANTS:
+            raise UserError(f"unknown source '{spec}': shapes takes no option or ':single' (one object per scene)")
         n = count if count is not None else 1000
-        return shapes.samples(n, sizes, seed), n, None
+        return shapes.samples(n, sizes, seed, single=arg == "single"), n, None
     if name == "emoji":
         return emoji.open_source(cache_dir(cache), sizes, count, arg or "all")
     if name == "folder":

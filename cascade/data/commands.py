@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "picks its split; the same arguments give byte-identical shards, "
                                             "and an interrupted build leaves nothing half-written.")
     build.add_argument("--source", required=True,
-                       help="shapes | emoji[:fluent|openmoji] | folder:PATH (images beside .txt captions, "
-                            "or .tar shards with jpg/png + txt)")
+                       help="shapes[:single] | emoji[:fluent|openmoji] | folder:PATH (images beside .txt "
+                            "captions, or .tar shards with jpg/png + txt); shapes:single draws one object per scene")
     build.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
     build.add_argument("--sizes", default="64",
                        help="comma-separated square sizes, e.g. 64,256,1024 (default: %(default)s)")
