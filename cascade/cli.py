@@ -12,6 +12,9 @@ from pathlib import Path
 from cascade.errors import UserError, run_cli
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
 
+# cascade.diffusion.SAMPLERS, spelled out so that `--help` needs no torch import (a test keeps them equal)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun")
+
 DEMO_BUNDLES = ("bundles/tiny", "bundles/quick")  # what `make demo` and `make demo-quick` build
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
@@ -34,7 +37,12 @@ def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
 def _settings(args):
     from cascade.pipeline import Settings
 
-    settings = Settings(sampler=args.sampler, aug_level=args.aug_level)
+    if args.eta is not None:
+        if not 0 <= args.eta <= 1:
+            raise UserError(f"--eta {args.eta}: must be between 0 and 1")
+        if args.sampler not in (None, "ddim"):
+            raise UserError(f"--eta is DDIM's noise; --sampler {args.sampler} does not use it")
+    settings = Settings(sampler=args.sampler, aug_level=args.aug_level, eta=args.eta)
     for name, steps in _per_stage(args.steps or "", int, "--steps", SAMPLED_STAGES).items():
         if not 1 <= steps <= 1000:
             raise UserError(f"--steps {name}={steps}: steps must be between 1 and 1000")
@@ -149,6 +157,7 @@ def cmd_generate(args) -> int:
     from cascade.pipeline import check_prompt
 
     prompt = check_prompt(args.prompt)
+    negative = _negative(args)
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
     settings = _settings(args)
@@ -161,9 +170,9 @@ def cmd_generate(args) -> int:
     _prepare(args)
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
-                              progress=_stage_bars(args))
+                              progress=_stage_bars(args), negative_prompt=negative)
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
-            **settings.as_text(cascade.stages)}
+            **_negative_text(negative), **settings.as_text(cascade.stages)}
     _write(result, args, f"{_slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
@@ -172,17 +181,55 @@ def cmd_vary(args) -> int:
     from cascade.images import read_image
 
     image = read_image(args.image, size=INPUT_SIZE)
+    negative = _negative(args)
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
     settings = _settings(args)
     _prepare(args)
-    cascade = _load(args, prior=False)
+    cascade = _load(args, prior=negative is not None)
     result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
-                          progress=_stage_bars(args))
-    text = {"source": str(args.image), "seed": str(args.seed), "until": args.until,
+                          progress=_stage_bars(args), negative_prompt=negative)
+    text = {"source": str(args.image), "seed": str(args.seed), "until": args.until, **_negative_text(negative),
             **settings.as_text(cascade.stages)}
     _write(result, args, f"vary-{_slug(Path(args.image).stem)}-s{args.seed}", text,
            [f"variation {i}" for i in range(args.num_images)])
+    return 0
+
+
+def _negative(args) -> str | None:
+    """--negative-prompt, checked like a prompt, or None."""
+    from cascade.pipeline import check_prompt
+
+    value = getattr(args, "negative_prompt", None)
+    return None if value is None else check_prompt(value)
+
+
+def _negative_text(negative: str | None) -> dict[str, str]:
+    return {} if negative is None else {"negative_prompt": negative}
+
+
+def cmd_img2img(args) -> int:
+    from cascade.images import read_image
+    from cascade.pipeline import check_prompt
+
+    prompt = check_prompt(args.prompt)
+    negative = _negative(args)
+    if not 0.0 <= args.strength <= 1.0:
+        raise UserError(f"--strength {args.strength}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
+    if not 1 <= args.num_images <= 64:
+        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    settings = _settings(args)
+    _prepare(args)
+    cascade = _load(args)
+    image = read_image(args.image, size=cascade.stages["decoder"].config.image_size)
+    result = cascade.img2img(image, prompt, strength=args.strength, num_images=args.num_images, seed=args.seed,
+                             until=args.until, settings=settings, progress=_stage_bars(args),
+                             negative_prompt=negative)
+    text = {"source": str(args.image), "prompt": prompt, "strength": f"{args.strength:g}", "seed": str(args.seed),
+            "until": args.until, "model": str(args.model), **_negative_text(negative),
+            **settings.as_text(cascade.stages)}
+    _write(result, args, f"img2img-{_slug(prompt)}-st{args.strength:g}-s{args.seed}", text,
+           [prompt] * args.num_images)
     return 0
 
 
@@ -252,8 +299,14 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--guidance", default="", metavar="STAGE=W,...",
                    help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none; default: "
                         "each stage's config; those are the shipped configs' values)")
-    p.add_argument("--sampler", choices=("ddim", "dpmpp", "ddpm"), default=None,
-                   help="sampler for every stage (default: each stage's config; ddim in the tiny ones)")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                   help="sampler for every stage: ddpm, ddim, dpmpp (DPM-Solver++(2M) on a log-SNR grid), "
+                        "dpmpp_karras (the same on Karras et al.'s sigma grid), euler, euler_a (ancestral) or "
+                        "heun (Karras et al. 2022, on their grid); default: each stage's config (ddim in the "
+                        "tiny ones)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM's noise per step for every stage: 0 deterministic, 1 DDPM's variance (default: 0); "
+                        "stages sampling with another sampler ignore it")
     p.add_argument("--aug-level", type=float, default=None,
                    help="noise-conditioning augmentation level given to the SR stages (default: their "
                         "configs'; 0.2 in the shipped ones)")
@@ -284,6 +337,9 @@ def register_model_commands(sub) -> None:
                                    "sr256 -> sr1024. Writes one PNG per image and a grid; prompt, seed and "
                                    "settings are stored in the PNG text chunks.")
     p.add_argument("--prompt", required=True, help="the text to draw")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what not to draw: the prior's and the decoder's guidance steer away from this text "
+                        "instead of from no text, e.g. --negative-prompt red")
     _add_common(p, num_images=True)
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's parameters and the estimated GPU memory (fp32 and bf16, with and "
@@ -300,8 +356,27 @@ def register_model_commands(sub) -> None:
                                    "they keep what CLIP sees in the image and vary the rest. No prompt and no "
                                    "prior. Writes one PNG per image and a grid.")
     p.add_argument("--image", required=True, help="the source image file")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="what the variations should not show: the decoder's guidance steers away from this "
+                        "text's prior embedding (loads the prior)")
     _add_common(p, num_images=True)
     p.set_defaults(func=cmd_vary)
+
+    p = sub.add_parser("img2img", help="redraw an image with a prompt (SDEdit: noise it part way, denoise)",
+                       description="Image to image: the image, resized to the decoder's 64x64, is noised to "
+                                   "the --strength fraction of the decoder's schedule and denoised with the "
+                                   "prompt (its prior embedding and text), then upsampled by sr256 and sr1024. "
+                                   "Strength 0 keeps the image, 1 ignores it (the images `generate` makes "
+                                   "with the same seed); in between, low strengths keep the layout and "
+                                   "colours, high ones follow the prompt. Example: cascade img2img --image "
+                                   "scene.png --prompt \"a green star in the center\" --strength 0.6")
+    p.add_argument("--image", required=True, help="the source image file")
+    p.add_argument("--prompt", required=True, help="the text to draw")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="how much of the schedule to noise the image into, 0 to 1 (default: %(default)s)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw (as in generate)")
+    _add_common(p, num_images=True)
+    p.set_defaults(func=cmd_img2img)
 
     p = sub.add_parser("interpolate", help="frames between two images (slerp of CLIP embeddings)",
                        description="Blend two images (DALL-E 2 section 3.2): slerp from image A's CLIP image "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,29 +27,52 @@ def _val(data: Path, stage, batch_size: int = 16, split: str = "val"):
 
 
 @torch.no_grad()
-def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tuple[float, ...], seed: int
-                         ) -> dict[str, float]:
+def clip_score(clip, images: torch.Tensor, captions: list[str], batch: int = 32) -> float:
+    """CLIP score: the mean cosine between each image's CLIP image embedding and its caption's text
+    embedding under `clip` (an encoder from `cascade.encoders.load_encoder`)."""
+    total = 0.0
+    for start in range(0, len(captions), batch):
+        rows = slice(start, start + batch)
+        z_img = clip.encode_image(images[rows].to(clip.image_mean.device).float())
+        z_txt = clip.encode_text(captions[rows])[0]
+        total += float((z_img * z_txt).sum(dim=-1).sum())
+    return total / max(1, len(captions))
+
+
+@torch.no_grad()
+def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tuple[float, ...], seed: int,
+                         clips: dict | None = None) -> dict[str, float]:
     """Shapes-scorer accuracy of images decoded from the PRIOR's embeddings of val captions (the whole
     text -> z_i -> image path; the prior samples with its evaluation settings), at each decoder guidance
-    scale; all scales share the decoder noise."""
+    scale; all scales share the decoder noise. With `clips` ({name: encoder}), also the CLIP score of
+    the decoded images and of the real val images against their captions under each encoder
+    (`clip_score_<name>@prior_g<w>`, `clip_score_<name>_real`), over every val sample taken, emoji too;
+    without it, only the shapes scenes are decoded."""
     from decoder.evaluation import collect, decode_all, score_decodes
 
+    clips = clips or {}
     data_ = collect(_val(data, decoder), f"image_{decoder.config.image_size}", limit)
     keep = [i for i, scene in enumerate(data_["json"]) if scene.get("objects")]
-    if not keep:
+    rows = list(range(len(data_["json"]))) if clips else keep
+    if not rows:
         return {}
-    text = data_["clip_text"][keep]
-    tokens, mask = data_["clip_tokens"][keep], data_["clip_mask"][keep]
+    tokens, mask = data_["clip_tokens"][rows], data_["clip_mask"][rows]
     g = torch.Generator().manual_seed(seed)
-    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, steps=prior.config.eval_steps,
-                       guidance=prior.config.eval_guidance, generator=g)
+    z_i = prior.sample({"clip_text": data_["clip_text"][rows], "clip_tokens": tokens, "clip_mask": mask},
+                       steps=prior.config.eval_steps, guidance=prior.config.eval_guidance, generator=g)
     s = decoder.config.image_size
-    noise = torch.randn(len(keep), 3, s, s, generator=g)
-    scenes = [data_["json"][i] for i in keep]
-    metrics = {}
+    noise = torch.randn(len(rows), 3, s, s, generator=g)
+    scored = [rows.index(i) for i in keep]  # the shapes scenes among the decoded rows
+    captions = [data_["txt"][i] for i in rows]
+    metrics = {f"clip_score_{name}_real": clip_score(clip, data_[f"image_{s}"][rows], captions)
+               for name, clip in clips.items()}
     for w in guidance:
-        images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, w)
-        metrics.update(score_decodes(images, scenes, suffix=f"@prior_g{w:g}"))
+        images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, w,
+                            desc=f"text -> prior -> decoder, val captions (guidance {w:g})")
+        if scored:
+            metrics.update(score_decodes(images[scored], [data_["json"][i] for i in keep], suffix=f"@prior_g{w:g}"))
+        for name, clip in clips.items():
+            metrics[f"clip_score_{name}@prior_g{w:g}"] = clip_score(clip, images, captions)
     return metrics
 
 
@@ -105,12 +129,18 @@ def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dic
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
                     stages: list[str] | None = None, limit: int = 64, one_object: int = 36,
-                    device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+                    clip_models: tuple[str, ...] = (), device: str | torch.device = "cpu"
+                    ) -> dict[str, dict[str, float]]:
+    """Every stage's evaluation of `bundle` on `data`'s val split, then the cascade's: text -> prior ->
+    decoder on val captions (shapes score; CLIP score under the bundle's CLIP and each of `clip_models`,
+    "open_clip_name:weights_file"), on `one_object` generated one-object prompts, and the placement probe.
+    Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards
     from cascade.images import save_png
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
+    others = {name: load_clip_model(spec, device) for name, spec in _clip_names(clip_models).items()}
     present = read_manifest(bundle).get("stages", [])
     find_shards(data, "val")  # a one-line error when there is no val split
     wanted = [s for s in STAGE_ORDER if s in present and (not stages or s in stages)]
@@ -133,18 +163,39 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
                 save_png(stage.preview_grid(images, list(batch["txt"])), out / f"{name}-samples.png")
         write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
     if "prior" in loaded and "decoder" in loaded:
-        print("evaluating text -> prior -> decoder ...", flush=True)
-        results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
-                                                  guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed)
-        if "clip" in present and one_object > 0:
-            from cascade.encoders import load_encoder
+        from cascade.encoders import load_encoder
 
+        print("evaluating text -> prior -> decoder ...", flush=True)
+        clip = load_encoder(bundle / "clip", device=device) if "clip" in present else None
+        clips = {**({"bundle": clip} if clip is not None else {}), **others}
+        results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
+                                                  guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed,
+                                                  clips=clips)
+        if clip is not None and one_object > 0:
             decoder = loaded["decoder"]
             results["cascade"].update(one_object_scores(
-                load_encoder(bundle / "clip", device=device), loaded["prior"], decoder, count=one_object,
+                clip, loaded["prior"], decoder, count=one_object,
                 guidance=decoder.config.guidance, seed=seed, grid=out / "one-object-prompts.png"))
     write_report(results, out)
     return results
+
+
+def _clip_names(specs: tuple[str, ...]) -> dict[str, str]:
+    """{"ViT-B-32": "ViT-B-32:/path/weights.pt", ...}: the metric name of each --clip-score-model."""
+    return {re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.partition(":")[0]): spec for spec in specs}
+
+
+def load_clip_model(spec: str, device) -> Any:
+    """An open_clip model for the CLIP score from "name:weights_file" (a local file: nothing is downloaded)."""
+    from cascade.encoders import load_encoder
+
+    name, _, weights = spec.partition(":")
+    if not name or not weights:
+        raise UserError(f"--clip-score-model {spec}: give NAME:WEIGHTS_FILE, an open_clip model name and a local "
+                        "weights file (e.g. ViT-B-32:/models/vit-b-32.pt)")
+    if not Path(weights).expanduser().is_file():
+        raise UserError(f"--clip-score-model {spec}: no weights file at {weights}")
+    return load_encoder(f"{name}:{Path(weights).expanduser()}", device=device)
 
 
 def write_report(results: dict[str, dict[str, float]], out: Path) -> None:
@@ -163,7 +214,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="every stage's evaluation on a validation split",
                        description="Evaluate a model bundle on the val split of a shard directory (embedded "
                                    "with `cascade data embed`): each stage's metrics, the text -> prior -> "
-                                   "decoder shapes score, the decoder's placement probe (is an object put in "
+                                   "decoder shapes score and CLIP score (generated vs real images against "
+                                   "their captions), the decoder's placement probe (is an object put in "
                                    "the cell the text names?), sample grids; writes OUT/eval.json and "
                                    "OUT/eval.md.")
     p.add_argument("--model", required=True, help="model bundle directory")
@@ -176,6 +228,9 @@ def add_parser(sub) -> None:
     p.add_argument("--one-object", type=int, default=36, metavar="N",
                    help="one-object shapes prompts (\"a red circle at the top left\") run text -> prior -> "
                         "decoder at the decoder's default guidance and scored (0: skip; default: %(default)s)")
+    p.add_argument("--clip-score-model", action="append", default=[], metavar="NAME:FILE",
+                   help="also give the CLIP score under this open_clip model with local weights, e.g. "
+                        "ViT-B-32:/models/vit-b-32.pt (repeatable; the bundle's own CLIP always scores)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the evaluations' sampling, 0 to 2**63-1 (default: %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
@@ -196,7 +251,8 @@ def _run(args: Any) -> int:
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
-                              one_object=args.one_object, device=resolve_device(args.device))
+                              one_object=args.one_object, clip_models=tuple(args.clip_score_model),
+                              device=resolve_device(args.device))
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0 if results else 1

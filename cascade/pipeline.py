@@ -44,6 +44,7 @@ class Settings:
     guidance: dict[str, float] = field(default_factory=dict)
     sampler: str | None = None
     aug_level: float | None = None
+    eta: float | None = None  # DDIM's noise for every stage (None: deterministic DDIM, eta 0)
 
     def for_stage(self, name: str, stage) -> dict[str, Any]:
         """The keyword arguments `stage.sample` gets: sampler, steps and guidance (and aug_level for an
@@ -53,6 +54,8 @@ class Settings:
         c = stage.config
         sampler, steps, guidance = resolve_sampling(c, self.sampler, self.steps.get(name), self.guidance.get(name))
         kwargs = {"sampler": sampler, "steps": steps, "guidance": guidance}
+        if self.eta is not None:
+            kwargs["eta"] = self.eta
         if name in SUPERRES_STAGES:
             kwargs["aug_level"] = c.aug_level if self.aug_level is None else self.aug_level
         return kwargs
@@ -69,6 +72,8 @@ class Settings:
 
         text = {"steps": json.dumps(per_stage("steps")), "guidance": json.dumps(per_stage("guidance")),
                 "sampler": one_or_each(per_stage("sampler"))}
+        if per_stage("eta"):
+            text["eta"] = one_or_each(per_stage("eta"))
         if per_stage("aug_level"):
             text["aug_level"] = one_or_each(per_stage("aug_level"))
         return text
@@ -256,10 +261,12 @@ class Cascade:
         return out
 
     def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
-               shared_noise: bool = False, progress: Progress | None = None) -> torch.Tensor:
+               shared_noise: bool = False, progress: Progress | None = None, negative: dict | None = None,
+               init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
         """64x64 images for image embeddings (N, D) (and text, when given). With `shared_noise` every row
         starts from the same x_T, so a deterministic sampler makes each image a function of its
-        embedding alone."""
+        embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
+        conditioning's); `init` (N, 3, 64, 64): image to image at `strength`."""
         decoder = self._need("decoder")
         g = stage_generator(seed, "decoder")
         cond = {"clip_image": image_emb}
@@ -269,34 +276,88 @@ class Cascade:
         if shared_noise:
             size = decoder.config.image_size
             noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
-        return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise)
+        options = {} if init is None else {"init": init.to(self.device), "strength": strength}
+        return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise,
+                            negative=negative, **options)
+
+    def _text(self, prompts: list[str], negative_prompt: str | None, settings: Settings, seed: int,
+              progress: Progress | None) -> tuple[torch.Tensor, dict, dict | None]:
+        """(z_i from the prior, the decoder's text conditioning, the decoder's negative conditioning or
+        None) for `prompts`. With `negative_prompt` the prior's guidance steers away from it, and the
+        decoder's from its tokens and its own prior embedding, drawn after the prompts' (Kandinsky-style)."""
+        self._need("prior")
+        n = len(prompts)
+        texts = prompts + ([check_prompt(negative_prompt)] if negative_prompt is not None else [])
+        z_t, tokens, mask = self.encode_text(texts)  # one batch: the negative's tokens pad like the prompts'
+        text = {"clip_tokens": tokens[:n], "clip_mask": mask[:n]}
+        g = stage_generator(seed, "prior")
+        neg = None
+        if negative_prompt is not None:
+            neg = {"clip_text": z_t[n:].expand(n, -1), "clip_tokens": tokens[n:].expand(n, -1, -1),
+                   "clip_mask": mask[n:].expand(n, -1)}
+        z_i = self._sample("prior", {"clip_text": z_t[:n], **text}, settings=settings, generator=g,
+                           progress=progress, negative=neg)
+        if neg is None:
+            return z_i, text, None
+        z_neg = self._sample("prior", neg, settings=settings, generator=g, progress=progress)
+        return z_i, text, {"clip_image": z_neg, "clip_tokens": neg["clip_tokens"], "clip_mask": neg["clip_mask"]}
 
     # ------------------------------------------------------------------ the four jobs
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
-                 settings: Settings | None = None, progress: Progress | None = None) -> Result:
-        """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until`."""
+                 settings: Settings | None = None, progress: Progress | None = None,
+                 negative_prompt: str | None = None) -> Result:
+        """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until`; with
+        `negative_prompt`, the prior's and the decoder's guidance steer away from it."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
-        self._need("prior")
-        z_t, tokens, mask = self.encode_text(prompts)
-        text = {"clip_tokens": tokens, "clip_mask": mask}
-        z_i = self._sample("prior", {"clip_text": z_t, **text}, settings=settings,
-                           generator=stage_generator(seed, "prior"), progress=progress)
-        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress)
+        z_i, text, negative = self._text(prompts, negative_prompt, settings, seed, progress)
+        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)
 
     @torch.no_grad()
     def vary(self, image: torch.Tensor, *, num_images: int = 4, seed: int = 0, until: str = "sr1024",
-             settings: Settings | None = None, progress: Progress | None = None) -> Result:
-        """Image variations (DALL-E 2 section 3.1): the CLIP image embedding decoded with fresh noise."""
+             settings: Settings | None = None, progress: Progress | None = None,
+             negative_prompt: str | None = None) -> Result:
+        """Image variations (DALL-E 2 section 3.1): the CLIP image embedding decoded with fresh noise;
+        with `negative_prompt`, the decoder's guidance steers away from that text's prior embedding."""
         settings = settings or Settings()
         self.stages_until(until)
         z_i = self.encode_image(image[None]).expand(num_images, -1)
-        x = self.decode(z_i, settings=settings, seed=seed, progress=progress)
+        negative = None
+        if negative_prompt is not None:
+            self._need("prior")
+            z_t, tokens, mask = self.encode_text([check_prompt(negative_prompt)])
+            z_neg = self._sample("prior", {"clip_text": z_t, "clip_tokens": tokens, "clip_mask": mask},
+                                 settings=settings, generator=stage_generator(seed, "prior"), progress=progress)
+            negative = {"clip_image": z_neg.expand(num_images, -1)}
+        x = self.decode(z_i, settings=settings, seed=seed, progress=progress, negative=negative)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)
+
+    @torch.no_grad()
+    def img2img(self, image: torch.Tensor, prompt: str, *, strength: float, num_images: int = 1, seed: int = 0,
+                until: str = "sr1024", settings: Settings | None = None, progress: Progress | None = None,
+                negative_prompt: str | None = None) -> Result:
+        """Image to image (SDEdit): `image` (3, S, S), S the decoder's size, noised to the `strength`
+        fraction of the decoder's schedule and denoised with the prompt's prior embedding and text; the
+        upsamplers then run as in `generate`. Strength 0 returns the image at 64x64 (upsampled), strength 1
+        the images `generate` makes with the same seed."""
+        settings = settings or Settings()
+        prompt = check_prompt(prompt)
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"--strength {strength}: must be between 0 and 1")
+        self.stages_until(until)
+        size = self._need("decoder").config.image_size
+        if tuple(image.shape) != (3, size, size):
+            shape = "x".join(map(str, image.shape))
+            raise UserError(f"the image must be 3x{size}x{size} for this decoder, got {shape}")
+        z_i, text, negative = self._text([prompt] * num_images, negative_prompt, settings, seed, progress)
+        init = image[None].expand(num_images, -1, -1, -1)
+        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
+                        init=init, strength=strength)
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress), z_i)
 
     @torch.no_grad()
     def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, *, frames: int = 5, seed: int = 0,

@@ -43,7 +43,7 @@ class DiffusionConfig(Config):
     # the training samples (Ho & Salimans 2021).
     p_drop_text: float = Field(0.1, ge=0.0, le=1.0)
     # Sampling defaults: what `Stage.sample` uses for any of these a caller leaves as None.
-    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(1.0, ge=0.0)
     # Recompute the network's blocks in backward instead of storing their activations (less memory, ~1/3 more compute).

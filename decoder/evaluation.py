@@ -42,6 +42,7 @@ def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> di
     keys = [k for k in (*CONDITIONING_KEYS, "clip_text", image_key) if k in chosen[0][0]]
     out: dict[str, Any] = {k: torch.stack([batch[k][i] for batch, i, _ in chosen]) for k in keys}
     out["json"] = [scene for _, _, scene in chosen]
+    out["txt"] = [batch["txt"][i] if "txt" in batch else "" for batch, i, _ in chosen]
     return out
 
 

@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 
 from cascade import diffusion
+from cascade.diffusion.noise import randn
+from cascade.errors import UserError
 from cascade.registry import register_stage
 from cascade.stage import Stage, resolve_sampling
 from decoder.conditioning import Conditioning
@@ -99,11 +101,13 @@ class Decoder(Stage):
         out = self._unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask)[:, :3]
         return diffusion.model_output_to_x0(self.schedule, self.config.prediction, out, x_t, t).clamp(-1.0, 1.0)
 
-    def denoiser(self, conditioning: dict[str, Any]):
+    def denoiser(self, conditioning: dict[str, Any], negative: dict[str, Any] | None = None):
         """denoise(x_t, t, cond_mask=None) -> eps (or (eps, variance output)) for `cascade.diffusion.sample`.
 
         The conditioning is encoded once; rows where cond_mask is False get the null image embedding
-        and null text (the classifier-free unconditional model). Row r uses conditioning row r % B.
+        and null text (the classifier-free unconditional model), or, with `negative` (conditioning of
+        the same keys and batch, e.g. a negative prompt's tokens and its prior embedding), that
+        conditioning: guidance then steers away from it. Row r uses conditioning row r % B.
         With `self_condition` the function keeps each row's last x0 estimate and passes it on to the
         next call; a call whose t is not below the previous call's (a new trajectory) or whose batch
         differs starts again from zeros.
@@ -111,7 +115,12 @@ class Decoder(Stage):
         b = conditioning["clip_image"].shape[0]
         ones = torch.ones(b, dtype=torch.bool)
         cond = self._condition(conditioning, ones, ones)
-        uncond = self._condition(conditioning, ~ones, ~ones)
+        if negative is None:
+            uncond = self._condition(conditioning, ~ones, ~ones)
+        else:
+            if set(negative) != set(conditioning) or negative["clip_image"].shape[0] != b:
+                raise ValueError(f"negative conditioning needs the keys {sorted(conditioning)} and {b} rows")
+            uncond = self._condition(negative, ones, ones)
         state: dict[str, torch.Tensor] = {}
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
@@ -142,21 +151,35 @@ class Decoder(Stage):
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, generator: torch.Generator | None = None,
                threshold: str | float | None | object = CONFIG, noise: torch.Tensor | None = None,
-               eta: float = 0.0, progress: bool = False, callback: Callable[[dict], None] | None = None
-               ) -> torch.Tensor:
+               eta: float = 0.0, progress: bool = False, callback: Callable[[dict], None] | None = None,
+               negative: dict[str, Any] | None = None, init: torch.Tensor | None = None,
+               strength: float = 1.0) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
         "clip_mask": (B, L)]}. sampler, steps and guidance left as None, and threshold left out, are the
         config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
         equal images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called
-        after every sampling step (see `cascade.diffusion.sample`)."""
+        after every sampling step (see `cascade.diffusion.sample`). `negative`: what guidance steers away
+        from instead of the null conditioning (see `denoiser`). `init` (B, 3, S, S) in [-1, 1]: image to
+        image (`cascade.diffusion.sample_from_image`) at `strength`; x_T is drawn as without it, so
+        strength 1 gives the images `sample` gives without `init`."""
         sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
         threshold = self.config.threshold if threshold is CONFIG else threshold
         b, s = conditioning["clip_image"].shape[0], self.config.image_size
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
-        x = diffusion.sample(self.denoiser(conditioning), (b, 3, s, s), schedule=self.schedule, sampler=sampler,
-                             steps=steps, eta=eta, guidance=guidance, threshold=threshold, generator=generator,
-                             x_T=noise, callback=callback, progress=progress, device=self.device)
+        options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
+                       progress=progress)
+        if init is not None:
+            if tuple(init.shape) != (b, 3, s, s):
+                raise UserError(f"init image must be ({b}, 3, {s}, {s}), got {tuple(init.shape)}")
+            if noise is None:  # drawn as `sample` draws x_T, so that strength 1 is plain sampling
+                noise = randn((b, 3, s, s), generator, self.device)
+            x = diffusion.sample_from_image(self.denoiser(conditioning, negative), init.to(self.device, torch.float32),
+                                            strength, schedule=self.schedule, sampler=sampler, steps=steps,
+                                            noise=noise, **options)
+        else:
+            x = diffusion.sample(self.denoiser(conditioning, negative), (b, 3, s, s), schedule=self.schedule,
+                                 sampler=sampler, steps=steps, x_T=noise, device=self.device, **options)
         return x.clamp(-1.0, 1.0)
 
     @torch.no_grad()

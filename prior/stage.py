@@ -74,14 +74,18 @@ class PriorStage(Stage):
     def sample(self, conditioning: dict[str, Any], *, sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, generator: torch.Generator | None = None,
                candidates: int | None = None, x_T: torch.Tensor | None = None,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None, eta: float = 0.0,
+               negative: dict[str, Any] | None = None) -> torch.Tensor:
         """Image embeddings (B, D), L2-normalised, for conditioning {"clip_text": (B, D),
         "clip_tokens": (B, L, Dt), "clip_mask": (B, L)}.
 
         sampler, steps, guidance and candidates left as None are the config's. With
         `candidates` = k, k embeddings are drawn per caption and the one closest to the text embedding
         is returned. `x_T` (B * k, D) fixes the starting noise. `callback` is called after every
-        sampling step (see `cascade.diffusion.sample`); the k candidates share the steps.
+        sampling step (see `cascade.diffusion.sample`); the k candidates share the steps. `eta`: DDIM's
+        noise (0: deterministic); the other samplers ignore it. `negative` ({"clip_text", "clip_tokens",
+        "clip_mask"} of B rows, e.g. a negative prompt's): guidance steers away from that text instead of
+        from the null text.
         """
         cfg = self.config
         sampler, steps, guidance = resolve_sampling(cfg, sampler, steps, guidance)
@@ -93,13 +97,27 @@ class PriorStage(Stage):
         b = text.shape[0]
         # Candidates are rows of one batch: row i * k + j is candidate j of caption i.
         text_k, tokens_k, mask_k = (c.repeat_interleave(k, dim=0) for c in (text, tokens, mask))
+        neg_k = None
+        if negative is not None:
+            self._check_dims(negative)
+            neg = [negative[key].to(device) for key in _COND_KEYS]
+            neg = [neg[0].float(), neg[1].float(), neg[2].bool()]
+            if neg[0].shape[0] != b or neg[1].shape[1] != tokens.shape[1]:
+                raise ValueError(f"negative conditioning needs {b} rows of {tokens.shape[1]} tokens")
+            neg_k = [c.repeat_interleave(k, dim=0) for c in neg]
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-            out = self.net(x_t, t, *repeat_to_batch(x_t.shape[0], text_k, tokens_k, mask_k), keep=cond_mask).float()
+            rows = repeat_to_batch(x_t.shape[0], text_k, tokens_k, mask_k)
+            if neg_k is not None and cond_mask is not None:  # the "unconditional" rows read the negative text
+                pick = cond_mask.to(x_t.device)
+                rows = [torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c, n)
+                        for c, n in zip(rows, repeat_to_batch(x_t.shape[0], *neg_k))]
+                cond_mask = None
+            out = self.net(x_t, t, *rows, keep=cond_mask).float()
             return model_output_to_eps(self.schedule, cfg.prediction, out, x_t, t)
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
-                             steps=steps, guidance=guidance, generator=generator,
+                             steps=steps, eta=eta, guidance=guidance, generator=generator,
                              x_T=None if x_T is None else x_T.to(device), callback=callback, device=device)
         z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
         best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)

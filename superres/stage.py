@@ -140,7 +140,7 @@ class SuperResStage(Stage):
                guidance: float | None = None, generator: torch.Generator | None = None,
                aug_level: float | None = None, threshold: str | float | None = None,
                noise: torch.Tensor | None = None, aug_noise: torch.Tensor | None = None, progress: bool = False,
-               callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None, eta: float = 0.0) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
@@ -150,6 +150,7 @@ class SuperResStage(Stage):
         `generator` when not given (after the augmentation noise). `threshold` defaults to
         "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
         `callback` is called after every sampling step (with tiles, once all tiles of the step are done).
+        `eta`: DDIM's noise (0: deterministic); the other samplers ignore it.
         """
         c = self.config
         sampler, steps, guidance = resolve_sampling(c, sampler, steps, guidance)
@@ -180,7 +181,7 @@ class SuperResStage(Stage):
         if threshold is None and not c.residual:
             threshold = "static"
         x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler,
-                   steps=steps, guidance=guidance if text is not None else None,
+                   steps=steps, eta=eta, guidance=guidance if text is not None else None,
                    threshold=threshold, generator=generator, x_T=None if noise is None else noise.to(low.device),
                    callback=callback, progress=progress, device=low.device)
         if c.residual:

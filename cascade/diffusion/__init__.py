@@ -27,7 +27,8 @@ Losses (`losses`, `likelihood`, `learned_variance`)
 Guidance and thresholding (`guidance`, `thresholding`)
     combine_guidance(eps_c, eps_u, w); repeat_to_batch(n, *conditioning) (conditioning for a guided
     call's rows); static_threshold; dynamic_threshold(x0, p); apply_threshold.
-Samplers, one per module: sample_ddpm (`ddpm`), sample_ddim (`ddim`), sample_dpmpp_2m (`dpm_solver`).
+Samplers, one per module: sample_ddpm (`ddpm`), sample_ddim (`ddim`), sample_dpmpp_2m (`dpm_solver`),
+    sample_karras (`karras`: Euler, Euler ancestral, Heun of Karras et al. 2022).
     Each calls a `Denoiser(denoise, respaced, kept_steps, guidance=, threshold=)` (`denoiser`) at
     respaced index i and gets DenoiserOutput(eps, x0, variance_out), variance_out None without a
     learned variance.
@@ -38,9 +39,11 @@ The sampling contract
            generator=None, x_T=None, callback=None, progress=False) -> x_0 of `shape`
 
 * sampler: "ddpm" (ancestral, sigma^2 = beta~; variance="large" for beta), "ddim" (eta = 0
-  deterministic, Song et al. eq. 12) or "dpmpp" (DPM-Solver++(2M), Lu et al. Algorithm 2).
+  deterministic, Song et al. eq. 12), "dpmpp" (DPM-Solver++(2M), Lu et al. Algorithm 2; "dpmpp_karras"
+  on the Karras grid), "euler", "euler_a" (ancestral) or "heun" (Karras et al. 2022, Algorithm 1).
 * steps <= schedule.timesteps; the schedule is respaced to `steps` steps inside: evenly in t for
-  ddpm and ddim, evenly in log-SNR for dpmpp (override with spacing="uniform" | "logsnr").
+  ddpm and ddim, evenly in log-SNR for dpmpp, on the Karras sigma grid for the others (override with
+  spacing="uniform" | "logsnr" | "karras").
 * denoise(x_t, t) receives x_t (B, ...) and a LongTensor t of shape (B,) holding ORIGINAL
   timesteps in [0, schedule.timesteps), also when respaced, and returns eps (B, ...). A network
   with learned variance returns a tuple (eps, variance_out), variance_out its raw variance output
@@ -54,10 +57,12 @@ The sampling contract
   its conditioning there), and uses eps_u + w (eps_c - eps_u). w = 0 is the unconditional model.
 * threshold: None, "static" (clip x0_hat to [-1, 1]) or a float p in (0, 1): Imagen's dynamic
   thresholding at percentile p. eps is recomputed from the thresholded x0_hat.
-* generator: seeds all noise (x_T when not given, ddpm and eta > 0 noise); the same seed gives
+* generator: seeds all noise (x_T when not given, ddpm, euler_a and eta > 0 noise); the same seed gives
   identical output. x_T: the starting noise, held fixed by callers (e.g. for interpolation).
 * callback({"x", "i", "x0"}) after every step (i the respaced index, descending);
   progress=True shows a tqdm bar.
+* Image to image: sample_from_image(denoise, x0, strength, *, schedule, sampler, steps, noise, ...)
+  noises x0 to round(strength (T - 1)) and samples down from there (SDEdit); strength 1 is sample(x_T=noise).
 * Optional extras: variance="small" | "large" (ddpm's fixed variance), spacing (see above),
   device (where x_T is drawn when not given; default the generator's device, else the CPU).
 """
@@ -65,6 +70,7 @@ from cascade.diffusion.ddim import sample_ddim
 from cascade.diffusion.ddpm import sample_ddpm
 from cascade.diffusion.denoiser import Denoiser, DenoiserOutput
 from cascade.diffusion.dpm_solver import sample_dpmpp_2m
+from cascade.diffusion.karras import sample_karras
 from cascade.diffusion.forward_process import q_mean_variance, q_posterior_mean_variance, q_sample
 from cascade.diffusion.guidance import combine_guidance, guided_denoise, repeat_to_batch
 from cascade.diffusion.learned_variance import fixed_large_log_variance, interpolated_log_variance
@@ -82,7 +88,7 @@ from cascade.diffusion.parameterization import (
     x0_eps_to_v,
     x0_to_eps,
 )
-from cascade.diffusion.sampling import SAMPLERS, sample
+from cascade.diffusion.sampling import SAMPLERS, sample, sample_from_image
 from cascade.diffusion.thresholding import apply_threshold, dynamic_threshold, static_threshold
 
 __all__ = [
@@ -91,6 +97,7 @@ __all__ = [
     "dynamic_threshold", "eps_to_x0", "fixed_large_log_variance", "guided_denoise", "interpolated_log_variance",
     "loss_terms", "mean_flat", "min_snr_weight", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
     "q_mean_variance", "q_posterior_mean_variance", "q_sample", "repeat_to_batch", "sample", "sample_ddim", "sample_ddpm",
-    "sample_dpmpp_2m", "sample_timesteps", "static_threshold", "v_to_eps", "v_to_x0", "vlb_term_bpd",
+    "sample_dpmpp_2m", "sample_from_image", "sample_karras", "sample_timesteps", "static_threshold", "v_to_eps",
+    "v_to_x0", "vlb_term_bpd",
     "x0_eps_to_v", "x0_to_eps",
 ]

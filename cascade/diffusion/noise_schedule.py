@@ -25,6 +25,10 @@ from cascade.errors import UserError
 # schedule reaches -19.8 in its last few steps; a log-SNR grid down to there spent ~40% of its steps
 # on them, and DPM-Solver++ with 20 steps was 2-2.5x less accurate on Gaussian data than with this floor.
 LOG_SNR_FLOOR = -8.0
+# The largest sigma of the Karras grid (their sigma_max for images); a schedule's noisier last step stays
+# the first step taken, as with LOG_SNR_FLOOR.
+KARRAS_SIGMA_MAX = 80.0
+SPACINGS = ("uniform", "logsnr", "karras")
 
 
 def on_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +121,10 @@ class NoiseSchedule:
         spacing "uniform": evenly spaced in t, as improved-diffusion and DDIM (Song et al. Sec. 4.2)
         do; "logsnr": as close to evenly spaced in log-SNR as distinct integer steps allow, the step
         schedule Lu et al. 2022 (DPM-Solver, Sec. 3.4) recommend for their solvers, with the grid
-        stopping at LOG_SNR_FLOOR and the first step jumping there from the last step.
+        stopping at LOG_SNR_FLOOR and the first step jumping there from the last step; "karras": the
+        nearest distinct steps to Karras et al. 2022's grid, sigma_i^(1/7) evenly spaced from
+        min(sigma_T, KARRAS_SIGMA_MAX) down to sigma_1 (sigma = sqrt((1 - alpha_bar) / alpha_bar)),
+        which spends more of the steps at low noise; the first step again jumps from the last step.
         Returns the new schedule, whose betas are 1 - alpha_bar_{kept t} / alpha_bar_{previous kept t}
         so that its alphas_cumprod equal the original ones at the kept steps, and `kept_steps`, the
         LongTensor of the original timesteps it uses (index i of the new schedule is original step
@@ -126,12 +133,14 @@ class NoiseSchedule:
         steps = int(steps)
         if not 1 <= steps <= self.timesteps:
             raise UserError(f"steps must be in [1, {self.timesteps}], got {steps}")
-        if spacing not in ("uniform", "logsnr"):
-            raise UserError(f"unknown step spacing '{spacing}' (choose uniform or logsnr)")
+        if spacing not in SPACINGS:
+            raise UserError(f"unknown step spacing '{spacing}' (choose {', '.join(SPACINGS)})")
         if steps == 1:
             kept_steps = torch.tensor([self.timesteps - 1])
         elif spacing == "uniform":
             kept_steps = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+        elif spacing == "karras":
+            kept_steps = self._karras_steps(steps)
         else:
             kept_steps = self._logsnr_uniform_steps(steps)
         return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept_steps]), kept_steps
@@ -149,6 +158,22 @@ class NoiseSchedule:
         frac = ((grid - rising[hi - 1]) / (rising[hi] - rising[hi - 1])).clamp(0.0, 1.0)
         t = ((T - 1) - (hi - 1 + frac)).round().long().tolist()
         # Where the grid is finer than one step, push neighbours apart, keeping the last step T-1.
+        for j in range(1, steps):
+            t[j] = max(t[j], t[j - 1] + 1)
+        t[-1] = T - 1
+        for j in range(steps - 2, -1, -1):
+            t[j] = min(t[j], t[j + 1] - 1)
+        return torch.tensor(t, dtype=torch.long)
+
+    def _karras_steps(self, steps: int, rho: float = 7.0) -> torch.Tensor:
+        """Integer steps nearest (in log sigma) to the Karras grid, made distinct, always with steps 1 and T."""
+        T = self.timesteps
+        log_sigma = 0.5 * torch.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # increasing in t
+        lo, hi = math.exp(float(log_sigma[0])), min(math.exp(float(log_sigma[-1])), KARRAS_SIGMA_MAX)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        grid = (lo ** (1 / rho) + ramp * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho  # increasing
+        t = (log_sigma[None, :] - grid.log()[:, None]).abs().argmin(dim=1).tolist()
+        t[0] = 0
         for j in range(1, steps):
             t[j] = max(t[j], t[j - 1] + 1)
         t[-1] = T - 1
