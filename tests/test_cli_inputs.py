@@ -36,7 +36,7 @@ def image(tmp_path):
 def quick_generate(monkeypatch):
     """`Cascade.generate` without sampling: 64x64 images drawn from the seed (for tests of what happens
     around the sampling)."""
-    def generate(self, prompts, *, seed=0, until="sr1024", settings=None, progress=None):
+    def generate(self, prompts, *, seed=0, until="sr1024", settings=None, progress=None, negative_prompt=None):
         g = torch.Generator().manual_seed(seed)
         return Result({"decoder": torch.rand(len(prompts), 3, 64, 64, generator=g) * 2 - 1},
                       torch.zeros(len(prompts), 32))

@@ -186,14 +186,14 @@ def test_one_step_sampling_returns_the_x0_prediction(schedule):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"sampler": "euler"}, "unknown sampler"),
+    ({"sampler": "lms"}, "unknown sampler"),
     ({"steps": 0}, "steps"),
     ({"steps": 101}, "steps"),
     ({"threshold": 1.5}, "threshold"),
     ({"threshold": "dynamic"}, "threshold"),
     ({"eta": -1.0}, "eta"),
     ({"variance": "learned"}, "variance"),
-    ({"spacing": "karras"}, "spacing"),
+    ({"spacing": "quadratic"}, "spacing"),
 ])
 def test_bad_sampling_options_are_user_errors(schedule, kwargs, match):
     options = {"schedule": schedule, "sampler": "ddim", "steps": 10, **kwargs}

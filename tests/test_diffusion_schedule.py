@@ -90,7 +90,7 @@ def test_posterior_at_first_step_is_x0(schedule):
     assert math.isfinite(logv.item())  # clipped to step 2's value
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr", "karras"])
 @pytest.mark.parametrize("steps", [1, 2, 7, 50, 199, 200])
 def test_respace_keeps_alphas_cumprod_at_kept_steps(schedule, spacing, steps):
     sub, kept_steps = schedule.respace(steps, spacing)
@@ -129,7 +129,7 @@ def test_bad_schedule_arguments_are_user_errors():
         with pytest.raises(UserError, match="steps"):
             s.respace(steps)
     with pytest.raises(UserError, match="spacing"):
-        s.respace(5, "karras")
+        s.respace(5, "quadratic")
 
 
 def test_schedule_tables_are_copied_once_per_device_and_dtype():

@@ -125,6 +125,8 @@ def test_a_negative_prompt_changes_what_generate_and_vary_make(bundle):
     from cascade.pipeline import Cascade
 
     cascade = Cascade.from_bundle(bundle)
+    for name in ("prior", "decoder"):
+        _alive(cascade.stages[name])  # the small bundle's fresh output layers would ignore any conditioning
     plain = cascade.generate(["a red circle"], seed=0, until="decoder")
     steered = cascade.generate(["a red circle"], seed=0, until="decoder", negative_prompt="red")
     assert not torch.equal(plain.images["decoder"], steered.images["decoder"])
@@ -175,10 +177,13 @@ def test_the_negative_prompt_benchmark_counts_the_named_colour():
     from cascade.data.reader import image_to_tensor
     from cascade.data.shapes import CELL, SIZES, render
 
-    obj = {"shape": "square", "color": "red", "size": "big", "cell": [1, 1], "position": "center",
-           "center": [0.5, 0.5], "radius": SIZES["big"] * CELL}
-    image = image_to_tensor(render({"objects": [obj], "background": {"colors": ["white"], "split": "none"}}, 64))
-    share, of_objects = colour_fractions(image[None], "red")
-    side = 2 * SIZES["big"] * CELL  # the square's side as a fraction of the image
-    assert share == pytest.approx(side**2, rel=0.15) and of_objects > 0.9
-    assert colour_fractions(image[None], "blue") == (0.0, 0.0)
+    def red_square(size):
+        obj = {"shape": "square", "color": "red", "size": size, "cell": [1, 1], "position": "center",
+               "center": [0.5, 0.5], "radius": SIZES[size] * CELL}
+        return image_to_tensor(render({"objects": [obj], "background": {"colors": ["white"], "split": "none"}}, 64))
+
+    big, small = colour_fractions(red_square("big")[None], "red"), colour_fractions(red_square("small")[None], "red")
+    # most object pixels are red (the anti-aliased edge blends with white into other palette colours)
+    assert big[0] > small[0] > 0.01 and big[1] > 0.75 and small[1] > 0.5
+    assert big[0] / small[0] == pytest.approx((SIZES["big"] / SIZES["small"]) ** 2, rel=0.25)  # area
+    assert colour_fractions(red_square("big")[None], "blue") == (0.0, 0.0)
