@@ -145,6 +145,14 @@ def test_shape_single_acc_counts_only_the_objects_of_one_object_scenes():
     assert acc["shape_single_acc"] == 0.5
     assert acc["shape_acc"] == pytest.approx(1 - 2 / (4 + 8)) and acc["colour_acc"] == 1.0
     assert "shape_single_acc" not in shapes_accuracy(images[4:], pairs)  # no one-object scene: no score
+    assert acc["colour_single_acc"] == 1.0 and acc["position_single_acc"] == 1.0
+    # One single drawn in another colour: the scorer finds no object of the asked colour, so neither its
+    # colour nor its place counts.
+    first = singles[2]["objects"][0]
+    recoloured = {**singles[2], "objects": [{**first, "color": "blue" if first["color"] != "blue" else "red"}]}
+    images[2] = image_to_tensor(render(recoloured, 64))
+    acc = shapes_accuracy(images, chosen)
+    assert acc["colour_single_acc"] == 0.75 and acc["position_single_acc"] == 0.75
 
 
 class _CellTokenClip:

@@ -36,7 +36,8 @@ def test_decoder_learning_reports_scores_beside_the_real_images_ceiling(tmp_path
     # The scorer finds (nearly) every object of the renderer's own images: the ceiling the decoded scores sit under.
     assert record["real_images"]["colour_acc"] == 1.0 and record["real_images"]["shape_acc"] > 0.8
     assert set(record["decoded"]) == {"colour_acc@g1", "shape_acc@g1", "position_acc@g1", "position_stated_acc@g1",
-                                      "shape_single_acc@g1", "count_acc@g1", "too_many@g1", "fd_effnet@g1"}
+                                      "shape_single_acc@g1", "colour_single_acc@g1", "position_single_acc@g1",
+                                      "count_acc@g1", "too_many@g1", "fd_effnet@g1"}
     assert record["real_images"]["count_acc"] == 1.0
     assert record["decoded"]["fd_effnet@g1"] > 0  # two steps of training draw noise, not scenes
     assert record["config"]["coord_channels"] is True
