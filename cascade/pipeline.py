@@ -155,9 +155,14 @@ class Cascade:
         """`name`'s `sample` with the settings' sampler, steps and guidance for it, reporting its steps to
         `progress`. With model offload the stage is on the execution device only for the call and back in
         CPU memory afterwards (one stage on the device at a time)."""
+        from cascade.diffusion.sampling import image_steps
+
         stage = self._need(name)
         kwargs = settings.for_stage(name, stage)
-        callback = _step_callback(progress, name, kwargs["steps"])
+        total = kwargs["steps"]
+        if options.get("init") is not None:  # image to image takes only part of the steps
+            total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0))
+        callback = _step_callback(progress, name, total)
         if self.offload != "model":
             return stage.sample(conditioning, generator=generator, callback=callback, **kwargs, **options)
         stage.to(self.execution_device)

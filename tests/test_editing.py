@@ -119,6 +119,11 @@ def test_cascade_img2img_keeps_the_image_at_zero_and_generates_at_one(bundle):
         assert torch.equal(redrawn.images[name], made.images[name])
     with pytest.raises(UserError, match="3x64x64"):
         cascade.img2img(torch.zeros(3, 32, 32), "a red circle", strength=0.5, until="decoder")
+    reports = []
+    cascade.img2img(image, "a red circle", strength=0.5, seed=1, until="decoder",
+                    progress=lambda stage, done, total: reports.append((stage, done, total)))
+    decoder = [r for r in reports if r[0] == "decoder"]
+    assert decoder[-1] == ("decoder", 2, 2)  # half of the config's 4 steps, and the bar ends full
 
 
 def test_a_negative_prompt_changes_what_generate_and_vary_make(bundle):

@@ -84,15 +84,21 @@ def sample_from_image(denoise: Callable, x0: torch.Tensor, strength: float, *, s
         raise UserError(f"strength must be between 0 and 1, got {strength}")
     if tuple(noise.shape) != tuple(x0.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
-    if strength == 0.0:
+    kept = image_steps(schedule.timesteps, steps, strength)
+    if kept == 0:
         return x0.clone()
     if strength == 1.0:
         return sample(denoise, x0.shape, schedule=schedule, sampler=sampler, steps=steps, x_T=noise, **options)
     t0 = round(strength * (schedule.timesteps - 1))
-    if t0 == 0:
-        return x0.clone()
-    kept = max(1, min(t0 + 1, round(steps * strength)))
     # The schedule's first t0 + 1 steps: its timesteps are the original ones, so `denoise` sees the same t.
     start = NoiseSchedule.from_alphas_cumprod(schedule.alphas_cumprod[: t0 + 1])
     x_t0 = q_sample(schedule, x0.float(), torch.full((x0.shape[0],), t0, device=x0.device), noise.float())
     return sample(denoise, x0.shape, schedule=start, sampler=sampler, steps=kept, x_T=x_t0, **options)
+
+
+def image_steps(timesteps: int, steps: int, strength: float) -> int:
+    """How many sampling steps `sample_from_image` takes (and calls back): 0 when it returns the image."""
+    if strength >= 1.0:
+        return int(steps)
+    t0 = round(strength * (timesteps - 1))
+    return 0 if t0 == 0 else max(1, min(t0 + 1, round(steps * strength)))
