@@ -27,18 +27,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from cascade.data.reader import EMBEDDING_FIELDS, image_to_tensor
-from cascade.data.shards import SPLITS, npy_bytes
+from cascade.data.shards import SPLITS, npy_bytes, split_member
 from cascade.errors import UserError
 
 STATE_FILE = "embeddings.json"
 OWN_FIELDS = tuple(f"{name}.npy" for name in EMBEDDING_FIELDS)
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    """'dir/key.64.png' -> ('dir/key', '64.png'): webdataset keys end at the first dot of the basename."""
-    head, _, base = name.rpartition("/")
-    key, _, field = base.partition(".")
-    return (f"{head}/{key}" if head else key), field
 
 
 def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
@@ -47,7 +40,7 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tuple[tarfile.Tar
     for info in tar:
         if not info.isfile():
             continue
-        member_key, field = _split_member(info.name)
+        member_key, field = split_member(info.name)
         if member_key != key and members:
             yield key, members
             members = []
@@ -78,7 +71,7 @@ def _add_member(tar: tarfile.TarFile, template: tarfile.TarInfo, name: str, data
 def _embed_batch(encoder, batch: list[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]) -> list[dict[str, bytes]]:
     images, texts = [], []
     for key, members in batch:
-        fields = {_split_member(info.name)[1]: data for info, data in members}
+        fields = {split_member(info.name)[1]: data for info, data in members}
         if "txt" not in fields:
             raise UserError(f"sample {key} has no txt member")
         with Image.open(io.BytesIO(fields[_image_field(list(fields), encoder.image_size)])) as image:
@@ -171,7 +164,7 @@ def embed_dataset(data_dir: str | Path, clip: str | Path, batch_size: int = 64,
 
 def _count_samples(shard: Path) -> int:
     with tarfile.open(shard) as tar:
-        return len({_split_member(info.name)[0] for info in tar if info.isfile()})
+        return len({split_member(info.name)[0] for info in tar if info.isfile()})
 
 
 def add_parser(data_subparsers: argparse._SubParsersAction) -> None:

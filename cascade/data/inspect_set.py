@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from cascade.data.reader import find_shards, read_samples
+from cascade.data.shards import split_member
 from cascade.data.sources import source_of
 from cascade.errors import UserError
 
@@ -23,7 +24,7 @@ def scan_split(directory: Path, split: str) -> tuple[int, tuple[int, ...], Count
             with tarfile.open(shard) as tar:
                 previous = None
                 for info in tar:
-                    key, _, field = info.name.rpartition("/")[2].partition(".")
+                    key, field = split_member(info.name)
                     if key != previous:
                         keys += 1
                         previous = key

@@ -35,6 +35,7 @@ import webdataset as wds
 from PIL import Image
 
 from cascade.errors import UserError
+from cascade.data.shards import split_member
 from cascade.data.sources import source_of
 
 log = logging.getLogger("cascade.data")
@@ -67,7 +68,7 @@ def check_embedded(data_dir: str | Path, split: str, stage: str) -> None:
         try:
             with tarfile.open(shard) as tar:
                 for info in tar:
-                    key, _, field = info.name.rpartition("/")[2].partition(".")
+                    key, field = split_member(info.name)
                     if first is not None and key != first:
                         break
                     first = key

@@ -27,6 +27,13 @@ SPLITS = ("train", "val")
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: webdataset splits the member name at the first one
 
 
+def split_member(name: str) -> tuple[str, str]:
+    """'dir/key.64.png' -> ('dir/key', '64.png'): webdataset keys end at the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    key, _, field = base.partition(".")
+    return (f"{head}/{key}" if head else key), field
+
+
 def split_of(key: str, val_fraction: float) -> str:
     """'val' for a fixed fraction of keys, chosen by a hash so that it never depends on order."""
     h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
