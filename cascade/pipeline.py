@@ -332,11 +332,8 @@ class Cascade:
         self.stages_until(until)
         z_i = self.encode_image(image[None]).expand(num_images, -1)
         negative = None
-        if negative_prompt is not None:
-            self._need("prior")
-            z_t, tokens, mask = self.encode_text([check_prompt(negative_prompt)])
-            z_neg = self._sample("prior", {"clip_text": z_t, "clip_tokens": tokens, "clip_mask": mask},
-                                 settings=settings, generator=stage_generator(seed, "prior"), progress=progress)
+        if negative_prompt is not None:  # the negative text's prior embedding, drawn as generate draws one
+            z_neg, _, _ = self._text([check_prompt(negative_prompt)], None, settings, seed, progress)
             negative = {"clip_image": z_neg.expand(num_images, -1)}
         x = self.decode(z_i, settings=settings, seed=seed, progress=progress, negative=negative)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, progress=progress), z_i)

@@ -44,6 +44,11 @@ class PriorStage(Stage):
         # The train batches last given to `evaluate` and the (text, image) embeddings read from them.
         self._train_pairs_cache: tuple[Any, dict[str, torch.Tensor] | None] | None = None
 
+    def _cond_tensors(self, conditioning: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clip_text, clip_tokens) as fp32 and clip_mask as bool, on the stage's device."""
+        text, tokens, mask = (conditioning[key].to(self.device) for key in _COND_KEYS)
+        return text.float(), tokens.float(), mask.bool()
+
     def _check_dims(self, batch: dict[str, Any]) -> None:
         cfg = self.config
         want = {"clip_text": (cfg.embed_dim,), "clip_tokens": (cfg.max_text_len, cfg.token_dim),
@@ -92,16 +97,14 @@ class PriorStage(Stage):
         k = candidates or cfg.candidates
         self._check_dims(conditioning)
         device = self.device
-        cond = [conditioning[key].to(device) for key in _COND_KEYS]
-        text, tokens, mask = cond[0].float(), cond[1].float(), cond[2].bool()
+        text, tokens, mask = self._cond_tensors(conditioning)
         b = text.shape[0]
         # Candidates are rows of one batch: row i * k + j is candidate j of caption i.
         text_k, tokens_k, mask_k = (c.repeat_interleave(k, dim=0) for c in (text, tokens, mask))
         neg_k = None
         if negative is not None:
             self._check_dims(negative)
-            neg = [negative[key].to(device) for key in _COND_KEYS]
-            neg = [neg[0].float(), neg[1].float(), neg[2].bool()]
+            neg = self._cond_tensors(negative)
             if neg[0].shape[0] != b or neg[1].shape[1] != tokens.shape[1]:
                 raise ValueError(f"negative conditioning needs {b} rows of {tokens.shape[1]} tokens")
             neg_k = [c.repeat_interleave(k, dim=0) for c in neg]
