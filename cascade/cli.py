@@ -153,13 +153,29 @@ def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -
     return paths
 
 
+def _check_num_images(args) -> None:
+    if not 1 <= args.num_images <= 64:
+        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+
+
+def _negative(args) -> str | None:
+    """--negative-prompt, checked like a prompt, or None."""
+    from cascade.pipeline import check_prompt
+
+    value = getattr(args, "negative_prompt", None)
+    return None if value is None else check_prompt(value)
+
+
+def _negative_text(negative: str | None) -> dict[str, str]:
+    return {} if negative is None else {"negative_prompt": negative}
+
+
 def cmd_generate(args) -> int:
     from cascade.pipeline import check_prompt
 
     prompt = check_prompt(args.prompt)
     negative = _negative(args)
-    if not 1 <= args.num_images <= 64:
-        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    _check_num_images(args)
     settings = _settings(args)
     if args.dry_run:
         from cascade.memory_estimate import generate_dry_run
@@ -182,8 +198,7 @@ def cmd_vary(args) -> int:
 
     image = read_image(args.image, size=INPUT_SIZE)
     negative = _negative(args)
-    if not 1 <= args.num_images <= 64:
-        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    _check_num_images(args)
     settings = _settings(args)
     _prepare(args)
     cascade = _load(args, prior=negative is not None)
@@ -196,18 +211,6 @@ def cmd_vary(args) -> int:
     return 0
 
 
-def _negative(args) -> str | None:
-    """--negative-prompt, checked like a prompt, or None."""
-    from cascade.pipeline import check_prompt
-
-    value = getattr(args, "negative_prompt", None)
-    return None if value is None else check_prompt(value)
-
-
-def _negative_text(negative: str | None) -> dict[str, str]:
-    return {} if negative is None else {"negative_prompt": negative}
-
-
 def cmd_img2img(args) -> int:
     from cascade.images import read_image
     from cascade.pipeline import check_prompt
@@ -216,8 +219,7 @@ def cmd_img2img(args) -> int:
     negative = _negative(args)
     if not 0.0 <= args.strength <= 1.0:
         raise UserError(f"--strength {args.strength}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
-    if not 1 <= args.num_images <= 64:
-        raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
+    _check_num_images(args)
     settings = _settings(args)
     _prepare(args)
     cascade = _load(args)
