@@ -118,13 +118,12 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
     return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
 
 
-def _placement(decoder, clip_dir: Path, seed: int, limit: int, out: Path) -> dict[str, float]:
+def _placement(decoder, clip, seed: int, limit: int, out: Path) -> dict[str, float]:
     """The decoder's placement probe at each eval guidance scale, grids in `out`; `limit` bounds it
     too (9 images per probe object, at least one object)."""
-    from cascade.encoders import load_encoder
     from decoder.evaluation import PROBE_OBJECTS, placement_report
 
-    return placement_report(decoder, load_encoder(clip_dir), out, seed, PROBE_OBJECTS[:max(1, limit // 9)])
+    return placement_report(decoder, clip, out, seed, PROBE_OBJECTS[:max(1, limit // 9)])
 
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
@@ -148,6 +147,15 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
         raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")
     results: dict[str, dict[str, float]] = {}
     loaded = {}
+    encoders = {}  # the bundle's CLIP encoder, loaded once when the placement probe or the cascade needs it
+
+    def bundle_clip():
+        from cascade.encoders import load_encoder
+
+        if "clip" not in encoders:
+            encoders["clip"] = load_encoder(bundle / "clip", device=device)
+        return encoders["clip"]
+
     for name in wanted:
         stage = loaded[name] = load_stage(bundle / name, device=device)
         print(f"evaluating {name} ...", flush=True)
@@ -155,7 +163,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
                                 _val(data, stage, batch_size=64, split="train"))
         results[name] = {k: float(v) for k, v in scores.items()}
         if name == "decoder" and "clip" in present:
-            results[name].update(_placement(stage, bundle / "clip", seed, limit, out))
+            results[name].update(_placement(stage, bundle_clip(), seed, limit, out))
         if stage.samples_images:
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
@@ -163,10 +171,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
                 save_png(stage.preview_grid(images, list(batch["txt"])), out / f"{name}-samples.png")
         write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
     if "prior" in loaded and "decoder" in loaded:
-        from cascade.encoders import load_encoder
-
         print("evaluating text -> prior -> decoder ...", flush=True)
-        clip = load_encoder(bundle / "clip", device=device) if "clip" in present else None
+        clip = bundle_clip() if "clip" in present else None
         clips = {**({"bundle": clip} if clip is not None else {}), **others}
         results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
                                                   guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed,
