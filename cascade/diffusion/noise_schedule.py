@@ -156,14 +156,7 @@ class NoiseSchedule:
         rising = log_snr.flip(0)
         hi = torch.searchsorted(rising, grid).clamp(1, T - 1)
         frac = ((grid - rising[hi - 1]) / (rising[hi] - rising[hi - 1])).clamp(0.0, 1.0)
-        t = ((T - 1) - (hi - 1 + frac)).round().long().tolist()
-        # Where the grid is finer than one step, push neighbours apart, keeping the last step T-1.
-        for j in range(1, steps):
-            t[j] = max(t[j], t[j - 1] + 1)
-        t[-1] = T - 1
-        for j in range(steps - 2, -1, -1):
-            t[j] = min(t[j], t[j + 1] - 1)
-        return torch.tensor(t, dtype=torch.long)
+        return _distinct_steps(((T - 1) - (hi - 1 + frac)).round().long().tolist(), T)
 
     def _karras_steps(self, steps: int, rho: float = 7.0) -> torch.Tensor:
         """Integer steps nearest (in log sigma) to the Karras grid, made distinct, always with steps 1 and T."""
@@ -174,16 +167,23 @@ class NoiseSchedule:
         grid = (lo ** (1 / rho) + ramp * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho  # increasing
         t = (log_sigma[None, :] - grid.log()[:, None]).abs().argmin(dim=1).tolist()
         t[0] = 0
-        for j in range(1, steps):
-            t[j] = max(t[j], t[j - 1] + 1)
-        t[-1] = T - 1
-        for j in range(steps - 2, -1, -1):
-            t[j] = min(t[j], t[j + 1] - 1)
-        return torch.tensor(t, dtype=torch.long)
+        return _distinct_steps(t, T)
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(timesteps={self.timesteps}, alpha_bar[0]={self.alphas_cumprod[0]:.6g}, "
                 f"alpha_bar[-1]={self.alphas_cumprod[-1]:.3g})")
+
+
+def _distinct_steps(t: list[int], timesteps: int) -> torch.Tensor:
+    """Increasing steps nearest a grid, made distinct: where the grid is finer than one step, neighbours
+    are pushed apart upwards, then the last step is set to T - 1 and pushed apart downwards from there."""
+    steps = len(t)
+    for j in range(1, steps):
+        t[j] = max(t[j], t[j - 1] + 1)
+    t[-1] = timesteps - 1
+    for j in range(steps - 2, -1, -1):
+        t[j] = min(t[j], t[j + 1] - 1)
+    return torch.tensor(t, dtype=torch.long)
 
 
 class AngleSchedule:
