@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import evaluation
 
     evaluation.add_parser(sub)
+    from cascade import serve
+
+    serve.add_parser(sub)
     return parser
 
 
