@@ -14,7 +14,7 @@ from elsewhere) and a small JSON API.
                                    closes (the page was closed) its unfinished jobs are cancelled
     POST /api/clients/ID/close     the same, from the page's own `pagehide` beacon
 
-Every error is a JSON `{"error": "one line"}` with a 4xx status (5xx for a bug, whose traceback goes to
+Every error is a JSON `{"error": "one line"}` with a 4xx status (413 too large, 429 the queue is full) (5xx for a bug, whose traceback goes to
 the server's log only); nothing a request sends stops the server.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from cascade.errors import UserError
+from cascade.serve.jobs import QueueFull
 from cascade.serve.studio import Studio
 
 log = logging.getLogger("cascade.serve")
@@ -135,7 +136,8 @@ def create_app(studio: Studio) -> Starlette:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def user_error(request: Request, err: UserError):
-        return JSONResponse({"error": str(err)}, status_code=413 if isinstance(err, TooLarge) else 400)
+        status = 413 if isinstance(err, TooLarge) else 429 if isinstance(err, QueueFull) else 400
+        return JSONResponse({"error": str(err)}, status_code=status)
 
     async def http_error(request: Request, err: HTTPException):
         return JSONResponse({"error": err.detail}, status_code=err.status_code)
