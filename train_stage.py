@@ -2,7 +2,7 @@
 
     deepspeed [--num_gpus N] train_stage.py --stage NAME --config configs/tiny/NAME.yaml \\
         --data DIR --run-dir RUN [--max-steps N] [--deepspeed_config configs/deepspeed/zero2.json] \\
-        [--export BUNDLE]
+        [--export BUNDLE] [--init-from BUNDLE/NAME]
 
 or the same with `python train_stage.py ...` in one process. Running it again with the same
 --run-dir resumes from the latest checkpoint. Mistakes in the input exit with code 2 and one line.
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=Path, metavar="BUNDLE",
                    help="after training, write the EMA weights to BUNDLE/<stage>/ and list the stage "
                         "in BUNDLE/cascade.json")
+    p.add_argument("--init-from", type=Path, metavar="STAGE_DIR",
+                   help="start a new run from the weights of a bundle's stage folder (fine-tuning), e.g. "
+                        "--init-from bundles/tiny/decoder with model.inpaint: true to make an inpainting "
+                        "decoder (its new input channels start at zero); ignored when the run resumes")
     p.add_argument("--preview-bundle", type=Path, metavar="BUNDLE",
                    help="while training, every --preview-minutes write images of the preview prompts through "
                         "BUNDLE's prior, this stage's current EMA weights and BUNDLE's sr256 (256x256) into "
@@ -65,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
                              max_steps=args.max_steps, deepspeed_config=args.deepspeed_config, export=args.export,
                              preview_bundle=args.preview_bundle, preview_minutes=args.preview_minutes,
-                             preview_prompts=tuple(args.preview_prompt), preview_out=args.preview_out))
+                             preview_prompts=tuple(args.preview_prompt), preview_out=args.preview_out,
+                             init_from=args.init_from))
     return 130 if result.interrupted else 0
 
 

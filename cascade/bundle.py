@@ -145,6 +145,29 @@ def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     return stage.to(device).eval()
 
 
+def init_from(stage: nn.Module, stage_dir: str | Path) -> list[str]:
+    """Load the weights of bundle stage folder `stage_dir` into `stage` (a stage of the same kind whose
+    config may add inputs, see `Stage.adapt_weights`), for fine-tuning; returns what was adapted, a line
+    each. Every mismatch is a one-line UserError."""
+    from cascade.registry import get_stage
+
+    stage_dir = Path(stage_dir)
+    data = read_stage_config(stage_dir)
+    if data["stage"] != stage.name:
+        raise UserError(f"--init-from {stage_dir} holds a {data['stage']} stage, not a {stage.name}")
+    weights_path = stage_dir / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise UserError(f"{stage_dir} has no {WEIGHTS_FILE}")
+    source = parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{weights_path} is not a readable safetensors file: {err}") from None
+    adapted = stage.adapt_weights(state, source)
+    _load_weights(stage, state, weights_path)
+    return adapted
+
+
 def _load_weights(stage: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = stage.state_dict()
     # save_model stores each set of tied tensors once, under one of their names.

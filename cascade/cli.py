@@ -1,5 +1,5 @@
 """The `cascade` command. `data` subcommands live with the data code and register here; the model
-commands (generate, vary, interpolate, textdiff, eval) drive `cascade.pipeline`. A `UserError`
+commands (generate, vary, img2img, inpaint, interpolate, textdiff, eval) drive `cascade.pipeline`. A `UserError`
 anywhere becomes one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
@@ -235,6 +235,61 @@ def cmd_img2img(args) -> int:
     return 0
 
 
+def _inpaint_inputs(args):
+    """(image (3, S, S), mask (1, S, S)) from --image and --mask or --box, both centre-cropped square as
+    every command crops its input; one-line errors for a mask of another size or an empty one."""
+    from cascade.images import read_image
+    from cascade.masks import box_mask, center_square, check_mask, read_mask
+
+    image = read_image(args.image)
+    native = (image.shape[-1], image.shape[-2])
+    mask = read_mask(args.mask, native) if args.mask is not None else box_mask(args.box, native)
+    return center_square(image), check_mask(center_square(mask))
+
+
+def _to_size(image, mask, size: int):
+    """The image and mask resized to `size` (the output size of --until): the image antialiased bicubic,
+    the mask by area (a pixel partly in the region is partly repainted); unchanged at that size already."""
+    import torch.nn.functional as F
+
+    from cascade.masks import check_mask, resize_image
+
+    if mask.shape[-1] != size:
+        mask = F.interpolate(mask[None], size=(size, size), mode="area")[0].clamp(0, 1)
+    return resize_image(image[None], size)[0], check_mask(mask)
+
+
+def cmd_inpaint(args) -> int:
+    from cascade.pipeline import check_prompt
+
+    prompt = check_prompt(args.prompt)
+    negative = _negative(args)
+    if (args.mask is None) == (args.box is None):
+        raise UserError("give the region to repaint as either --mask PNG or --box x0,y0,x1,y1 (one of them)")
+    if not 1 <= args.resample <= 50:
+        raise UserError(f"--resample {args.resample}: must be between 1 and 50")
+    if args.jump < 1:
+        raise UserError(f"--jump {args.jump}: must be 1 or more")
+    _check_num_images(args)
+    settings = _settings(args)
+    image, mask = _inpaint_inputs(args)
+    _prepare(args)
+    cascade = _load(args)
+    last = cascade.stages[args.until]
+    image, mask = _to_size(image, mask, last.config.image_size if args.until == "decoder" else last.high_size)
+    result = cascade.inpaint(image, mask, prompt, method=args.method, num_images=args.num_images, seed=args.seed,
+                             until=args.until, settings=settings, progress=_stage_bars(args),
+                             negative_prompt=negative, resample=args.resample, jump=args.jump)
+    method = args.method or ("glide" if cascade.stages["decoder"].config.inpaint else "replace")
+    region = {"mask": str(args.mask)} if args.mask is not None else {"box": args.box}
+    text = {"source": str(args.image), **region, "prompt": prompt, "method": method, "seed": str(args.seed),
+            "until": args.until, "model": str(args.model), **_negative_text(negative),
+            **({"resample": str(args.resample), "jump": str(args.jump)} if method == "replace" else {}),
+            **settings.as_text(cascade.stages)}
+    _write(result, args, f"inpaint-{_slug(prompt)}-{method}-s{args.seed}", text, [prompt] * args.num_images)
+    return 0
+
+
 def _frames(args) -> int:
     if not 2 <= args.frames <= 64:
         raise UserError(f"--frames {args.frames}: must be between 2 and 64")
@@ -379,6 +434,34 @@ def register_model_commands(sub) -> None:
     p.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw (as in generate)")
     _add_common(p, num_images=True)
     p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("inpaint", help="repaint a region of an image with a prompt",
+                       description="Inpainting: repaint the region of --image that --mask (a PNG of the same "
+                                   "size, white = repaint) or --box marks, with the prompt; everything outside "
+                                   "it is kept, at every resolution: the upsamplers paste the original back "
+                                   "outside the mask, blended over a few pixels inside its border. Two "
+                                   "methods: 'replace' works with any decoder (the known region is replaced "
+                                   "by the noised original at every step; --resample adds RePaint's "
+                                   "resampling for a better fit at about that many times the decoder's "
+                                   "steps); 'glide' needs a decoder fine-tuned with model.inpaint: true "
+                                   "(train_stage.py --init-from BUNDLE/decoder), which reads the masked image "
+                                   "itself. Example: cascade inpaint --image scene.png --box 0,0,86,86 "
+                                   "--prompt \"a blue star at the top left\" --until sr256")
+    p.add_argument("--image", required=True, help="the image to edit (centre-cropped square like every input)")
+    p.add_argument("--mask", help="mask PNG of the image's size: white (or any non-black) = repaint, black = keep")
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="or a box to repaint, in pixels of the image")
+    p.add_argument("--prompt", required=True, help="what to draw in the region (describe the whole scene or "
+                                                   "just the new part)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw (as in generate)")
+    p.add_argument("--method", choices=("replace", "glide"), default=None,
+                   help="default: glide when the bundle's decoder was trained for inpainting, else replace")
+    p.add_argument("--resample", type=int, default=1,
+                   help="with replace: RePaint's resampling, passes over each jump of steps (default: %(default)s, "
+                        "none; 5-10 fits the region better at that many times the decoder's cost)")
+    p.add_argument("--jump", type=int, default=1,
+                   help="with --resample: how many steps each resampling goes back (default: %(default)s)")
+    _add_common(p, num_images=True)
+    p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("interpolate", help="frames between two images (slerp of CLIP embeddings)",
                        description="Blend two images (DALL-E 2 section 3.2): slerp from image A's CLIP image "

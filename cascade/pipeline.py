@@ -80,6 +80,30 @@ class Settings:
 
 
 @dataclass
+class Region:
+    """What an inpainting run keeps and repaints: `image` (3, S, S) in [-1, 1] and `mask` (1, S, S) in [0, 1]
+    (1 = repaint), at any square size S; each stage gets both resized to its own output size (the mask made
+    binary, see `cascade.masks.resize_mask`). `method` and RePaint's `resample` / `jump` are the decoder's
+    (see `Decoder.sample`); the SR stages replace the known region at every step and paste the original
+    outside the mask, blended over `FEATHER_PER_64` pixels per 64 of output size inside its border."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    method: str | None = None
+    resample: int = 1
+    jump: int = 1
+
+    FEATHER_PER_64 = 1
+
+    def at(self, size: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(known (rows, 3, size, size), binary mask (1, 1, size, size)) at a stage's output size."""
+        from cascade.masks import resize_image, resize_mask
+
+        known = resize_image(self.image[None], size).expand(rows, -1, -1, -1)
+        return known, resize_mask(self.mask[None], size)
+
+
+@dataclass
 class Result:
     images: dict[str, torch.Tensor]  # stage name -> (N, 3, S, S) in [-1, 1]
     image_embeddings: torch.Tensor  # (N, D)
@@ -157,11 +181,15 @@ class Cascade:
         CPU memory afterwards (one stage on the device at a time)."""
         from cascade.diffusion.sampling import image_steps
 
+        from cascade.diffusion.inpainting import inpaint_steps
+
         stage = self._need(name)
         kwargs = settings.for_stage(name, stage)
         total = kwargs["steps"]
         if options.get("init") is not None:  # image to image takes only part of the steps
             total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0))
+        if options.get("mask") is not None:  # RePaint's resampling walks some steps again
+            total = inpaint_steps(total, options.get("jump", 1), options.get("resample", 1))
         callback = _step_callback(progress, name, total)
         if self.offload != "model":
             return stage.sample(conditioning, generator=generator, callback=callback, **kwargs, **options)
@@ -242,11 +270,14 @@ class Cascade:
 
     def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
                  text: dict | None = None, shared_noise: bool = False,
-                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                 progress: Progress | None = None, region: Region | None = None) -> dict[str, torch.Tensor]:
         """Run sr256 and sr1024 (as far as `until`) on 64x64 decoder images; a text-conditioned upsampler
         gets `text` ({"clip_tokens", "clip_mask"}), when given. With `shared_noise` every row starts from
         the same x_T and augmentation noise (the frames of an animation, where only the embedding may
-        change between frames)."""
+        change between frames). With `region`, each upsampler inpaints: the original stays outside the
+        mask (see `Region`)."""
+        from cascade.masks import paste
+
         out = {"decoder": images}
         low = images
         for name in self.stages_until(until)[1:]:
@@ -261,13 +292,20 @@ class Cascade:
                 size = (1, 3, h * stage.scale, w * stage.scale)
                 fixed = {"noise": torch.randn(size, generator=g).expand(b, -1, -1, -1),
                          "aug_noise": torch.randn(size, generator=g).expand(b, -1, -1, -1)}
+            if region is not None:
+                known, mask = region.at(low.shape[-1] * stage.scale, low.shape[0])
+                fixed.update(known=known, mask=mask)
             low = self._sample(name, cond, settings=settings, generator=g, progress=progress, **fixed)
+            if region is not None:  # the original outside the mask, blended inside its border
+                low = paste(low, fixed["known"].to(low.device), fixed["mask"].to(low.device),
+                            Region.FEATHER_PER_64 * low.shape[-1] // 64)
             out[name] = low
         return out
 
     def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
                shared_noise: bool = False, progress: Progress | None = None, negative: dict | None = None,
-               init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+               init: torch.Tensor | None = None, strength: float = 1.0,
+               region: Region | None = None) -> torch.Tensor:
         """64x64 images for image embeddings (N, D) (and text, when given). With `shared_noise` every row
         starts from the same x_T, so a deterministic sampler makes each image a function of its
         embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
@@ -282,6 +320,10 @@ class Cascade:
             size = decoder.config.image_size
             noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
         options = {} if init is None else {"init": init.to(self.device), "strength": strength}
+        if region is not None:
+            known, mask = region.at(decoder.config.image_size, len(image_emb))
+            options = {"known": known, "mask": mask, "inpaint_method": region.method,
+                       "resample": region.resample, "jump": region.jump}
         return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise,
                             negative=negative, **options)
 
@@ -360,6 +402,45 @@ class Cascade:
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
                         init=init, strength=strength)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress), z_i)
+
+    @torch.no_grad()
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, prompt: str, *, method: str | None = None,
+                num_images: int = 1, seed: int = 0, until: str = "sr1024", settings: Settings | None = None,
+                progress: Progress | None = None, negative_prompt: str | None = None, resample: int = 1,
+                jump: int = 1) -> Result:
+        """Repaint the region of `image` (3, S, S) in [-1, 1] where `mask` (1, S, S) in [0, 1] is 1 with
+        the prompt, through the decoder (`method` "replace" for any decoder, "glide" for one trained with
+        `inpaint: true`; default: glide where the decoder has it; RePaint's `resample`, `jump` for replace)
+        and the upsamplers, which keep the original outside the mask (`Region`). Every output keeps the
+        image, resized to its stage's size, exactly where the mask is 0."""
+        from cascade.diffusion.inpainting import check_inpaint_options
+        from cascade.masks import check_mask
+
+        settings = settings or Settings()
+        prompt = check_prompt(prompt)
+        self.stages_until(until)
+        if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] != image.shape[2]:
+            raise UserError(f"the image to inpaint must be square, 3xSxS, got {'x'.join(map(str, image.shape))}")
+        if tuple(mask.shape) != (1, *image.shape[1:]):
+            raise UserError(f"the mask is {'x'.join(map(str, mask.shape[1:]))} but the image is "
+                            f"{'x'.join(map(str, image.shape[1:]))}; they must be the same size")
+        check_mask(mask)
+        decoder = self._need("decoder")
+        method = method or ("glide" if decoder.config.inpaint else "replace")
+        if method not in ("replace", "glide"):
+            raise UserError(f"unknown inpainting method '{method}' (choose replace or glide)")
+        if method == "glide" and not decoder.config.inpaint:
+            raise UserError("the glide inpainting method needs a decoder trained with model.inpaint: true "
+                            "(fine-tune one with train_stage.py --init-from BUNDLE/decoder); use replace")
+        if method == "glide" and (resample, jump) != (1, 1):
+            raise UserError("RePaint's resampling (resample, jump) goes with the replace method, not glide")
+        check_inpaint_options(settings.for_stage("decoder", decoder)["sampler"], resample, jump)
+        region = Region(image.float(), mask.float().clamp(0, 1), method, resample, jump)
+        z_i, text, negative = self._text([prompt] * num_images, negative_prompt, settings, seed, progress)
+        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
+                        region=region)
+        return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress,
+                                    region=region), z_i)
 
     @torch.no_grad()
     def interpolate(self, image_a: torch.Tensor, image_b: torch.Tensor, *, frames: int = 5, seed: int = 0,

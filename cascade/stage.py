@@ -132,6 +132,13 @@ class Stage(nn.Module):
         for name in self.networks:
             getattr(self, name).compile(**options)
 
+    def adapt_weights(self, state: dict[str, torch.Tensor], source: Config) -> list[str]:
+        """Make `state`, the weights of a stage built from config `source`, fit this stage's network, in place,
+        for `train_stage.py --init-from`; returns a line per tensor changed. The default changes nothing
+        (then every tensor must already fit); a stage whose config can add inputs widens the layers
+        that read them."""
+        return []
+
     def preprocess(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Per-sample transform run in the data loader before collation (crops, degradations)."""
         return sample

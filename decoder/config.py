@@ -51,6 +51,12 @@ class DecoderConfig(DiffusionConfig):
     # at the same x_t (the rest zeros), so it learns to refine a guess; sampling passes each step the
     # previous step's estimate. Costs one extra forward pass on half the batch per training step.
     self_condition: bool = False
+    # GLIDE-style inpainting (Nichol et al. 2022, section 3.5): 4 more input channels hold the image with
+    # the repainted region zeroed and the mask (1 = repaint). Training draws random boxes and brush strokes,
+    # and masks the whole image `inpaint_whole` of the time, so the model still generates from nothing.
+    # Fine-tune an existing decoder into one with `train_stage.py --init-from BUNDLE/decoder`.
+    inpaint: bool = False
+    inpaint_whole: float = Field(0.25, ge=0.0, le=1.0)
     learned_variance: bool = False
     # Sampling defaults (previews, evaluation and the cascade): DDIM, 50 steps, guidance 3.
     guidance: float = Field(3.0, ge=0.0)

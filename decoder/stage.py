@@ -38,7 +38,7 @@ class Decoder(Stage):
         super().__init__(config)
         self.conditioning = Conditioning(config)
         out_channels = 6 if config.learned_variance else 3
-        in_channels = 6 if config.self_condition else 3
+        in_channels = 3 + 3 * config.self_condition + 4 * config.inpaint
         self.unet = UNet(image_size=config.image_size, in_channels=in_channels, out_channels=out_channels,
                          channels=config.channels, channel_mult=config.channel_mult,
                          num_res_blocks=config.block_counts, attention_resolutions=config.attention_resolutions,
@@ -47,6 +47,41 @@ class Decoder(Stage):
                          coord_channels=config.coord_channels, attention_positions=config.attention_positions,
                          gradient_checkpointing=config.gradient_checkpointing)
         self._schedule = None
+
+    @staticmethod
+    def input_layout(config: DecoderConfig) -> list[tuple[str, int]]:
+        """The U-Net stem's input channels in order, as (name, count): the image, the self-conditioning
+        estimate, the inpainting channels (each folded by the space-to-depth patch), then the coordinates."""
+        fold = config.patch_size**2
+        layout = [("image", 3 * fold), ("self_condition", 3 * fold * config.self_condition),
+                  ("inpaint", 4 * fold * config.inpaint), ("coordinates", 2 * config.coord_channels)]
+        return [(name, n) for name, n in layout if n]
+
+    def adapt_weights(self, state: dict[str, torch.Tensor], source: DecoderConfig) -> list[str]:
+        """A decoder fine-tuned with more inputs than `source` had (inpainting, self-conditioning): the stem
+        gets the source's weights for the inputs both have and zeros for the new ones, so it starts out
+        computing exactly what the source did."""
+        key = "unet.stem.weight"
+        old, new = dict(self.input_layout(source)), self.input_layout(self.config)
+        if key not in state or old == dict(new):
+            return []
+        if any(name not in dict(new) for name in old):
+            raise UserError(f"the source decoder reads inputs this config drops ({', '.join(old)}); "
+                            "--init-from can only add inputs")
+        weight, parts, start = state[key], [], 0
+        offsets = {}
+        for name, n in self.input_layout(source):
+            offsets[name] = (start, n)
+            start += n
+        for name, n in new:
+            if name in offsets:
+                a, width = offsets[name]
+                parts.append(weight[:, a:a + width])
+            else:
+                parts.append(weight.new_zeros(weight.shape[0], n, *weight.shape[2:]))
+        state[key] = torch.cat(parts, dim=1)
+        added = [name for name, _ in new if name not in old]
+        return [f"{key}: {weight.shape[1]} -> {state[key].shape[1]} input channels (new, zero: {', '.join(added)})"]
 
     @property
     def schedule(self) -> diffusion.NoiseSchedule:
@@ -57,9 +92,23 @@ class Decoder(Stage):
         return self._schedule
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
-        """The U-Net's output in fp32, whatever its weights' dtype: the diffusion maths on it stay fp32."""
+              mask: torch.Tensor | None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net's output in fp32, whatever its weights' dtype: the diffusion maths on it stay fp32.
+        `extra`: the inpainting channels (masked image, mask), appended to x's."""
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
         return self.unet(x, t, emb, context, mask).float()
+
+    @staticmethod
+    def inpaint_channels(known: torch.Tensor | None, mask: torch.Tensor | None, shape: tuple[int, ...],
+                         device: torch.device) -> torch.Tensor:
+        """The 4 inpainting input channels (B, 4, S, S): the known image zeroed where the mask repaints, and
+        the mask (1 = repaint); without a mask, the whole image is repainted (plain generation)."""
+        b, _, s, _ = shape
+        if mask is None:
+            return torch.cat([torch.zeros(b, 3, s, s, device=device), torch.ones(b, 1, s, s, device=device)], 1)
+        mask = mask.to(device, torch.float32).expand(b, 1, s, s)
+        return torch.cat([known.to(device, torch.float32) * (1 - mask), mask], dim=1)
 
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
         image_emb = source["clip_image"].to(self.device)
@@ -78,17 +127,24 @@ class Decoder(Stage):
         t = diffusion.sample_timesteps(self.schedule, b, device=self.device, logit_normal=self.config.t_logit_normal,
                                         logit_mean=self.config.t_logit_mean)
         noise = torch.randn_like(x0)
+        extra = None
+        if self.config.inpaint:
+            from cascade.masks import random_masks
+
+            regions = random_masks(b, x0.shape[-1], p_whole=self.config.inpaint_whole, device=self.device)
+            extra = self.inpaint_channels(x0, regions, x0.shape, self.device)
 
         def model(x_t: torch.Tensor, t_: torch.Tensor) -> torch.Tensor:
             if not self.config.self_condition:
-                return self._unet(x_t, t_, emb, context, mask)
+                return self._unet(x_t, t_, emb, context, mask, extra)
             estimate = torch.zeros_like(x_t)
             rows = torch.nonzero(torch.rand(b, device=self.device) < 0.5).flatten()
             if rows.numel():
                 with torch.no_grad():
                     estimate[rows] = self._x0_estimate(x_t[rows], t_[rows], estimate[rows], emb[rows],
-                                                       context[rows], None if mask is None else mask[rows])
-            return self._unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask)
+                                                       context[rows], None if mask is None else mask[rows],
+                                                       None if extra is None else extra[rows])
+            return self._unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask, extra)
 
         return diffusion.diffusion_loss(
             self.schedule, model, x0, t, noise,
@@ -96,12 +152,14 @@ class Decoder(Stage):
             snr_plus_one=self.config.snr_plus_one)
 
     def _x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor, emb: torch.Tensor,
-                     context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                     context: torch.Tensor, mask: torch.Tensor | None,
+                     extra: torch.Tensor | None = None) -> torch.Tensor:
         """The self-conditioning input: the net's x0 at (x_t, t) given `estimate`, clipped to [-1, 1]."""
-        out = self._unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask)[:, :3]
+        out = self._unet(torch.cat([x_t, estimate], dim=1), t, emb, context, mask, extra)[:, :3]
         return diffusion.model_output_to_x0(self.schedule, self.config.prediction, out, x_t, t).clamp(-1.0, 1.0)
 
-    def denoiser(self, conditioning: dict[str, Any], negative: dict[str, Any] | None = None):
+    def denoiser(self, conditioning: dict[str, Any], negative: dict[str, Any] | None = None,
+                 extra: torch.Tensor | None = None):
         """denoise(x_t, t, cond_mask=None) -> eps (or (eps, variance output)) for `cascade.diffusion.sample`.
 
         The conditioning is encoded once; rows where cond_mask is False get the null image embedding
@@ -110,7 +168,8 @@ class Decoder(Stage):
         conditioning: guidance then steers away from it. Row r uses conditioning row r % B.
         With `self_condition` the function keeps each row's last x0 estimate and passes it on to the
         next call; a call whose t is not below the previous call's (a new trajectory) or whose batch
-        differs starts again from zeros.
+        differs starts again from zeros. `extra` (B, 4, S, S): an inpainting decoder's masked image and
+        mask (`inpaint_channels`; default: the whole image repainted), the same for both guidance halves.
         """
         b = conditioning["clip_image"].shape[0]
         ones = torch.ones(b, dtype=torch.bool)
@@ -122,9 +181,15 @@ class Decoder(Stage):
                 raise ValueError(f"negative conditioning needs the keys {sorted(conditioning)} and {b} rows")
             uncond = self._condition(negative, ones, ones)
         state: dict[str, torch.Tensor] = {}
+        size = self.config.image_size
+        if self.config.inpaint and extra is None:
+            extra = self.inpaint_channels(None, None, (b, 3, size, size), self.device)
+        elif not self.config.inpaint:
+            extra = None
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
             emb, context, mask = diffusion.repeat_to_batch(x.shape[0], *cond)
+            channels = None if extra is None else diffusion.repeat_to_batch(x.shape[0], extra)[0]
             if cond_mask is not None:
                 pick = cond_mask.to(x.device)
                 emb, context, mask = (torch.where(pick.view(-1, *[1] * (c.ndim - 1)), c, u)
@@ -134,11 +199,11 @@ class Decoder(Stage):
                 last = state.get("x0")
                 fresh = last is None or last.shape != x.shape or bool((t >= state["t"]).any())
                 estimate = torch.zeros_like(x) if fresh else last
-                out = self._unet(torch.cat([x, estimate], dim=1), t, emb, context, mask)
+                out = self._unet(torch.cat([x, estimate], dim=1), t, emb, context, mask, channels)
                 x0 = diffusion.model_output_to_x0(self.schedule, self.config.prediction, out[:, :3], x, t)
                 state["x0"], state["t"] = x0.clamp(-1.0, 1.0), t
             else:
-                out = self._unet(x, t, emb, context, mask)
+                out = self._unet(x, t, emb, context, mask, channels)
             variance = None
             if self.config.learned_variance:
                 out, variance = out.chunk(2, dim=1)
@@ -153,7 +218,8 @@ class Decoder(Stage):
                threshold: str | float | None | object = CONFIG, noise: torch.Tensor | None = None,
                eta: float = 0.0, progress: bool = False, callback: Callable[[dict], None] | None = None,
                negative: dict[str, Any] | None = None, init: torch.Tensor | None = None,
-               strength: float = 1.0) -> torch.Tensor:
+               strength: float = 1.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               inpaint_method: str | None = None, resample: int = 1, jump: int = 1) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
         "clip_mask": (B, L)]}. sampler, steps and guidance left as None, and threshold left out, are the
         config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
@@ -161,7 +227,13 @@ class Decoder(Stage):
         after every sampling step (see `cascade.diffusion.sample`). `negative`: what guidance steers away
         from instead of the null conditioning (see `denoiser`). `init` (B, 3, S, S) in [-1, 1]: image to
         image (`cascade.diffusion.sample_from_image`) at `strength`; x_T is drawn as without it, so
-        strength 1 gives the images `sample` gives without `init`."""
+        strength 1 gives the images `sample` gives without `init`.
+
+        Inpainting: `known` (B, 3, S, S) in [-1, 1] and `mask` (B or 1, 1, S, S) in [0, 1], 1 = repaint;
+        the result is `known` where the mask is 0. `inpaint_method` "replace" (any decoder: the known region
+        replaced at every step, `cascade.diffusion.inpainting`, with RePaint's `resample` and `jump`) or
+        "glide" (a decoder trained with `inpaint: true` reads the masked image and the mask); default
+        "glide" for such a decoder, else "replace"."""
         sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
         threshold = self.config.threshold if threshold is CONFIG else threshold
         b, s = conditioning["clip_image"].shape[0], self.config.image_size
@@ -169,7 +241,21 @@ class Decoder(Stage):
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
                        progress=progress)
-        if init is not None:
+        if mask is not None:
+            method = inpaint_method or ("glide" if self.config.inpaint else "replace")
+            known, mask = self._check_inpaint(known, mask, method, init, b)
+            if method == "replace":
+                extra = None  # an inpainting decoder then generates (whole mask) while the region is replaced
+                x = diffusion.sample_inpaint(self.denoiser(conditioning, negative), known, mask,
+                                             schedule=self.schedule, sampler=sampler, steps=steps,
+                                             resample=resample, jump=jump, x_T=noise, **options)
+            else:
+                extra = self.inpaint_channels(known, mask, (b, 3, s, s), self.device)
+                x = diffusion.sample(self.denoiser(conditioning, negative, extra), (b, 3, s, s),
+                                     schedule=self.schedule, sampler=sampler, steps=steps, x_T=noise,
+                                     device=self.device, **options)
+                x = mask * x + (1 - mask) * known
+        elif init is not None:
             if tuple(init.shape) != (b, 3, s, s):
                 raise UserError(f"init image must be ({b}, 3, {s}, {s}), got {tuple(init.shape)}")
             if noise is None:  # drawn as `sample` draws x_T, so that strength 1 is plain sampling
@@ -181,6 +267,23 @@ class Decoder(Stage):
             x = diffusion.sample(self.denoiser(conditioning, negative), (b, 3, s, s), schedule=self.schedule,
                                  sampler=sampler, steps=steps, x_T=noise, device=self.device, **options)
         return x.clamp(-1.0, 1.0)
+
+    def _check_inpaint(self, known: torch.Tensor | None, mask: torch.Tensor, method: str,
+                       init: torch.Tensor | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.config.image_size
+        if method not in ("replace", "glide"):
+            raise UserError(f"unknown inpainting method '{method}' (choose replace or glide)")
+        if method == "glide" and not self.config.inpaint:
+            raise UserError("the glide inpainting method needs a decoder trained with model.inpaint: true "
+                            "(fine-tune one with train_stage.py --init-from BUNDLE/decoder); use replace")
+        if init is not None:
+            raise UserError("inpainting and image to image (init) do not combine")
+        if known is None or tuple(known.shape) != (b, 3, s, s):
+            raise UserError(f"inpainting needs the known image as ({b}, 3, {s}, {s}), got "
+                            f"{None if known is None else tuple(known.shape)}")
+        if mask.dim() != 4 or mask.shape[1:] != (1, s, s) or mask.shape[0] not in (1, b):
+            raise UserError(f"the inpainting mask must be (1 or {b}, 1, {s}, {s}), got {tuple(mask.shape)}")
+        return known.to(self.device, torch.float32), mask.to(self.device, torch.float32)
 
     @torch.no_grad()
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from cascade.config import Config
 from cascade.diffusion import (NoiseSchedule, diffusion_loss, model_output_to_eps, repeat_to_batch, sample,
-                               sample_timesteps)
+                               sample_inpaint, sample_timesteps)
 from cascade.errors import UserError
 from cascade.registry import register_stage
 from cascade.stage import Stage, resolve_sampling
@@ -140,7 +140,9 @@ class SuperResStage(Stage):
                guidance: float | None = None, generator: torch.Generator | None = None,
                aug_level: float | None = None, threshold: str | float | None = None,
                noise: torch.Tensor | None = None, aug_noise: torch.Tensor | None = None, progress: bool = False,
-               callback: Callable[[dict], None] | None = None, eta: float = 0.0) -> torch.Tensor:
+               callback: Callable[[dict], None] | None = None, eta: float = 0.0,
+               known: torch.Tensor | None = None, mask: torch.Tensor | None = None, resample: int = 1,
+               jump: int = 1) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
@@ -151,6 +153,12 @@ class SuperResStage(Stage):
         "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
         `callback` is called after every sampling step (with tiles, once all tiles of the step are done).
         `eta`: DDIM's noise (0: deterministic); the other samplers ignore it.
+
+        Inpainting: with `known` (B, 3, H, W) in [-1, 1] (the original at the output size) and `mask`
+        (B or 1, 1, H, W), 1 = repaint, the known region is replaced at every step (in the residual's terms
+        for a residual model; `cascade.diffusion.inpainting`, with RePaint's `resample` and `jump`), and
+        the output is `known` where the mask is 0, so the cascade keeps the original outside the mask at
+        every resolution.
         """
         c = self.config
         sampler, steps, guidance = resolve_sampling(c, sampler, steps, guidance)
@@ -164,15 +172,15 @@ class SuperResStage(Stage):
             raise UserError(f"output size {size_h}x{size_w} must be a multiple of {self.net.downsample_factor}")
         level = torch.full((b,), c.aug_level if aug_level is None else float(aug_level), device=low.device)
         low_up = self._condition(low, (size_h, size_w), level, generator, aug_noise)
-        text, mask = conditioning.get("clip_tokens"), conditioning.get("clip_mask")
-        text, mask = (None if v is None else v.to(self.device) for v in (text, mask))
+        text, text_mask = conditioning.get("clip_tokens"), conditioning.get("clip_mask")
+        text, text_mask = (None if v is None else v.to(self.device) for v in (text, text_mask))
         if not c.text:
-            text = mask = None
-        elif text is not None and mask is None:
-            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            text = text_mask = None
+        elif text is not None and text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
 
         def denoise(x_t, t, cond_mask=None):
-            lu, lv, tx, tm = repeat_to_batch(x_t.shape[0], low_up, level, text, mask)
+            lu, lv, tx, tm = repeat_to_batch(x_t.shape[0], low_up, level, text, text_mask)
             if tm is not None and cond_mask is not None:
                 tm = tm & cond_mask[:, None]
             out = self(x_t, lu, t, lv, tx, tm).float()
@@ -180,12 +188,25 @@ class SuperResStage(Stage):
 
         if threshold is None and not c.residual:
             threshold = "static"
-        x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, sampler=sampler,
-                   steps=steps, eta=eta, guidance=guidance if text is not None else None,
-                   threshold=threshold, generator=generator, x_T=None if noise is None else noise.to(low.device),
-                   callback=callback, progress=progress, device=low.device)
+        options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance if text is not None else None,
+                       threshold=threshold, generator=generator,
+                       x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress)
+        base = bicubic_upsample(low, (size_h, size_w)) if c.residual else None
+        if mask is not None:
+            if known is None or tuple(known.shape) != (b, 3, size_h, size_w):
+                raise UserError(f"inpainting needs the known image as ({b}, 3, {size_h}, {size_w}), got "
+                                f"{None if known is None else tuple(known.shape)}")
+            if mask.dim() != 4 or mask.shape[0] not in (1, b) or tuple(mask.shape[1:]) != (1, size_h, size_w):
+                raise UserError(f"the inpainting mask must be (1 or {b}, 1, {size_h}, {size_w}), got "
+                                f"{tuple(mask.shape)}")
+            known = known.to(low.device, torch.float32)
+            target = known - base if c.residual else known  # the known region in the network's x0 terms
+            x = sample_inpaint(denoise, target, mask.to(low.device, torch.float32), schedule=self.schedule,
+                               resample=resample, jump=jump, **options)
+        else:
+            x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, device=low.device, **options)
         if c.residual:
-            x = x + bicubic_upsample(low, (size_h, size_w))
+            x = x + base
         return x.clamp(-1.0, 1.0)
 
     # -- evaluation ---------------------------------------------------------------------------------

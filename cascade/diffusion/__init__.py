@@ -63,6 +63,9 @@ The sampling contract
   progress=True shows a tqdm bar.
 * Image to image: sample_from_image(denoise, x0, strength, *, schedule, sampler, steps, noise, ...)
   noises x0 to round(strength (T - 1)) and samples down from there (SDEdit); strength 1 is sample(x_T=noise).
+* Inpainting: sample_inpaint(denoise, known, mask, *, schedule, sampler, steps, resample=1, jump=1, ...)
+  samples where mask is 1 and keeps `known` where it is 0, replacing the known region by the original
+  noised to each step; resample > 1 adds RePaint's resampling (ddpm and ddim; `inpainting` module).
 * Optional extras: variance="small" | "large" (ddpm's fixed variance), spacing (see above),
   device (where x_T is drawn when not given; default the generator's device, else the CPU).
 """
@@ -88,6 +91,7 @@ from cascade.diffusion.parameterization import (
     x0_eps_to_v,
     x0_to_eps,
 )
+from cascade.diffusion.inpainting import inpaint_steps, repaint_walk, sample_inpaint
 from cascade.diffusion.sampling import SAMPLERS, sample, sample_from_image
 from cascade.diffusion.thresholding import apply_threshold, dynamic_threshold, static_threshold
 
@@ -97,7 +101,7 @@ __all__ = [
     "dynamic_threshold", "eps_to_x0", "fixed_large_log_variance", "guided_denoise", "interpolated_log_variance",
     "loss_terms", "mean_flat", "min_snr_weight", "model_output_to_eps", "model_output_to_x0", "normal_kl", "prediction_target",
     "q_mean_variance", "q_posterior_mean_variance", "q_sample", "repeat_to_batch", "sample", "sample_ddim", "sample_ddpm",
-    "sample_dpmpp_2m", "sample_from_image", "sample_karras", "sample_timesteps", "static_threshold", "v_to_eps",
+    "inpaint_steps", "repaint_walk", "sample_dpmpp_2m", "sample_from_image", "sample_inpaint", "sample_karras", "sample_timesteps", "static_threshold", "v_to_eps",
     "v_to_x0", "vlb_term_bpd",
     "x0_eps_to_v", "x0_to_eps",
 ]

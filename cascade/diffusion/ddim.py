@@ -18,20 +18,32 @@ from cascade.diffusion.noise_schedule import NoiseSchedule
 from cascade.diffusion.step_loop import descending_steps
 
 
+def ddim_step(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x: torch.Tensor, i: int,
+              schedule: NoiseSchedule, *, eta: float = 0.0,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, DenoiserOutput]:
+    """One step of eq. 12 from x at respaced index i to i - 1 (to x_0 at i = 0): (x_prev, model output)."""
+    t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+    out = model(x, t)
+    ab, ab_prev = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))  # eq. 16
+    x = math.sqrt(ab_prev) * out.x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * out.eps
+    if sigma > 0:
+        x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+    return x, out
+
+
 def sample_ddim(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x: torch.Tensor,
                 schedule: NoiseSchedule, *, eta: float = 0.0, generator: torch.Generator | None = None,
-                callback: Callable[[dict], None] | None = None, progress: bool = False) -> torch.Tensor:
-    """Run eq. 12 from x = x_T (B, ...) down to x_0; model(x, i) at respaced index i."""
+                callback: Callable[[dict], None] | None = None, progress: bool = False,
+                replace: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Run eq. 12 from x = x_T (B, ...) down to x_0; model(x, i) at respaced index i. `replace(x, i)`,
+    when given, may change x before each step (inpainting puts the known region there)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     for i in descending_steps(schedule.timesteps, progress, "ddim"):
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        out = model(x, t)
-        ab, ab_prev = float(schedule.alphas_cumprod[i]), float(schedule.alphas_cumprod_prev[i])
-        sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))  # eq. 16
-        x = math.sqrt(ab_prev) * out.x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * out.eps
-        if sigma > 0:
-            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
+        if replace is not None:
+            x = replace(x, i)
+        x, out = ddim_step(model, x, i, schedule, eta=eta, generator=generator)
         if callback is not None:
             callback({"x": x, "i": i, "x0": out.x0})
     return x

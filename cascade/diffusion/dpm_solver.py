@@ -23,11 +23,15 @@ from cascade.diffusion.step_loop import descending_steps
 
 def sample_dpmpp_2m(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x: torch.Tensor,
                     schedule: NoiseSchedule, *, callback: Callable[[dict], None] | None = None,
-                    progress: bool = False) -> torch.Tensor:
-    """Run Algorithm 2 from x = x_T (B, ...) down to x_0; model(x, i) at respaced index i."""
+                    progress: bool = False,
+                    replace: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Run Algorithm 2 from x = x_T (B, ...) down to x_0; model(x, i) at respaced index i. `replace(x, i)`,
+    when given, may change x before each step (inpainting puts the known region there)."""
     ab = schedule.alphas_cumprod.tolist()
     x0_prev, h_prev = None, None
     for i in descending_steps(schedule.timesteps, progress, "dpm-solver++(2m)"):
+        if replace is not None:
+            x = replace(x, i)
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = model(x, t)
         if i == 0:

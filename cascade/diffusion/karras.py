@@ -33,9 +33,11 @@ def sigmas_of(schedule: NoiseSchedule) -> list[float]:
 
 def sample_karras(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput], x: torch.Tensor,
                   schedule: NoiseSchedule, *, method: str = "euler", generator: torch.Generator | None = None,
-                  callback: Callable[[dict], None] | None = None, progress: bool = False) -> torch.Tensor:
+                  callback: Callable[[dict], None] | None = None, progress: bool = False,
+                  replace: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Run `method` ("euler", "heun" or "euler_a") from x = x_T (B, ...) (VP, unit variance) down to
-    x_0; model(x_vp, i) at respaced index i. Heun evaluates the model twice per step except the last."""
+    x_0; model(x_vp, i) at respaced index i. Heun evaluates the model twice per step except the last.
+    `replace(x_vp, i)`, when given, may change the VP state before each step (inpainting)."""
     if method not in ("euler", "heun", "euler_a"):
         raise ValueError(f"unknown Karras sampler '{method}'")
     sigmas = sigmas_of(schedule)
@@ -48,6 +50,9 @@ def sample_karras(model: Callable[[torch.Tensor, torch.Tensor], DenoiserOutput],
 
     for i in descending_steps(n, progress, method):
         sigma, sigma_next = sigmas[i], (sigmas[i - 1] if i > 0 else 0.0)
+        if replace is not None:
+            scale = math.sqrt(1.0 + sigma**2)
+            x = replace(x / scale, i) * scale
         x0 = denoised(x, i)
         d = (x - x0) / sigma
         if method == "euler_a" and sigma_next > 0:

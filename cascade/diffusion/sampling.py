@@ -45,6 +45,17 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
     `spacing` overrides the sampler's step spacing ("uniform", "logsnr" or "karras", see `respace`). `device`
     places x_T when it is not given (default: the generator's device, else the CPU).
     """
+    model, respaced, x = _prepare(denoise, shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta,
+                                  guidance=guidance, threshold=threshold, generator=generator, x_T=x_T,
+                                  variance=variance, spacing=spacing, device=device)
+    return run_sampler(model, x, respaced, sampler=sampler, eta=eta, variance=variance, generator=generator,
+                       callback=callback, progress=progress)
+
+
+def _prepare(denoise: Callable, shape, *, schedule: NoiseSchedule, sampler: str, steps: int, eta: float,
+             guidance: float | None, threshold, generator: torch.Generator | None, x_T: torch.Tensor | None,
+             variance: str, spacing: str | None, device) -> tuple[Denoiser, NoiseSchedule, torch.Tensor]:
+    """`sample`'s checks, then (the Denoiser over the respaced schedule, that schedule, x_T)."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}' (choose one of {', '.join(SAMPLERS)})")
     if eta < 0:
@@ -59,16 +70,23 @@ def sample(denoise: Callable, shape: tuple[int, ...] | torch.Size, *, schedule: 
         if tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
         x = x_T.clone()
-    model = Denoiser(denoise, respaced, kept_steps, guidance=guidance, threshold=threshold)
+    return Denoiser(denoise, respaced, kept_steps, guidance=guidance, threshold=threshold), respaced, x
+
+
+def run_sampler(model: Denoiser, x: torch.Tensor, respaced: NoiseSchedule, *, sampler: str, eta: float = 0.0,
+                variance: str = "small", generator: torch.Generator | None = None,
+                callback: Callable[[dict], None] | None = None, progress: bool = False,
+                replace: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+    """`sampler`'s loop from x = x_T over the respaced schedule (`replace` as the samplers take it)."""
+    loop = dict(generator=generator, callback=callback, progress=progress, replace=replace)
     if sampler == "ddpm":
-        return sample_ddpm(model, x, respaced, variance=variance, generator=generator,
-                           callback=callback, progress=progress)
+        return sample_ddpm(model, x, respaced, variance=variance, **loop)
     if sampler == "ddim":
-        return sample_ddim(model, x, respaced, eta=eta, generator=generator, callback=callback, progress=progress)
+        return sample_ddim(model, x, respaced, eta=eta, **loop)
+    loop.pop("generator")
     if sampler in ("dpmpp", "dpmpp_karras"):
-        return sample_dpmpp_2m(model, x, respaced, callback=callback, progress=progress)
-    return sample_karras(model, x, respaced, method=sampler, generator=generator, callback=callback,
-                         progress=progress)
+        return sample_dpmpp_2m(model, x, respaced, **loop)
+    return sample_karras(model, x, respaced, method=sampler, generator=generator, **loop)
 
 
 @torch.no_grad()

@@ -48,6 +48,8 @@ class TrainArgs:
     preview_minutes: float = 10.0
     preview_prompts: tuple[str, ...] = ()
     preview_out: Path | None = None
+    # A bundle stage folder whose weights a fresh run starts from (fine-tuning; `cascade.bundle.init_from`).
+    init_from: Path | None = None
 
 
 @dataclass
@@ -188,6 +190,12 @@ class Trainer:
                                                         "--preview-out"),
                                           prompts=args.preview_prompts or DEFAULT_PROMPTS)
             self.preview.check(self.stage_cls, self.run.model)
+        if args.init_from is not None:
+            from cascade.bundle import read_stage_config
+
+            found = read_stage_config(args.init_from)["stage"]
+            if found != self.run.stage:
+                raise UserError(f"--init-from {args.init_from} holds a {found} stage, not a {self.run.stage}")
         if self.train_cfg.compile and not self.stage_cls.networks:
             raise UserError(f"{self.run.source}: train.compile is set but the {self.run.stage} stage has no "
                             f"networks to compile; remove it")
@@ -230,6 +238,12 @@ class Trainer:
             if not self.same_layout:
                 # DeepSpeed's optimizer partitions only fit the layout that wrote them.
                 stage.load_state_dict(checkpoints.load_weights(path), strict=True)
+        elif self.args.init_from is not None:  # a fresh run that fine-tunes; a resumed one has its own weights
+            from cascade.bundle import init_from
+
+            adapted = init_from(stage, self.args.init_from)
+            self.log(f"starting from the weights of {self.args.init_from}" +
+                     "".join(f"\n  {line}" for line in adapted))
         promote_scalars(stage)
         optimizer = torch.optim.AdamW(param_groups(stage, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                       weight_decay=cfg.weight_decay)
