@@ -21,7 +21,7 @@ def running(studio):
 
     sock = _listen("127.0.0.1", 0)
     studio.start()
-    srv = server(create_app(studio), sock)
+    srv = server(create_app(studio))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -30,6 +30,7 @@ def running(studio):
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
+        studio.closing.set()
         srv.should_exit = True
         studio.stop()
         thread.join(10)

@@ -72,12 +72,19 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(app, sock: socket.socket):
-    """A uvicorn server for `app` on `sock` (run it with `.run(sockets=[sock])`; `.should_exit` stops it)."""
+def server(app, on_exit=None):
+    """A uvicorn server for `app` (run it with `.run(sockets=[sock])`; `.should_exit` or a signal stops it).
+    `on_exit()` runs when a signal asks it to stop, before it waits for open connections: the studio ends
+    its event streams there, which would otherwise hold the shutdown until its timeout."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-    return uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if on_exit is not None:
+                on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
 
 
 def cmd_serve(args) -> int:
@@ -111,7 +118,7 @@ def cmd_serve(args) -> int:
     print(f"cascade serve: {args.model} on {device}; open http://{shown}:{port}/ (Ctrl-C stops)",
           file=sys.stderr, flush=True)
     try:
-        server(create_app(studio), sock).run(sockets=[sock])
+        server(create_app(studio), on_exit=studio.closing.set).run(sockets=[sock])
     finally:
         studio.stop()
     return 0

@@ -119,7 +119,7 @@ def create_app(studio: Studio) -> Starlette:
         async def stream():
             version, quiet = -1, 0.0
             try:
-                while True:
+                while not studio.closing.is_set():
                     if studio.queue.version != version:
                         snapshot = studio.queue.snapshot(client)
                         version, quiet = snapshot["version"], 0.0

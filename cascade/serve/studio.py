@@ -1,6 +1,7 @@
 """A studio: one loaded cascade, its gallery and its job queue; what the web app's routes call."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,14 @@ class Studio:
         self.max_upload_bytes = max_upload_bytes
         self.gallery = Gallery()
         self.queue = JobQueue(max_queued)
+        self.closing = threading.Event()  # set when the server stops: open event streams end
 
     def start(self) -> "Studio":
         self.queue.start()
         return self
 
     def stop(self) -> None:
+        self.closing.set()
         self.queue.stop()
 
     def info(self) -> dict[str, Any]:

@@ -151,7 +151,7 @@ function useAsInput(item) {
 
 // ------------------------------------------------------------------ the mask editor
 const maskData = document.createElement("canvas");  // black, white strokes: the mask that is uploaded
-let drawing = false;
+let last = null;  // the brush's last point while the pointer is down
 
 function loadMaskBase(item) {
   $("#mask-base").src = item.url;
@@ -167,19 +167,22 @@ function clearMask() {
   ctx.fillRect(0, 0, maskData.width, maskData.height);
 }
 
-function paint(event) {
+function paint(event) {  // a round-ended stroke from the last point, on the shown canvas and the mask
   const canvas = $("#mask-canvas");
   const rect = canvas.getBoundingClientRect();
   const scale = canvas.width / rect.width;
-  const x = (event.clientX - rect.left) * scale, y = (event.clientY - rect.top) * scale;
-  const radius = Number($("#brush").value) * scale / 2;
+  const point = [(event.clientX - rect.left) * scale, (event.clientY - rect.top) * scale];
+  const from = last || point;
   for (const [c, colour] of [[canvas, "#ff2020"], [maskData, "#fff"]]) {
     const ctx = c.getContext("2d");
-    ctx.fillStyle = colour;
+    Object.assign(ctx, {strokeStyle: colour, lineWidth: Number($("#brush").value) * scale, lineCap: "round",
+                        lineJoin: "round"});
     ctx.beginPath();
-    ctx.arc(x, y, radius, 0, 2 * Math.PI);
-    ctx.fill();
+    ctx.moveTo(...from);
+    ctx.lineTo(...point);
+    ctx.stroke();
   }
+  last = point;
 }
 
 async function uploadMask() {
@@ -204,32 +207,43 @@ function jobState(job) {
   return job.state;
 }
 
+function jobItem(job) {  // a job's list entry, made once; renderJobs updates it in place
+  const what = job.request.prompt || job.request.to || job.request.source || job.request.image_a || "";
+  const li = el("li", {id: job.id},
+                el("div", {className: "job-head"}, el("span", {textContent: `${job.kind}${what ? " · " + what : ""}`}),
+                   el("span", {className: "job-state"})));
+  for (const stage of job.stages) {
+    const bar = el("progress", {max: 1, value: 0});
+    bar.dataset.stage = stage;
+    li.append(el("div", {className: "bar"}, el("span", {textContent: stage}), bar, el("span", {className: "count"})));
+  }
+  const cancel = el("button", {type: "button", textContent: "cancel", className: "cancel"});
+  cancel.addEventListener("click", () => api(`/api/jobs/${job.id}/cancel`, {method: "POST"})
+    .catch((err) => showError(err.message)));
+  li.append(cancel, el("div", {className: "job-error"}));
+  return li;
+}
+
 function renderJobs(snapshot) {
   const list = $("#jobs");
-  list.replaceChildren();
-  for (const job of snapshot.jobs.slice().reverse()) {
-    const li = el("li", {className: `job ${job.state}`, id: job.id});
-    li.dataset.state = job.state;
-    const what = job.request.prompt || job.request.to || job.request.source || job.request.image_a || "";
-    const head = el("div", {className: "job-head"},
-                    el("span", {textContent: `${job.kind} ${what ? "· " + what : ""}`}),
-                    el("span", {className: "job-state", textContent: jobState(job)}));
-    li.append(head);
-    if (job.state === "running" || job.state === "queued") {
-      for (const stage of job.stages) {
-        const [done, total] = job.progress[stage] || [0, 0];
-        const bar = el("progress", {max: total || 1, value: done});
-        bar.dataset.stage = stage;
-        li.append(el("div", {className: "bar"}, el("span", {textContent: stage}), bar,
-                     el("span", {textContent: total ? `${done}/${total}` : ""})));
-      }
-      const cancel = el("button", {type: "button", textContent: "cancel", className: "cancel"});
-      cancel.addEventListener("click", () => api(`/api/jobs/${job.id}/cancel`, {method: "POST"})
-        .catch((err) => showError(err.message)));
-      li.append(cancel);
+  for (const job of snapshot.jobs) {
+    let li = document.getElementById(job.id);
+    if (!li) {
+      li = jobItem(job);
+      list.prepend(li);  // newest first
     }
-    if (job.error) li.append(el("div", {className: "job-error", textContent: job.error}));
-    list.append(li);
+    li.className = `job ${job.state}`;
+    li.dataset.state = job.state;
+    li.querySelector(".job-state").textContent = jobState(job);
+    const active = job.state === "running" || job.state === "queued";
+    for (const bar of li.querySelectorAll(".bar")) {
+      const [done, total] = job.progress[bar.querySelector("progress").dataset.stage] || [0, 0];
+      Object.assign(bar.querySelector("progress"), {max: total || 1, value: done});
+      bar.querySelector(".count").textContent = total ? `${done}/${total}` : "";
+      bar.hidden = !active;
+    }
+    li.querySelector(".cancel").hidden = !active;
+    li.querySelector(".job-error").textContent = job.error || "";
     if (jobsSeen.get(job.id) !== job.state && job.state === "done") refreshGallery();
     jobsSeen.set(job.id, job.state);
   }
@@ -326,9 +340,9 @@ async function start() {
     });
   }
   const canvas = $("#mask-canvas");
-  canvas.addEventListener("pointerdown", (e) => { drawing = true; canvas.setPointerCapture(e.pointerId); paint(e); });
-  canvas.addEventListener("pointermove", (e) => { if (drawing) paint(e); });
-  canvas.addEventListener("pointerup", () => { drawing = false; });
+  canvas.addEventListener("pointerdown", (e) => { last = null; canvas.setPointerCapture(e.pointerId); paint(e); });
+  canvas.addEventListener("pointermove", (e) => { if (e.buttons) paint(e); });
+  canvas.addEventListener("pointerup", () => { last = null; });
   $("#mask-clear").addEventListener("click", clearMask);
   try {
     info = await api("/api/info");
