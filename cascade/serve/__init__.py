@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import textwrap
 from pathlib import Path
 
 from cascade.errors import UserError
@@ -23,12 +24,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="a local web studio: generate and edit in the browser",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Start a web page for a model bundle: generate (prompt, negative prompt, seed or "
+        description=textwrap.fill("Start a web page for a model bundle: generate (prompt, negative prompt, seed or "
                     "'random', number of images, per-stage steps and guidance, sampler, last stage), vary, "
                     "img2img, interpolate, text diffs and inpainting (a mask drawn on the image), with a "
                     "progress bar per stage, a queue (one job at a time; the others show their place), cancel, "
                     "and a gallery whose downloads are PNGs with the same text chunks as `cascade generate` "
-                    "writes. It listens on 127.0.0.1 only unless --host says otherwise; Ctrl-C stops it.",
+                    "writes. It listens on 127.0.0.1 only unless --host says otherwise; Ctrl-C stops it.", 100),
         epilog="example:\n  cascade serve --model bundles/quick          # then open http://127.0.0.1:7860\n"
                "  cascade serve --model bundles/tiny --port 8000 --device cuda")
     p.add_argument("--model", default=None,
@@ -90,10 +91,9 @@ def server(app, on_exit=None):
 def cmd_serve(args) -> int:
     from cascade.cli import _resolve_model
 
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise UserError("cascade serve needs starlette and uvicorn: pip install -e '.[serve]' (make install "
                         "installs them)") from None
     if args.max_queued < 1 or args.max_upload_mb <= 0:

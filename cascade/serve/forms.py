@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from cascade.errors import UserError
-from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
+from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
 
 KINDS = ("generate", "vary", "img2img", "interpolate", "textdiff", "inpaint")
 SHARED = {"kind", "client", "seed", "until", "sampler", "steps", "guidance"}
