@@ -89,9 +89,9 @@ def server(app, on_exit=None):
 
 
 def cmd_serve(args) -> int:
-    from cascade.cli import _resolve_model
-
     from importlib.util import find_spec
+
+    from cascade.cli import _resolve_model
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise UserError("cascade serve needs starlette and uvicorn: pip install -e '.[serve]' (make install "
