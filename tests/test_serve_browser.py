@@ -249,9 +249,6 @@ def test_interpolate_strip_use_as_input_and_a_drawn_mask(browser, server, tmp_pa
      .move_by_offset(60, 30).move_by_offset(40, 40).release().perform())
     coverage = browser.execute_script("return window.maskCoverage()")
     assert 0.02 < coverage < 0.6
-    info = call_json(f"{server}/api/info")[1]
-    if not info["inpaint"]:
-        pytest.skip("Cascade.inpaint is not in this tree yet: the mask was drawn, inpainting itself is not tested")
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     path = tmp_path / "noise.png"
     path.write_bytes(png(noise))

@@ -138,8 +138,6 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     unknown = sorted(set(body) - SHARED - FIELDS[kind])
     if unknown:
         raise UserError(f"{kind} takes no field {', '.join(map(repr, unknown))}")
-    if kind == "inpaint" and not hasattr(cascade, "inpaint"):
-        raise UserError("this version of cascade has no inpainting (Cascade.inpaint)")
 
     until = body.get("until") or IMAGE_STAGES[-1]
     if until not in IMAGE_STAGES:
@@ -216,9 +214,9 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     item = source("image")
     mask_item = source("mask", kinds=("mask",))
     prompt = _text(body, "prompt")
-    method = body.get("method") or None  # None: the pipeline's choice (glide where the decoder has it)
-    if method is not None and not isinstance(method, str):
-        raise UserError(f"method must be text, got {method!r}")
+    method = body.get("method") or default_inpaint_method(cascade)
+    if method not in ("replace", "glide"):
+        raise UserError(f"method must be replace or glide, got {method!r}")
     resample = _int(body.get("resample", 1), "resample")
     if not 1 <= resample <= 20:
         raise UserError(f"resample {resample}: must be between 1 and 20 (RePaint's resampling; 1 = none)")
@@ -227,15 +225,19 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     mask = torch.from_numpy(_mask_array(mask_item.image(), pil.width))[None]  # (1, S, S) in [0, 1]
     if not bool((mask >= 0.5).any()):
         raise UserError("the mask is empty: paint over the part of the image to redraw")
-    extra = {"method": method} if method else {}
-    if resample != 1:
-        extra["resample"] = str(resample)
+    extra = {"method": method, **({"resample": str(resample), "jump": "1"} if method == "replace" else {})}
     return Spec(kind, ["prior", *image_stages], settings=settings,
                 call=lambda c, s, p: c.inpaint(image, mask, prompt, method=method, num_images=n, seed=seed,
                                                until=until, settings=s, progress=p, negative_prompt=negative,
                                                resample=resample),
                 text={"source": item.name, "prompt": prompt, **extra, **common, "model": model, **neg_text},
-                stem=f"inpaint-{_slug(prompt)}-s{seed}", labels=[prompt] * n)
+                stem=f"inpaint-{_slug(prompt)}-{method}-s{seed}", labels=[prompt] * n)
+
+
+def default_inpaint_method(cascade) -> str:
+    """What `cascade inpaint` uses without --method: glide where the decoder was trained for it."""
+    decoder = cascade.stages.get("decoder")
+    return "glide" if decoder is not None and getattr(decoder.config, "inpaint", False) else "replace"
 
 
 def _mask_array(mask, side: int):

@@ -47,7 +47,7 @@ class Studio:
                 stages[name]["size"] = size
         return {"model": self.model, "device": str(self.cascade.execution_device), "stages": stages,
                 "image_stages": [s for s in forms.IMAGE_STAGES if s in self.cascade.stages],
-                "samplers": list(SAMPLER_CHOICES), "inpaint": hasattr(self.cascade, "inpaint"),
+                "samplers": list(SAMPLER_CHOICES), "inpaint": forms.default_inpaint_method(self.cascade),
                 "eval": self.eval_text, "max_upload_bytes": self.max_upload_bytes, "max_pixels": MAX_PIXELS,
                 "max_queued": self.queue.max_queued}
 

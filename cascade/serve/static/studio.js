@@ -49,9 +49,7 @@ function selectTab(name) {
   for (const node of $$("[data-tabs]")) node.hidden = !node.dataset.tabs.split(" ").includes(name);
   $("#run").textContent = RUN_LABELS[name];
   $("#tab-hint").textContent = HINTS[name];
-  const noInpaint = name === "inpaint" && info && !info.inpaint;
-  $("#run").disabled = noInpaint;
-  showError(noInpaint ? "This version of cascade has no inpainting (Cascade.inpaint)." : "");
+  showError("");
   nextSlot = "image";
 }
 
@@ -75,7 +73,7 @@ function showInfo() {
   const dl = $("#model-info");
   dl.replaceChildren();
   for (const [k, v] of [["bundle", info.model], ["device", info.device], ["stages", stages],
-                        ["inpainting", info.inpaint ? "yes" : "not in this version"],
+                        ["inpainting", info.inpaint === "glide" ? "glide (the decoder was trained for it)" : "replace"],
                         ["uploads", `up to ${info.max_upload_bytes / 2 ** 20} MB, ${info.max_pixels} pixels`]]) {
     dl.append(el("dt", {textContent: k}), el("dd", {textContent: v}));
   }
@@ -117,7 +115,7 @@ async function submit(event) {
   } catch (err) {
     showError(err.message);
   } finally {
-    $("#run").disabled = tab === "inpaint" && !info.inpaint;
+    $("#run").disabled = false;
   }
 }
 
