@@ -23,7 +23,7 @@ def _val(data: Path, stage, batch_size: int = 16, split: str = "val"):
     if not any((data / split).glob("*.tar")):
         return None
     return make_val_batches(data, image_sizes=stage.image_sizes, with_embeddings=stage.needs_embeddings,
-                            batch_size=batch_size, split=split)
+                            batch_size=batch_size, split=split, select=stage.keeps)
 
 
 @torch.no_grad()
@@ -56,10 +56,8 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     rows = list(range(len(data_["json"]))) if clips else keep
     if not rows:
         return {}
-    tokens, mask = data_["clip_tokens"][rows], data_["clip_mask"][rows]
     g = torch.Generator().manual_seed(seed)
-    z_i = prior.sample({"clip_text": data_["clip_text"][rows], "clip_tokens": tokens, "clip_mask": mask},
-                       steps=prior.config.eval_steps, guidance=prior.config.eval_guidance, generator=g)
+    conditioning, path = _text_conditioning(prior, decoder, data_, rows, g)
     s = decoder.config.image_size
     noise = torch.randn(len(rows), 3, s, s, generator=g)
     scored = [rows.index(i) for i in keep]  # the shapes scenes among the decoded rows
@@ -67,13 +65,38 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
     metrics = {f"clip_score_{name}_real": clip_score(clip, data_[f"image_{s}"][rows], captions)
                for name, clip in clips.items()}
     for w in guidance:
-        images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, w,
-                            desc=f"text -> prior -> decoder, val captions (guidance {w:g})")
+        images = decode_all(decoder, conditioning, noise, w,
+                            desc=f"text -> {path} -> decoder, val captions (guidance {w:g})")
         if scored:
-            metrics.update(score_decodes(images[scored], [data_["json"][i] for i in keep], suffix=f"@prior_g{w:g}"))
+            metrics.update(score_decodes(images[scored], [data_["json"][i] for i in keep], suffix=f"@{path}_g{w:g}"))
         for name, clip in clips.items():
-            metrics[f"clip_score_{name}@prior_g{w:g}"] = clip_score(clip, images, captions)
+            metrics[f"clip_score_{name}@{path}_g{w:g}"] = clip_score(clip, images, captions)
     return metrics
+
+
+def _text_conditioning(prior, decoder, data_: dict[str, Any], rows: list[int], g: torch.Generator
+                       ) -> tuple[dict[str, Any], str]:
+    """(the decoder's conditioning for val rows `rows`, the path's name in the metric keys): the prior's
+    samples from the stored CLIP text embeddings ("prior"), or for an Imagen-style decoder the captions
+    themselves ("text": no prior, keys "@text_g<w>")."""
+    if decoder.config.conditioning == "imagen":
+        return {"txt": [data_["txt"][i] for i in rows]}, "text"
+    tokens, mask = data_["clip_tokens"][rows], data_["clip_mask"][rows]
+    z_i = prior.sample({"clip_text": data_["clip_text"][rows], "clip_tokens": tokens, "clip_mask": mask},
+                       steps=prior.config.eval_steps, guidance=prior.config.eval_guidance, generator=g)
+    return {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, "prior"
+
+
+def binding_report(bundle: Path, data: Path, out: Path, *, seed: int, holdout_pairs: str | None,
+                   device) -> dict[str, float]:
+    """`cascade eval --binding`: the binding benchmark (`cascade.binding`) on the held-out pairs of
+    `holdout_pairs`, else of the data's dataset.json, else the default ones; its figure in out/binding.png."""
+    from cascade.binding import binding_figure, evaluate_binding, holdout_of
+
+    holdout = holdout_of(data, holdout_pairs)
+    scores, images, cases = evaluate_binding(bundle, holdout=holdout, seed=seed, device=device)
+    binding_figure({bundle.name: images}, cases, out / "binding.png")
+    return scores
 
 
 ONE_OBJECT_SEED = 1_000_003  # not a seed the demo's or the README's data builds use
@@ -106,13 +129,17 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
         return {}
     prompts = one_object_prompts(count)
     captions = [text for text, _ in prompts]
-    text, tokens, mask = clip.encode_text(captions)
     g = torch.Generator().manual_seed(seed)
-    z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
+    if decoder.config.conditioning == "imagen":  # the captions straight into the decoder, no prior
+        conditioning, path = {"txt": captions}, "text"
+    else:
+        text, tokens, mask = clip.encode_text(captions)
+        z_i = prior.sample({"clip_text": text, "clip_tokens": tokens, "clip_mask": mask}, generator=g)
+        conditioning, path = {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, "prior"
     s = decoder.config.image_size
     noise = torch.randn(len(prompts), 3, s, s, generator=g)
-    images = decode_all(decoder, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, guidance,
-                        desc=f"text -> prior -> decoder, one-object prompts (guidance {guidance:g})")
+    images = decode_all(decoder, conditioning, noise, guidance,
+                        desc=f"text -> {path} -> decoder, one-object prompts (guidance {guidance:g})")
     if grid is not None:
         save_png(make_grid(images, captions), grid)
     return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
@@ -128,11 +155,13 @@ def _placement(decoder, clip, seed: int, limit: int, out: Path) -> dict[str, flo
 
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
                     stages: list[str] | None = None, limit: int = 64, one_object: int = 36,
-                    clip_models: tuple[str, ...] = (), device: str | torch.device = "cpu"
-                    ) -> dict[str, dict[str, float]]:
+                    clip_models: tuple[str, ...] = (), device: str | torch.device = "cpu",
+                    binding: bool = False, holdout_pairs: str | None = None) -> dict[str, dict[str, float]]:
     """Every stage's evaluation of `bundle` on `data`'s val split, then the cascade's: text -> prior ->
     decoder on val captions (shapes score; CLIP score under the bundle's CLIP and each of `clip_models`,
-    "open_clip_name:weights_file"), on `one_object` generated one-object prompts, and the placement probe.
+    "open_clip_name:weights_file"), on `one_object` generated one-object prompts, and the placement probe;
+    an Imagen-style decoder the same without the prior (text -> decoder). With `binding`, the binding
+    benchmark (`binding_report`).
     Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards
@@ -170,18 +199,23 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
             if images is not None:
                 save_png(stage.preview_grid(images, list(batch["txt"])), out / f"{name}-samples.png")
         write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
-    if "prior" in loaded and "decoder" in loaded:
-        print("evaluating text -> prior -> decoder ...", flush=True)
+    text_only = "decoder" in loaded and loaded["decoder"].config.conditioning == "imagen"
+    if ("prior" in loaded or text_only) and "decoder" in loaded:
+        print(f"evaluating text -> {'decoder' if text_only else 'prior -> decoder'} ...", flush=True)
         clip = bundle_clip() if "clip" in present else None
         clips = {**({"bundle": clip} if clip is not None else {}), **others}
-        results["cascade"] = text_to_image_scores(loaded["prior"], loaded["decoder"], data, limit=limit,
+        results["cascade"] = text_to_image_scores(loaded.get("prior"), loaded["decoder"], data, limit=limit,
                                                   guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed,
                                                   clips=clips)
         if clip is not None and one_object > 0:
             decoder = loaded["decoder"]
             results["cascade"].update(one_object_scores(
-                clip, loaded["prior"], decoder, count=one_object,
+                clip, loaded.get("prior"), decoder, count=one_object,
                 guidance=decoder.config.guidance, seed=seed, grid=out / "one-object-prompts.png"))
+    if binding and "decoder" in loaded:
+        print("evaluating binding ...", flush=True)
+        write_report(results, out)
+        results["binding"] = binding_report(bundle, data, out, seed=seed, holdout_pairs=holdout_pairs, device=device)
     write_report(results, out)
     return results
 
@@ -237,6 +271,12 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-score-model", action="append", default=[], metavar="NAME:FILE",
                    help="also give the CLIP score under this open_clip model with local weights, e.g. "
                         "ViT-B-32:/models/vit-b-32.pt (repeatable; the bundle's own CLIP always scores)")
+    p.add_argument("--binding", action="store_true",
+                   help="also the binding benchmark: 48 fixed prompts of 1-3 objects, seen and held-out colour-shape "
+                        "pairs, scored for colour, shape, place and all three (binding); figure OUT/binding.png")
+    p.add_argument("--holdout-pairs", default=None, metavar="COLOUR:SHAPE,...",
+                   help="--binding's held-out pairs (default: those --data's dataset.json records, else "
+                        "red:star,blue:circle,green:heart,yellow:square)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the evaluations' sampling, 0 to 2**63-1 (default: %(default)s)")
     p.add_argument("--device", default="auto", metavar="DEVICE",
@@ -256,9 +296,14 @@ def _run(args: Any) -> int:
     for name in ("limit", "one_object"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.holdout_pairs is not None:
+        from cascade.data.shapes import parse_pairs
+
+        parse_pairs(args.holdout_pairs)  # its errors before any model loads
     results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
                               one_object=args.one_object, clip_models=tuple(args.clip_score_model),
-                              device=resolve_device(args.device))
+                              device=resolve_device(args.device), binding=args.binding,
+                              holdout_pairs=args.holdout_pairs)
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0 if results else 1

@@ -132,6 +132,11 @@ class Stage(nn.Module):
         for name in self.networks:
             getattr(self, name).compile(**options)
 
+    def keeps(self, meta: dict[str, Any]) -> bool:
+        """Whether this stage trains and evaluates on a sample, from its json (read before the images are
+        decoded). Every sample by default; the upsamplers skip images upscaled from a smaller original."""
+        return True
+
     def adapt_weights(self, state: dict[str, torch.Tensor], source: Config) -> list[str]:
         """Make `state`, the weights of a stage built from config `source`, fit this stage's network, in place,
         for `train_stage.py --init-from`; returns a line per tensor changed. The default changes nothing

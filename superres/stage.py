@@ -70,6 +70,15 @@ class SuperResStage(Stage):
 
     # -- data ---------------------------------------------------------------------------------------
 
+    def keeps(self, meta: dict[str, Any]) -> bool:
+        """Only images with real detail at the output size: a sample made from a smaller raster original
+        (Fluent Emoji 3D's 256x256 files, small photos) holds a Lanczos upscale at 1024, and learning to
+        reproduce that kernel taught sr1024 to blur some edges and outline others."""
+        from cascade.data.sample import native_size
+
+        size = native_size(meta)
+        return size is None or size >= self.high_size
+
     def preprocess(self, sample: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         """Add "sr_low" (degraded, possibly cropped) and "sr_high" (the aligned crop) to a sample."""
         c = self.config

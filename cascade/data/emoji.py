@@ -283,6 +283,8 @@ def render(entry: Entry, sizes: tuple[int, ...]) -> Sample:
         # Composite first, then resample: resizing RGBA directly would pull colour out of
         # fully transparent pixels into the edges.
         images = {s: base if base.size == (s, s) else base.resize((s, s), Image.LANCZOS) for s in sizes}
+        # a larger size is an upscale, with no detail of its own: the SR stages skip it (`native_size`)
+        return Sample(entry.key, images, entry.txt, {**entry.json, "native_size": min(base.size)})
     return Sample(entry.key, images, entry.txt, dict(entry.json))
 
 

@@ -156,4 +156,4 @@ def load_image(pair: Pair) -> Image.Image:
 def to_sample(key: str, pair: Pair, sizes: tuple[int, ...]) -> Sample:
     image = load_image(pair)
     return Sample(key, {s: square_resize(image, s) for s in sizes}, pair.txt,
-                  {"source": "folder", "path": pair.origin})
+                  {"source": "folder", "path": pair.origin, "native_size": min(image.size)})

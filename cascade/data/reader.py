@@ -42,6 +42,7 @@ log = logging.getLogger("cascade.data")
 
 EMBEDDING_FIELDS = ("clip_image", "clip_text", "clip_tokens", "clip_mask")
 Preprocess = Callable[[dict[str, Any], torch.Generator], dict[str, Any]]
+Select = Callable[[dict[str, Any]], bool]  # a sample's json -> whether the stage reads it
 
 
 def _seed(*parts: Any) -> int:
@@ -127,7 +128,7 @@ class ShardLoader:
     def __init__(self, shards: list[str], *, image_sizes: Sequence[int], with_embeddings: bool,
                  batch_size: int, preprocess: Preprocess | None, shuffle: bool, seed: int, epoch: int,
                  rank: int, world_size: int, num_workers: int, infinite: bool, skip_batches: int,
-                 drop_last: bool, shuffle_buffer: int = 500):
+                 drop_last: bool, shuffle_buffer: int = 500, select: Select | None = None):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -147,6 +148,7 @@ class ShardLoader:
         self.skip_batches = skip_batches
         self.drop_last = drop_last
         self.shuffle_buffer = shuffle_buffer
+        self.select = select
         wanted = {f"{s}.png" for s in self.image_sizes} | {"txt", "json"}
         if with_embeddings:
             wanted |= {f"{n}.npy" for n in EMBEDDING_FIELDS}
@@ -177,6 +179,13 @@ class ShardLoader:
     def _select(self, name: str) -> bool:
         return name.split(".", 1)[-1] in self._wanted if "." in name else False
 
+    def _selected(self, raw: dict[str, Any]) -> bool:
+        try:
+            meta = json.loads(raw.get("json") or b"{}")
+        except ValueError:
+            return True  # a broken json fails in decode_sample, which counts and reports it
+        return bool(self.select(meta if isinstance(meta, dict) else {}))
+
     def _on_error(self, exc: Exception) -> bool:
         self._count_skip(f"corrupt shard data ({type(exc).__name__}: {exc})")
         return True  # keep going with the next shard
@@ -206,6 +215,8 @@ class ShardLoader:
         while True:
             produced = resumed_past = 0
             for raw in self._raw_epoch(epoch, consumer, consumers):
+                if self.select is not None and not self._selected(raw):
+                    continue  # before the resume count: skip_batches counts the samples this stage reads
                 if to_skip:
                     to_skip -= 1
                     resumed_past += 1
@@ -281,23 +292,25 @@ def make_loader(data_dir: str | Path, split: str = "train", *, image_sizes: Sequ
                 with_embeddings: bool = False, batch_size: int = 16, preprocess: Preprocess | None = None,
                 shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, infinite: bool = True, skip_batches: int = 0,
-                drop_last: bool = True) -> ShardLoader:
-    """Batches from `data_dir/<split>/*.tar` (see the module docstring for the guarantees)."""
+                drop_last: bool = True, select: Select | None = None) -> ShardLoader:
+    """Batches from `data_dir/<split>/*.tar` (see the module docstring for the guarantees). `select(json)`,
+    when given, keeps only the samples whose json it accepts (a stage's `keeps`), before anything is
+    decoded."""
     return ShardLoader(find_shards(data_dir, split), image_sizes=image_sizes,
                        with_embeddings=with_embeddings, batch_size=batch_size, preprocess=preprocess,
                        shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                        num_workers=num_workers, infinite=infinite, skip_batches=skip_batches,
-                       drop_last=drop_last)
+                       drop_last=drop_last, select=select)
 
 
 def make_val_batches(data_dir: str | Path, *, image_sizes: Sequence[int] = (64,),
                      with_embeddings: bool = False, batch_size: int = 16,
                      preprocess: Preprocess | None = None, seed: int = 0, rank: int = 0,
-                     world_size: int = 1, split: str = "val") -> ShardLoader:
+                     world_size: int = 1, split: str = "val", select: Select | None = None) -> ShardLoader:
     """One ordered pass over a split, keeping the last short batch; the same batches every call."""
     return make_loader(data_dir, split, image_sizes=image_sizes, with_embeddings=with_embeddings,
                        batch_size=batch_size, preprocess=preprocess, shuffle=False, seed=seed,
-                       rank=rank, world_size=world_size, infinite=False, drop_last=False)
+                       rank=rank, world_size=world_size, infinite=False, drop_last=False, select=select)
 
 
 def read_samples(data_dir: str | Path, split: str = "val", *, image_sizes: Sequence[int] = (64,),

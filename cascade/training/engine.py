@@ -188,7 +188,8 @@ class Trainer:
             self.preview = CascadePreview(args.preview_bundle, self.run.stage,
                                           check_out_dir(args.preview_out or self.run_dir / "progress",
                                                         "--preview-out"),
-                                          prompts=args.preview_prompts or DEFAULT_PROMPTS)
+                                          prompts=args.preview_prompts or DEFAULT_PROMPTS,
+                                          prior=getattr(self.run.model, "conditioning", "unclip") != "imagen")
             self.preview.check(self.stage_cls, self.run.model)
         if args.init_from is not None:
             from cascade.bundle import read_stage_config
@@ -301,7 +302,7 @@ class Trainer:
                                 preprocess=stage.preprocess, shuffle=True, seed=cfg.seed,
                                 rank=self.dist.rank, world_size=self.dist.world_size,
                                 num_workers=cfg.num_workers, infinite=True,
-                                skip_batches=skip_batches))
+                                skip_batches=skip_batches, select=stage.keeps))
 
     def _val_batches(self, batch_size: int, split: str = "val"):
         """One ordered pass over `split`, or None when the data has no such split."""
@@ -311,7 +312,8 @@ class Trainer:
             return None
         return make_val_batches(self.args.data, image_sizes=self.stage.image_sizes,
                                 with_embeddings=self.stage.needs_embeddings, batch_size=batch_size,
-                                preprocess=self.stage.preprocess, seed=self.train_cfg.seed, split=split)
+                                preprocess=self.stage.preprocess, seed=self.train_cfg.seed, split=split,
+                                select=self.stage.keeps)
 
     # ------------------------------------------------------------------ the EMA copy on rank 0
     def ema_stage(self) -> nn.Module | None:
