@@ -83,3 +83,41 @@ def test_a_small_build_gets_one_val_sample_where_the_hash_picks_none(tmp_path, c
                                      if split_of(f"shapes-s2-{i:07d}", 0.05) == split]
     assert len(_keys(build("one", 1, 0), "train")) == 1
     assert len(_keys(build("none", 20, 0, fraction="0"), "train")) == 20
+
+
+def _one_object(meta: dict) -> bool:
+    return len(meta["objects"]) == 1
+
+
+def test_select_reads_only_the_samples_a_stage_keeps_and_resumes_exactly(shapes):
+    """A stage's `keeps(json)` filters before decoding; skip_batches counts the kept samples, so a resumed
+    run reads on exactly where an uninterrupted one would."""
+    everything = read_samples(shapes, "train", image_sizes=(32,))
+    wanted = sorted(s["key"] for s in everything if len(s["json"]["objects"]) == 1)
+    assert 0 < len(wanted) < len(everything)
+    one_pass = make_loader(shapes, batch_size=2, image_sizes=(32,), select=_one_object, infinite=False,
+                           drop_last=False, shuffle=False)
+    assert sorted(k for batch in one_pass for k in batch["key"]) == wanted
+    straight = iter(make_loader(shapes, batch_size=2, image_sizes=(32,), select=_one_object))
+    keys = [next(straight)["key"] for _ in range(5)]
+    resumed = iter(make_loader(shapes, batch_size=2, image_sizes=(32,), select=_one_object, skip_batches=3))
+    assert [next(resumed)["key"] for _ in range(2)] == keys[3:]
+
+
+@pytest.mark.parametrize("meta,sr256,sr1024", [
+    ({"source": "shapes", "objects": []}, True, True),  # drawn: real at every size
+    ({"source": "openmoji"}, True, True),  # SVGs are rendered at each size
+    ({"source": "fluent-emoji-3d", "native_size": 256}, True, False),  # a 256x256 webp: 1024 is an upscale
+    ({"source": "fluent-emoji-3d"}, True, False),  # built before native_size was recorded
+    ({"source": "folder", "native_size": 700}, True, False),
+    ({"source": "folder", "native_size": 2000}, True, True),
+])
+def test_upsamplers_skip_images_upscaled_from_a_smaller_original(meta, sr256, sr1024):
+    from cascade.registry import get_stage
+
+    for name, kept in (("sr256", sr256), ("sr1024", sr1024)):
+        cls = get_stage(name)
+        stage = cls.__new__(cls)  # keeps() reads only the class's sizes
+        assert stage.keeps(meta) is kept, (name, meta)
+    decoder = get_stage("decoder")
+    assert decoder.keeps(decoder.__new__(decoder), meta) is True
