@@ -164,7 +164,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     benchmark (`binding_report`).
     Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest
-    from cascade.data.reader import find_shards
+    from cascade.data.reader import find_shards, make_val_batches
     from cascade.images import save_png
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
@@ -199,6 +199,15 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
             if images is not None:
                 save_png(stage.preview_grid(images, list(batch["txt"])), out / f"{name}-samples.png")
         write_report(results, out)  # after every stage, so a later failure or Ctrl-C keeps what is done
+    if "sr256" in loaded and "sr1024" in loaded:
+        from superres.evaluation import evaluate_chain
+
+        print("evaluating the SR chain (sr1024 on sr256's output) ...", flush=True)
+        sr1024 = loaded["sr1024"]
+        chain_data = make_val_batches(data, image_sizes=(64, 256, 1024), batch_size=8, select=sr1024.keeps)
+        results["sr_chain"] = evaluate_chain(loaded["sr256"], sr1024, chain_data, torch.Generator().manual_seed(seed),
+                                             limit=sr1024.config.eval_images)
+        write_report(results, out)
     text_only = "decoder" in loaded and loaded["decoder"].config.conditioning == "imagen"
     if ("prior" in loaded or text_only) and "decoder" in loaded:
         print(f"evaluating text -> {'decoder' if text_only else 'prior -> decoder'} ...", flush=True)

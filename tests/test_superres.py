@@ -326,3 +326,33 @@ def test_evaluate_reports_each_source_beside_bicubic():
     assert m["psnr_bicubic_emoji"] == pytest.approx(bic[4:].mean().item())
     assert m["psnr_bicubic"] == pytest.approx((m["psnr_bicubic_shapes"] + m["psnr_bicubic_emoji"]) / 2)
     assert math.isfinite(m["psnr_best_emoji"]) and m["psnr_best"] == m["psnr_aug0_steps1"]
+
+
+def test_the_chain_score_feeds_sr1024_what_sr256_made(tmp_path):
+    """evaluate_chain: sr1024 on sr256's output from the real 64 image, beside sr1024 on the real 256 image
+    and bicubic from both, all against the real 1024 crop (one aligned crop per image)."""
+    from bundle_helpers import SR, seeded_stage
+    from cascade.cli import main
+    from cascade.data.reader import make_val_batches
+    from superres.evaluation import evaluate_chain
+    from superres.metrics import bicubic_upsample, psnr
+
+    data = tmp_path / "set"
+    assert main(["data", "build", "--source", "shapes", "--out", str(data), "--count", "6", "--sizes",
+                 "64,256,1024", "--val-fraction", "0.5", "--seed", "1"]) == 0
+    sr256 = seeded_stage("sr256", **SR, residual=True, prediction="x0", steps=2)
+    sr1024 = seeded_stage("sr1024", **SR, residual=True, prediction="x0", train_crop=64, tile_size=None, eval_crop=256,
+                          steps=1)
+    batches = make_val_batches(data, image_sizes=(64, 256, 1024), batch_size=4)
+    m = evaluate_chain(sr256, sr1024, batches, torch.Generator().manual_seed(0), limit=4)
+    n = int(m["chain_images"])
+    assert n >= 1
+    # an untrained residual x0 model adds its zero-initialised output to bicubic (clipped to [-1, 1]): the
+    # chain's sr256 step is bicubic from 64, and sr1024 on the real 256 is bicubic from 256
+    assert m["psnr_sr256"] == pytest.approx(m["psnr_bicubic_64_to_256"], abs=0.1)
+    assert m["psnr_sr1024_real_input"] == pytest.approx(m["psnr_bicubic_from256"], abs=0.1)
+    assert m["psnr_bicubic_from64"] < m["psnr_bicubic_from256"]  # the chain starts 16x below
+    assert m["psnr_chain"] < m["psnr_sr1024_real_input"]
+    picked = next(iter(make_val_batches(data, image_sizes=(256, 1024), batch_size=8)))
+    whole = psnr(bicubic_upsample(picked["image_256"], 1024), picked["image_1024"]).mean().item()
+    assert whole >= m["psnr_bicubic_from256"] - 1e-3  # the crops are the detailed (hardest) parts
