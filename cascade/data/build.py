@@ -64,16 +64,27 @@ def open_source(spec: str, *, sizes: tuple[int, ...], count: int | None, seed: i
 
 def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | None = None, seed: int = 0,
           val_fraction: float = 0.05, shard_size: int = 1000, overwrite: bool = False,
-          cache: str | None = None, progress: bool = True) -> dict[str, int]:
+          cache: str | None = None, progress: bool = True, holdout_pairs: str | None = None) -> dict[str, int]:
     """Write the shards; returns the number of samples per split. A hash of each key picks its split;
     with val_fraction > 0 and 2 or more samples, at least one lands in val (the last train one when no
-    key hashes there)."""
+    key hashes there).
+
+    `holdout_pairs` ('red:star,blue:circle', shapes only): a compositional split. Train keeps no scene
+    with an object of a held-out colour-shape pair (those scenes are dropped, counted in the manifest's
+    `holdout_dropped`); val keeps them, so the pairs can be scored as unseen. The manifest records the
+    pairs (`holdout_pairs`) for `cascade eval --binding` and `benchmarks/binding.py`."""
     if count is not None and count < 1:
         raise UserError(f"bad --count {count}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"bad --val-fraction {val_fraction}: must be in [0, 1)")
+    held_out = ()
+    if holdout_pairs is not None:
+        if spec.partition(":")[0] != "shapes":
+            raise UserError(f"--holdout-pairs works with --source shapes, not '{spec}'")
+        held_out = shapes.parse_pairs(holdout_pairs)
     samples, total, licenses = open_source(spec, sizes=sizes, count=count, seed=seed, cache=cache)
     counts = {"train": 0, "val": 0}
+    dropped = 0
     with staged_output(out, overwrite=overwrite) as stage:
         with ShardWriter(stage / "train", shard_size) as train, ShardWriter(stage / "val", shard_size) as val:
             writers = {"train": train, "val": val}
@@ -91,6 +102,9 @@ def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | No
                 if not sample.txt.strip():
                     raise UserError(f"empty caption for sample {sample.key}")
                 split = split_of(sample.key, val_fraction)
+                if held_out and split == "train" and shapes.shows_pair(sample.json, held_out):
+                    dropped += 1
+                    continue
                 fields: dict[str, Any] = {f"{s}.png": sample.images[s] for s in sizes}
                 fields["txt"] = sample.txt
                 fields["json"] = sample.json
@@ -107,6 +121,8 @@ def build(spec: str, out: str | Path, *, sizes: tuple[int, ...], count: int | No
             raise UserError(f"source '{spec}' gave no samples")
         manifest = {"source": spec, "sizes": list(sizes), "seed": seed, "counts": counts,
                     "val_fraction": val_fraction}
+        if held_out:
+            manifest.update(holdout_pairs=shapes.format_pairs(held_out), holdout_dropped=dropped)
         (stage / "dataset.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if licenses:
             (stage / "LICENSES").write_text(licenses)

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     build.add_argument("--cache", default=None,
                        help="download cache for emoji packages (default $CASCADE_CACHE or ~/.cache/cascade/npm)")
+    build.add_argument("--holdout-pairs", default=None, metavar="COLOUR:SHAPE,...",
+                       help="shapes only: keep these colour-shape pairs out of train (scenes showing one are "
+                            "dropped from train; val keeps them), e.g. red:star,blue:circle; recorded in "
+                            "dataset.json for `cascade eval --binding`")
     build.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     build.set_defaults(func=_build)
 
@@ -58,9 +62,15 @@ def _build(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     counts = build(args.source, args.out, sizes=sizes, count=args.count, seed=args.seed,
                    val_fraction=args.val_fraction, shard_size=args.shard_size, overwrite=args.overwrite,
-                   cache=args.cache)
+                   cache=args.cache, holdout_pairs=args.holdout_pairs)
     print(f"wrote {counts['train']} train and {counts['val']} val samples at sizes "
           f"{','.join(map(str, sizes))} to {args.out}")
+    if args.holdout_pairs is not None:
+        import json
+        from pathlib import Path
+
+        manifest = json.loads((Path(args.out) / "dataset.json").read_text())
+        print(f"held out of train: {manifest['holdout_pairs']} ({manifest['holdout_dropped']} scenes dropped)")
     return 0
 
 

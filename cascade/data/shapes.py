@@ -239,6 +239,43 @@ def scene_for(seed: int, index: int, single: bool = False) -> tuple[str, dict[st
     return text, scene
 
 
+def parse_pairs(text: str, option: str = "--holdout-pairs") -> tuple[tuple[str, str], ...]:
+    """'red:star,blue:circle' -> (("red", "star"), ("blue", "circle")): colour-shape pairs of the shapes set,
+    in the order given, with one-line errors. No colour or shape may be held out with every partner (the
+    model would never see it at all, and its pairs would test the word, not the binding)."""
+    from cascade.errors import UserError
+
+    pairs = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        colour, sep, shape = (x.strip() for x in part.partition(":"))
+        if not sep or colour not in COLORS or shape not in SHAPES:
+            raise UserError(f"bad {option} entry '{part}': expected COLOUR:SHAPE with a colour of "
+                            f"{', '.join(COLORS)} and a shape of {', '.join(SHAPES)}")
+        if (colour, shape) not in pairs:
+            pairs.append((colour, shape))
+    if not pairs:
+        raise UserError(f"{option} '{text}' names no pair; e.g. red:star,blue:circle")
+    for colour in {c for c, _ in pairs}:
+        if all((colour, shape) in pairs for shape in SHAPES):
+            raise UserError(f"{option} holds out every shape in {colour}; leave at least one")
+    for shape in {s for _, s in pairs}:
+        if all((colour, shape) in pairs for colour in COLORS):
+            raise UserError(f"{option} holds out every colour of {shape}; leave at least one")
+    return tuple(pairs)
+
+
+def format_pairs(pairs) -> str:
+    """The inverse of `parse_pairs`: (("red", "star"),) -> 'red:star'."""
+    return ",".join(f"{colour}:{shape}" for colour, shape in pairs)
+
+
+def shows_pair(scene: dict[str, Any], pairs) -> bool:
+    """Whether any object of the scene has one of the colour-shape `pairs`."""
+    return any((obj["color"], obj["shape"]) in pairs for obj in scene.get("objects", ()))
+
+
 def sample_key(seed: int, index: int, single: bool = False) -> str:
     return f"shapes{'1' if single else ''}-s{seed}-{index:07d}"
 
