@@ -5,7 +5,9 @@
     out.images["sr1024"]  # (N, 3, 1024, 1024) in [-1, 1]
 
 Text -> CLIP text tower -> prior (z_i) -> decoder (64) -> sr256 -> sr1024 (DALL-E 2, Ramesh et al. 2022,
-figure 2; with Imagen's super-resolution tricks). Each stage draws all its noise from one generator seeded
+figure 2; with Imagen's super-resolution tricks). A bundle whose decoder has `conditioning: imagen` runs
+text -> decoder (64) -> sr256 -> sr1024 instead (Imagen): the decoder reads the prompts through its own
+frozen language model, and there is no prior; the CLIP text tower then only feeds text-conditioned SR stages. Each stage draws all its noise from one generator seeded
 by (seed, stage) (`stage_generator`), so stopping earlier with `until` never changes the images of the
 stages that ran, and no two draws of a run repeat each other. Every stage samples with its config's
 sampler, steps and guidance unless `Settings` overrides them; all four jobs go through the same
@@ -106,7 +108,7 @@ class Region:
 @dataclass
 class Result:
     images: dict[str, torch.Tensor]  # stage name -> (N, 3, S, S) in [-1, 1]
-    image_embeddings: torch.Tensor  # (N, D)
+    image_embeddings: torch.Tensor | None  # (N, D); None for an Imagen-style decoder, which has none
 
     @property
     def final(self) -> torch.Tensor:
@@ -260,6 +262,18 @@ class Cascade:
             self._need(name)
         return chain
 
+    @property
+    def text_only(self) -> bool:
+        """Whether the decoder is Imagen-style (`conditioning: imagen`): it reads the prompt's text alone,
+        through its own frozen language model, so there is no prior and no image embedding."""
+        decoder = self.stages.get("decoder")
+        return decoder is not None and getattr(decoder.config, "conditioning", "unclip") == "imagen"
+
+    def _need_image_embedding(self, job: str) -> None:
+        if self.text_only:
+            raise UserError(f"{job} works on CLIP image embeddings, which this bundle's Imagen-style decoder "
+                            "(conditioning: imagen) does not read; use an unCLIP bundle")
+
     def encode_text(self, texts: list[str]):
         with torch.no_grad():
             return self.clip.encode_text(texts)
@@ -285,7 +299,7 @@ class Cascade:
             g = stage_generator(seed, name)
             cond = {"low_res": low}
             if text is not None and stage.config.text:
-                cond.update(text)
+                cond.update({k: text[k] for k in ("clip_tokens", "clip_mask")})
             fixed = {}
             if shared_noise:
                 b, _, h, w = low.shape
@@ -302,39 +316,50 @@ class Cascade:
             out[name] = low
         return out
 
-    def decode(self, image_emb: torch.Tensor, *, settings: Settings, seed: int, text: dict | None = None,
+    def decode(self, image_emb: torch.Tensor | None, *, settings: Settings, seed: int, text: dict | None = None,
                shared_noise: bool = False, progress: Progress | None = None, negative: dict | None = None,
                init: torch.Tensor | None = None, strength: float = 1.0,
                region: Region | None = None) -> torch.Tensor:
-        """64x64 images for image embeddings (N, D) (and text, when given). With `shared_noise` every row
-        starts from the same x_T, so a deterministic sampler makes each image a function of its
-        embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
+        """64x64 images for image embeddings (N, D) (and text, when given); an Imagen-style decoder takes
+        `image_emb` None and the prompts in `text["txt"]`. With `shared_noise` every row starts from the
+        same x_T, so a deterministic sampler makes each image a function of its embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
         conditioning's); `init` (N, 3, 64, 64): image to image at `strength`."""
         decoder = self._need("decoder")
         g = stage_generator(seed, "decoder")
-        cond = {"clip_image": image_emb}
+        cond = {} if image_emb is None else {"clip_image": image_emb}
         if text is not None:
             cond.update(text)
+        n = decoder.rows(cond)
         noise = None
         if shared_noise:
             size = decoder.config.image_size
-            noise = torch.randn(1, 3, size, size, generator=g).expand(len(image_emb), -1, -1, -1)
+            noise = torch.randn(1, 3, size, size, generator=g).expand(n, -1, -1, -1)
         options = {} if init is None else {"init": init.to(self.device), "strength": strength}
         if region is not None:
-            known, mask = region.at(decoder.config.image_size, len(image_emb))
+            known, mask = region.at(decoder.config.image_size, n)
             options = {"known": known, "mask": mask, "inpaint_method": region.method,
                        "resample": region.resample, "jump": region.jump}
         return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise,
                             negative=negative, **options)
 
     def _text(self, prompts: list[str], negative_prompt: str | None, settings: Settings, seed: int,
-              progress: Progress | None) -> tuple[torch.Tensor, dict, dict | None]:
+              progress: Progress | None) -> tuple[torch.Tensor | None, dict, dict | None]:
         """(z_i from the prior, the decoder's text conditioning, the decoder's negative conditioning or
         None) for `prompts`. With `negative_prompt` the prior's guidance steers away from it, and the
-        decoder's from its tokens and its own prior embedding, drawn after the prompts' (Kandinsky-style)."""
-        self._need("prior")
+        decoder's from its tokens and its own prior embedding, drawn after the prompts' (Kandinsky-style).
+        An Imagen-style decoder gets the prompts themselves (`txt`) and no z_i (None): no prior runs; its
+        guidance steers away from the negative prompt's text. The CLIP tokens stay in the text either way,
+        for text-conditioned upsamplers."""
         n = len(prompts)
         texts = prompts + ([check_prompt(negative_prompt)] if negative_prompt is not None else [])
+        if self.text_only:
+            _, tokens, mask = self.encode_text(texts)
+            text = {"txt": list(prompts), "clip_tokens": tokens[:n], "clip_mask": mask[:n]}
+            if negative_prompt is None:
+                return None, text, None
+            return None, text, {"txt": texts[n:] * n, "clip_tokens": tokens[n:].expand(n, -1, -1),
+                                "clip_mask": mask[n:].expand(n, -1)}
+        self._need("prior")
         z_t, tokens, mask = self.encode_text(texts)  # one batch: the negative's tokens pad like the prompts'
         text = {"clip_tokens": tokens[:n], "clip_mask": mask[:n]}
         g = stage_generator(seed, "prior")
@@ -354,8 +379,9 @@ class Cascade:
     def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
                  settings: Settings | None = None, progress: Progress | None = None,
                  negative_prompt: str | None = None) -> Result:
-        """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until`; with
-        `negative_prompt`, the prior's and the decoder's guidance steer away from it."""
+        """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until` (an
+        Imagen-style decoder: the prompts straight into the decoder, no prior); with `negative_prompt`, the
+        prior's and the decoder's guidance steer away from it."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
@@ -372,6 +398,7 @@ class Cascade:
         with `negative_prompt`, the decoder's guidance steers away from that text's prior embedding."""
         settings = settings or Settings()
         self.stages_until(until)
+        self._need_image_embedding("vary")
         z_i = self.encode_image(image[None]).expand(num_images, -1)
         negative = None
         if negative_prompt is not None:  # the negative text's prior embedding, drawn as generate draws one
@@ -451,6 +478,7 @@ class Cascade:
 
         settings = settings or Settings()
         self.stages_until(until)
+        self._need_image_embedding("interpolate")
         z = self.encode_image(torch.stack([image_a, image_b]))
         z_i = slerp(z[:1], z[1:], torch.linspace(0, 1, frames)[:, None])
         x = self.decode(z_i, settings=settings, seed=seed, shared_noise=True, progress=progress)
@@ -469,6 +497,7 @@ class Cascade:
             raise UserError(f"max_theta {max_theta}: must be between 0 and 1")
         settings = settings or Settings()
         self.stages_until(until)
+        self._need_image_embedding("textdiff")
         z_t, _, _ = self.encode_text([check_prompt(text_from), check_prompt(text_to)])
         z_img = self.encode_image(image[None])
         theta = torch.linspace(0, max_theta, frames)[:, None]
@@ -484,7 +513,8 @@ def check_chain(clip, stages: dict) -> None:
     d, dt = clip.embed_dim, clip.token_dim
     wants = {"prior": [("embed_dim", d), ("token_dim", dt)], "decoder": [("clip_dim", d), ("text_dim", dt)]}
     for name, checks in wants.items():
-        if name in stages:
+        # an Imagen-style decoder reads its own frozen language model, not the bundle's CLIP
+        if name in stages and getattr(stages[name].config, "conditioning", "unclip") == "unclip":
             for key, have in checks:
                 want = getattr(stages[name].config, key)
                 if want != have:

@@ -64,3 +64,42 @@ class Conditioning(nn.Module):
             parts.append(text)
             visible += [~text_visible.any(dim=1, keepdim=True), text_visible]
         return emb, self.norm(torch.cat(parts, dim=1)), torch.cat(visible, dim=1)
+
+
+class TextConditioning(nn.Module):
+    """Imagen's conditioning (Saharia et al. 2022, section 2.1 and appendix F): (pooled (B, Dt), tokens (B, L, Dt),
+    token mask (B, L), keep flags (B,)) -> (emb (B, E), context (B, 1 + L, C), context mask (B, 1 + L)).
+
+    The frozen model's pooled embedding is projected and added to the timestep embedding; its token states
+    are layer-normed, projected to the context width (and refined by `text_layers` transformer blocks) for
+    the attention blocks' cross-attention. Dropping the text (classifier-free guidance) replaces the pooled
+    embedding by a learned null one and masks the tokens out, leaving a learned null token visible.
+    Context layout: the null token, then the L text tokens.
+
+    The pooled embedding arrives L2-normalised and is scaled by sqrt(Dt), as z_i is in `Conditioning`.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        width = config.context_width
+        self.pooled_scale = config.text_dim**0.5
+        self.null_pooled = nn.Parameter(torch.randn(config.text_dim) * config.text_dim**-0.5)
+        self.null_text = nn.Parameter(torch.randn(1, width) * 0.02)
+        self.pooled_to_emb = nn.Linear(config.text_dim, config.embedding_dim)
+        self.token_norm = nn.LayerNorm(config.text_dim)
+        self.text_proj = nn.Linear(config.text_dim, width)
+        self.text_blocks = nn.ModuleList(TransformerBlock(width, config.head_dim) for _ in range(config.text_layers))
+        self.norm = nn.LayerNorm(width)
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
+                keep_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = self.pooled_to_emb.weight.dtype  # the weights' dtype (bf16 under mixed precision)
+        pooled = torch.where(keep_text[:, None], pooled.to(dtype), self.null_pooled.to(dtype))  # (B, Dt)
+        emb = self.pooled_to_emb(pooled * self.pooled_scale)  # (B, E)
+        text = self.text_proj(self.token_norm(tokens.to(dtype)))  # (B, L, C)
+        for block in self.text_blocks:
+            text = run_block(block, text, token_mask, checkpoint=self.gradient_checkpointing)
+        text_visible = token_mask & keep_text[:, None]  # (B, L)
+        context = torch.cat([self.null_text.expand(pooled.shape[0], 1, -1).to(dtype), text], dim=1)
+        return emb, self.norm(context), torch.cat([~text_visible.any(dim=1, keepdim=True), text_visible], dim=1)

@@ -16,8 +16,15 @@ class DecoderConfig(DiffusionConfig):
     renamed_keys: ClassVar[dict[str, str]] = {**DiffusionConfig.renamed_keys, "preview_guidance": "guidance"}
 
     image_size: int = 64
+    # What the decoder reads: "unclip" (DALL-E 2: the CLIP image embedding z_i, from the prior at sampling
+    # time, and the CLIP text tokens) or "imagen" (Imagen, Saharia et al. 2022: no image embedding and no
+    # prior; a frozen language model's token states through cross-attention at every attention resolution
+    # and its pooled embedding added to the timestep embedding; classifier-free guidance drops the text).
+    conditioning: Literal["unclip", "imagen"] = "unclip"
+    text_encoder: Literal["minilm_l6"] = "minilm_l6"  # imagen: the frozen language model (cascade.encoders)
+    text_len: int = Field(48, ge=1)  # imagen: tokens kept of each caption (3-object shapes captions need ~40)
     clip_dim: int = Field(256, gt=0)  # D of the CLIP image embedding
-    text_dim: int = Field(384, gt=0)  # Dt of the CLIP text token states
+    text_dim: int = Field(384, gt=0)  # Dt of the CLIP text token states (imagen: of the frozen model's)
     # U-Net (ADM): base width, width multiplier and ResBlock count per resolution level.
     channels: int = Field(64, gt=0)
     channel_mult: list[int] = [1, 2, 3, 4]
@@ -36,7 +43,7 @@ class DecoderConfig(DiffusionConfig):
     # Conditioning: text tokens projected to context_dim, optionally refined by a GLIDE-style transformer.
     context_dim: int | None = None  # width of the context tokens; the widest level when None
     text_layers: int = Field(0, ge=0)
-    image_tokens: int = Field(4, ge=1)  # extra context tokens projected from the CLIP image embedding
+    image_tokens: int = Field(4, ge=1)  # extra context tokens projected from the CLIP image embedding (unclip)
     # Classifier-free dropout (DALL-E 2 section 2.1): the image embedding 10% and the text 50% of the time.
     p_drop_image: float = Field(0.1, ge=0.0, le=1.0)
     p_drop_text: float = Field(0.5, ge=0.0, le=1.0)
@@ -68,6 +75,11 @@ class DecoderConfig(DiffusionConfig):
 
     @model_validator(mode="after")
     def _check(self):
+        from cascade.encoders.frozen_text import FROZEN_TEXT_ENCODERS
+
+        if self.conditioning == "imagen" and self.text_dim != FROZEN_TEXT_ENCODERS[self.text_encoder]:
+            raise ValueError(f"text_dim {self.text_dim}: the frozen {self.text_encoder} gives "
+                             f"{FROZEN_TEXT_ENCODERS[self.text_encoder]}-wide token states")
         levels = len(self.channel_mult)
         blocks = self.block_counts
         if len(blocks) != levels:

@@ -31,7 +31,8 @@ def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> di
     """
     scenes, others = [], []  # (batch, row, json)
     for batch in batches:
-        jsons = list(batch.get("json", [{}] * batch["clip_image"].shape[0]))
+        rows = len(batch["txt"] if "txt" in batch else batch["clip_image"])
+        jsons = list(batch.get("json", [{}] * rows))
         for i, scene in enumerate(jsons):
             (scenes if scene.get("objects") else others).append((batch, i, scene))
         if len(scenes) >= limit:
@@ -57,7 +58,7 @@ def decode_all(stage, conditioning: dict[str, torch.Tensor], noise: torch.Tensor
     from cascade.stage import resolve_sampling
 
     out = []
-    n = conditioning["clip_image"].shape[0]
+    n = len(next(iter(conditioning.values())))  # tensors or (imagen) a list of captions
     total_steps = resolve_sampling(stage.config, sampler, steps, guidance)[1]
     with ImageBar(n, desc or f"decoding (guidance {guidance:g})") as bar:
         for start in range(0, n, chunk):
@@ -166,8 +167,8 @@ def score_decodes(images: torch.Tensor, scenes: list[dict[str, Any]], real_featu
 def evaluate_decoder(stage, batches: Iterable[dict[str, Any]], generator: torch.Generator) -> dict[str, float]:
     config = stage.config
     data = collect(batches, f"image_{config.image_size}", config.eval_samples)
-    conditioning = {k: data[k] for k in CONDITIONING_KEYS if k in data}
-    n, s = conditioning["clip_image"].shape[0], config.image_size
+    conditioning = {k: data[k] for k in stage.conditioning_keys if k in data}
+    n, s = stage.rows(conditioning), config.image_size
     noise = torch.randn(n, 3, s, s, generator=generator, device=generator.device)
     try:
         net = load_feature_net()
@@ -207,7 +208,8 @@ def placement_probe(stage, clip, guidance: float, seed: int = 0, objects=PROBE_O
                     grid: str | Path | None = None) -> dict[str, float]:
     """Position from the text alone. Each probe object is asked for in each of the 9 cells ("a big red
     circle at the top left"), with the CLIP image embedding of the same object drawn at the centre, so
-    the embedding says nothing about the asked cell (and points at the centre). Returns
+    the embedding says nothing about the asked cell (and points at the centre); an Imagen-style decoder
+    (which reads the text only) gets the captions, and `clip` may be None. Returns
     `placed_acc`, the fraction decoded with the object in the asked cell (chance 1/9; a decoder that
     follows the embedding's position scores 1/9 too), and `centre_when_asked_elsewhere`, how often the
     object sits at the centre when another cell was asked for (following the embedding). `grid`: save
@@ -218,14 +220,19 @@ def placement_probe(stage, clip, guidance: float, seed: int = 0, objects=PROBE_O
 
     cases = placement_scenes(objects)
     size = stage.config.image_size
-    centred = []
-    for scene, _ in cases:
-        at_centre = {**scene, "objects": [{**scene["objects"][0], "center": [0.5, 0.5], "cell": [1, 1]}]}
-        centred.append(image_to_tensor(render(at_centre, size)))
-    z_i = clip.encode_image(torch.stack(centred))
-    _, tokens, mask = clip.encode_text([caption for _, caption in cases])
+    captions = [caption for _, caption in cases]
+    if getattr(stage.config, "conditioning", "unclip") == "imagen":
+        conditioning = {"txt": captions}
+    else:
+        centred = []
+        for scene, _ in cases:
+            at_centre = {**scene, "objects": [{**scene["objects"][0], "center": [0.5, 0.5], "cell": [1, 1]}]}
+            centred.append(image_to_tensor(render(at_centre, size)))
+        z_i = clip.encode_image(torch.stack(centred))
+        _, tokens, mask = clip.encode_text(captions)
+        conditioning = {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}
     noise = torch.randn(len(cases), 3, size, size, generator=torch.Generator().manual_seed(seed))
-    images = decode_all(stage, {"clip_image": z_i, "clip_tokens": tokens, "clip_mask": mask}, noise, guidance)
+    images = decode_all(stage, conditioning, noise, guidance)
     if grid is not None:
         from cascade.images import make_grid, save_png
 

@@ -1,6 +1,10 @@
 """The 64x64 decoder stage: p(x | z_i, text), a conditional diffusion model (unCLIP, Ramesh et al. 2022,
 section 2.1), trained with classifier-free dropout of z_i (10%) and text (50%) and sampled with any of
 `cascade.diffusion`'s samplers, guidance and thresholding.
+
+With `conditioning: imagen` it is Imagen's base model instead (Saharia et al. 2022): p(x | text) from a
+frozen language model's features of the captions (`decoder.conditioning.TextConditioning`), computed
+here from the batch's `txt` (`cascade.encoders.frozen_text`); no image embedding, so no prior before it.
 """
 from __future__ import annotations
 
@@ -13,17 +17,20 @@ from cascade.diffusion.noise import randn
 from cascade.errors import UserError
 from cascade.registry import register_stage
 from cascade.stage import Stage, resolve_sampling
-from decoder.conditioning import Conditioning
+from decoder.conditioning import Conditioning, TextConditioning
 from decoder.config import DecoderConfig
 from decoder.unet import UNet
 
 
 CONFIG = object()  # a keyword left out: the config's value (where None is a value of its own)
+# What `sample` reads from its conditioning, per `DecoderConfig.conditioning`.
+CONDITIONING_KEYS = {"unclip": ("clip_image", "clip_tokens", "clip_mask"), "imagen": ("txt",)}
 
 
 @register_stage("decoder")
 class Decoder(Stage):
-    """U-Net decoder from CLIP image embeddings (and optional text tokens) to 64x64 images in [-1, 1]."""
+    """U-Net decoder from CLIP image embeddings (and optional text tokens), or (imagen) from captions through a
+    frozen language model, to 64x64 images in [-1, 1]."""
 
     Config = DecoderConfig
     image_sizes = (64,)
@@ -32,11 +39,12 @@ class Decoder(Stage):
 
     @classmethod
     def data_needs(cls, config: DecoderConfig) -> tuple[tuple[int, ...], bool]:
-        return (config.image_size,), True
+        return (config.image_size,), config.conditioning == "unclip"
 
     def __init__(self, config: DecoderConfig):
         super().__init__(config)
-        self.conditioning = Conditioning(config)
+        self.conditioning = Conditioning(config) if config.conditioning == "unclip" else TextConditioning(config)
+        self.conditioning_keys = CONDITIONING_KEYS[config.conditioning]
         out_channels = 6 if config.learned_variance else 3
         in_channels = 3 + 3 * config.self_condition + 4 * config.inpaint
         self.unet = UNet(image_size=config.image_size, in_channels=in_channels, out_channels=out_channels,
@@ -110,7 +118,27 @@ class Decoder(Stage):
         mask = mask.to(device, torch.float32).expand(b, 1, s, s)
         return torch.cat([known.to(device, torch.float32) * (1 - mask), mask], dim=1)
 
+    def rows(self, conditioning: dict[str, Any]) -> int:
+        """How many images `conditioning` asks for."""
+        key = self.conditioning_keys[0]
+        if key not in conditioning:
+            raise UserError(f"this decoder (conditioning: {self.config.conditioning}) needs '{key}' in its "
+                            f"conditioning, got {sorted(conditioning)}")
+        return len(conditioning[key])
+
+    def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imagen: the frozen language model's (pooled, tokens, mask) of `texts`, on this stage's device. The
+        model is not a submodule (`cascade.encoders.frozen_text`): it is built on first use, on the CPU, and
+        never saved with the decoder."""
+        from cascade.encoders.frozen_text import frozen_text_encoder
+
+        encoder = frozen_text_encoder(self.config.text_encoder, self.config.text_len)
+        return encoder.encode(list(texts), device=self.device)
+
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
+        if self.config.conditioning == "imagen":
+            pooled, tokens, mask = self.encode_text(source["txt"])
+            return self.conditioning(pooled, tokens, mask, keep_text.to(self.device))
         image_emb = source["clip_image"].to(self.device)
         tokens, mask = source.get("clip_tokens"), source.get("clip_mask")
         if tokens is not None:
@@ -171,13 +199,13 @@ class Decoder(Stage):
         differs starts again from zeros. `extra` (B, 4, S, S): an inpainting decoder's masked image and
         mask (`inpaint_channels`; default: the whole image repainted), the same for both guidance halves.
         """
-        b = conditioning["clip_image"].shape[0]
+        b = self.rows(conditioning)
         ones = torch.ones(b, dtype=torch.bool)
         cond = self._condition(conditioning, ones, ones)
         if negative is None:
             uncond = self._condition(conditioning, ~ones, ~ones)
         else:
-            if set(negative) != set(conditioning) or negative["clip_image"].shape[0] != b:
+            if set(negative) != set(conditioning) or self.rows(negative) != b:
                 raise ValueError(f"negative conditioning needs the keys {sorted(conditioning)} and {b} rows")
             uncond = self._condition(negative, ones, ones)
         state: dict[str, torch.Tensor] = {}
@@ -221,7 +249,7 @@ class Decoder(Stage):
                strength: float = 1.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                inpaint_method: str | None = None, resample: int = 1, jump: int = 1) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
-        "clip_mask": (B, L)]}. sampler, steps and guidance left as None, and threshold left out, are the
+        "clip_mask": (B, L)]}, or for an imagen decoder {"txt": B captions} (other keys are ignored). sampler, steps and guidance left as None, and threshold left out, are the
         config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
         equal images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called
         after every sampling step (see `cascade.diffusion.sample`). `negative`: what guidance steers away
@@ -236,7 +264,7 @@ class Decoder(Stage):
         "glide" for such a decoder, else "replace"."""
         sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
         threshold = self.config.threshold if threshold is CONFIG else threshold
-        b, s = conditioning["clip_image"].shape[0], self.config.image_size
+        b, s = self.rows(conditioning), self.config.image_size
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
@@ -287,8 +315,8 @@ class Decoder(Stage):
 
     @torch.no_grad()
     def preview(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        n = min(8, batch["clip_image"].shape[0])
-        conditioning = {k: batch[k][:n] for k in ("clip_image", "clip_tokens", "clip_mask") if k in batch}
+        n = min(8, self.rows(batch))
+        conditioning = {k: batch[k][:n] for k in self.conditioning_keys if k in batch}
         return self.sample(conditioning, generator=generator)
 
     @torch.no_grad()

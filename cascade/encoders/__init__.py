@@ -6,8 +6,13 @@
     z_t, tokens, mask = enc.encode_text(texts) # (B, D), (B, L, Dt), (B, L) bool
 
 `enc.embed_dim`, `enc.token_dim` and `enc.max_text_len` give D, Dt and L. See `clip_model`.
+
+    lm = frozen_text_encoder("minilm_l6")      # a frozen language model (the Imagen-style decoder's)
+    pooled, tokens, mask = lm.encode(texts)    # (B, D), (B, L, D), (B, L) bool; see `frozen_text`
 """
 from cascade.encoders.clip_model import ClipEncoder, ClipEncoderConfig
+from cascade.encoders.frozen_text import FROZEN_TEXT_ENCODERS, FrozenTextEncoder, frozen_text_encoder
 from cascade.encoders.loading import encoder_identity, load_encoder
 
-__all__ = ["ClipEncoder", "ClipEncoderConfig", "encoder_identity", "load_encoder"]
+__all__ = ["FROZEN_TEXT_ENCODERS", "ClipEncoder", "ClipEncoderConfig", "FrozenTextEncoder", "encoder_identity",
+           "frozen_text_encoder", "load_encoder"]

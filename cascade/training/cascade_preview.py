@@ -31,7 +31,7 @@ class CascadePreview:
     run started, path)."""
 
     def __init__(self, bundle: Path, stage: str, out: Path, *, prompts=DEFAULT_PROMPTS, until: str = "sr256",
-                 seed: int = 0):
+                 seed: int = 0, prior: bool = True):
         from cascade.bundle import read_manifest
         from cascade.pipeline import check_prompt
 
@@ -44,7 +44,8 @@ class CascadePreview:
             raise UserError(f"--preview-bundle previews stages up to {until} ({', '.join(chain)}); "
                             f"{stage} is not one of them")
         listed = read_manifest(self.bundle).get("stages", [])
-        self.others = tuple(s for s in ("prior", *chain) if s != stage)
+        # prior False: the trained decoder is Imagen-style and reads the prompts itself
+        self.others = tuple(s for s in (("prior",) if prior else ()) + tuple(chain) if s != stage)
         missing = [s for s in ("clip", *self.others) if s not in listed]
         if missing:
             raise UserError(f"--preview-bundle {self.bundle}: previews of {stage} through {until} need its "

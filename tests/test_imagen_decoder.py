@@ -1,0 +1,161 @@
+"""The Imagen-style decoder (`conditioning: imagen`): captions through the frozen MiniLM into cross-attention
+and the timestep embedding, no image embedding; its training through the engine on shards that were never
+embedded, and the cascade without a prior (generate, inpaint; vary refused in one line)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from bundle_helpers import CONFIG_STEPS, DECODER, seeded_stage, small_bundle
+from cascade.errors import UserError
+
+IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 16}
+PROMPTS = ["a big red star at the top left", "a small blue circle below a green heart on a cream background"]
+
+
+def _awake(stage):
+    """The stage with its zero-initialised layers (the output conv, the blocks' last layers) drawn at random,
+    so that its output depends on its conditioning."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in stage.parameters():
+            if param.dim() >= 2 and not param.any():
+                torch.nn.init.normal_(param, std=0.05)
+    return stage
+
+
+def test_frozen_minilm_gives_its_sentence_embedding_and_masked_token_states():
+    from cascade.encoders import frozen_text_encoder
+
+    enc = frozen_text_encoder("minilm_l6", max_len=16)
+    pooled, tokens, mask = enc.encode(PROMPTS + [PROMPTS[0]])
+    assert tokens.shape == (3, 16, 384) and mask.shape == (3, 16) and pooled.shape == (3, 384)
+    assert mask[0].sum() < mask[1].sum()  # the longer caption has more tokens
+    assert torch.all(tokens[~mask] == 0)
+    # all-MiniLM-L6-v2's sentence embedding: the masked mean of the token states, L2-normalised
+    mean = tokens.sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled, F.normalize(mean, dim=-1))
+    torch.testing.assert_close(pooled[0], pooled[2])  # the same text, the same features (cached or not)
+    assert all(not p.requires_grad for p in enc.model.parameters())
+
+
+def test_imagen_decoder_learns_from_captions_alone_and_saves_no_language_model():
+    decoder = seeded_stage("decoder", **IMAGEN)
+    assert decoder.needs_embeddings is False and decoder.image_sizes == (64,)
+    names = list(decoder.state_dict())
+    assert not any("image" in n for n in names) and len(names) < 200  # MiniLM's ~100 tensors are not in it
+    g = torch.Generator().manual_seed(0)
+    batch = {"image_64": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1, "txt": PROMPTS * 2}
+    opt = torch.optim.Adam(decoder.parameters(), lr=2e-3)
+    losses = []
+    for step in range(12):
+        torch.manual_seed(step % 2)  # two fixed (t, noise) draws, so the fall is learning, not luck
+        loss = decoder.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-2:]) < 0.9 * sum(losses[:2])
+    assert decoder.conditioning.pooled_to_emb.weight.grad.abs().sum() > 0  # the pooled embedding is read
+
+
+def test_the_caption_steers_the_image_and_guidance_drops_it():
+    decoder = _awake(seeded_stage("decoder", **IMAGEN, steps=3)).eval()
+    noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    a = decoder.sample({"txt": PROMPTS}, guidance=3.0, noise=noise)
+    assert a.shape == (2, 3, 64, 64) and not torch.allclose(a[0], a[1])  # same x_T, other caption
+    b = decoder.sample({"txt": PROMPTS[::-1]}, guidance=3.0, noise=noise)
+    torch.testing.assert_close(a, b.flip(0))
+    # the unconditional model (text dropped) is the same for any caption
+    denoise = decoder.denoiser({"txt": PROMPTS})
+    x, t = torch.randn(2, 3, 64, 64), torch.full((2,), 500)
+    uncond = denoise(x, t, cond_mask=torch.zeros(2, dtype=torch.bool))
+    torch.testing.assert_close(uncond[0], denoise(x[:1].expand(2, -1, -1, -1), t, torch.zeros(2, dtype=torch.bool))[1])
+    assert not torch.allclose(denoise(x, t)[0], uncond[0])
+
+
+def test_imagen_decoder_inpaints_and_keeps_the_known_region():
+    decoder = _awake(seeded_stage("decoder", **IMAGEN, steps=3, inpaint=True)).eval()
+    known = torch.rand(2, 3, 64, 64) * 2 - 1
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    for method in ("glide", "replace"):
+        out = decoder.sample({"txt": PROMPTS}, known=known, mask=mask, inpaint_method=method,
+                             generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out[..., :16, :], known[..., :16, :])
+        assert not torch.allclose(out[..., 16:48, 16:48], known[..., 16:48, 16:48])
+
+
+def test_imagen_config_needs_the_frozen_models_width():
+    from cascade.config import ConfigError
+    from decoder.config import DecoderConfig
+
+    with pytest.raises((ValueError, ConfigError), match="text_dim 256"):
+        DecoderConfig(conditioning="imagen", text_dim=256)
+
+
+@pytest.fixture(scope="module")
+def imagen_bundle(tmp_path_factory):
+    """The small bundle with its prior removed and its decoder replaced by an Imagen-style one."""
+    from cascade.bundle import save_stage, write_manifest
+
+    root = small_bundle(tmp_path_factory.mktemp("imagen"))
+    shutil.rmtree(root / "prior")
+    shutil.rmtree(root / "decoder")
+    save_stage(_awake(seeded_stage("decoder", **IMAGEN, steps=CONFIG_STEPS["decoder"])), root / "decoder")
+    write_manifest(root)
+    return root
+
+
+def test_cascade_runs_text_to_base_to_sr_without_a_prior(imagen_bundle, tmp_path, capsys):
+    from cascade.cli import main
+    from cascade.pipeline import Cascade, Settings
+
+    cascade = Cascade.from_bundle(imagen_bundle)
+    assert "prior" not in cascade.stages and cascade.text_only
+    settings = Settings(steps={"decoder": 3, "sr256": 2})
+    out = cascade.generate(PROMPTS, seed=3, until="sr256", settings=settings)
+    assert out.images["decoder"].shape == (2, 3, 64, 64) and out.final.shape == (2, 3, 256, 256)
+    assert out.image_embeddings is None
+    again = cascade.generate(PROMPTS, seed=3, until="decoder", settings=settings)
+    assert torch.equal(again.images["decoder"], out.images["decoder"])
+    negative = cascade.generate(PROMPTS, seed=3, until="decoder", settings=settings, negative_prompt="red")
+    assert not torch.equal(negative.images["decoder"], out.images["decoder"])
+    with pytest.raises(UserError, match="Imagen-style decoder"):
+        cascade.vary(out.images["decoder"][0], until="decoder")
+    assert main(["generate", "--prompt", PROMPTS[0], "--model", str(imagen_bundle), "--until", "decoder",
+                 "--steps", "decoder=2", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out").glob("*-grid.png")
+    capsys.readouterr()
+    image = tmp_path / "in.png"
+    from cascade.images import save_png
+    save_png(out.images["decoder"][0], image)
+    assert main(["vary", "--image", str(image), "--model", str(imagen_bundle), "--until", "decoder",
+                 "--out", str(tmp_path / "v"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "conditioning: imagen" in err and len(err.splitlines()) == 1
+
+
+def test_engine_trains_an_imagen_decoder_on_shards_without_embeddings(tmp_path):
+    from cascade.bundle import load_stage
+    from cascade.data.build import build
+    from cascade.training.engine import TrainArgs, train
+
+    data = tmp_path / "data"
+    build("shapes", data, sizes=(64,), count=12, seed=0, progress=False)
+    assert not list((data / "train").glob("*.npy"))
+    config = tmp_path / "decoder.yaml"
+    config.write_text(yaml.safe_dump({
+        "stage": "decoder", "model": {**IMAGEN, "steps": 2, "eval_samples": 2, "eval_guidance": [3.0]},
+        "train": dict(batch_size=4, lr=1e-3, warmup_steps=1, max_steps=2, log_every=1, ckpt_every=0,
+                      sample_every=0, eval_every=0, eval_at_end=False, seed=0)}))
+    result = train(TrainArgs(stage="decoder", config=config, data=data, run_dir=tmp_path / "run",
+                             export=tmp_path / "bundle"))
+    assert result.step == 2
+    stage = load_stage(result.export_dir)
+    assert stage.config.conditioning == "imagen"
+    assert stage.sample({"txt": PROMPTS[:1]}, steps=2).shape == (1, 3, 64, 64)
