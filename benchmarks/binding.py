@@ -1,0 +1,75 @@
+"""Binding: does each colour land on the right shape in the right place, for seen and for held-out
+colour-shape pairs? Each bundle (unCLIP: text -> prior -> decoder; Imagen-style: text -> decoder) draws the
+fixed prompt set of `cascade.binding` (48 prompts of 1-3 objects, by cells and by relations) and the shapes
+scorer judges every object's colour, shape and place; binding = all three right. Prints one JSON line.
+
+    python -m benchmarks.binding --model unclip=bundles/a --model imagen=bundles/b --data data/binding \\
+        [--holdout-pairs red:star,blue:circle] [--seed 0] [--figure out/binding.png]
+
+The held-out pairs are --holdout-pairs, else those --data's dataset.json records (`cascade data build
+--holdout-pairs`), else `cascade.binding.DEFAULT_HOLDOUT`. The figure: prompts in rows, models in columns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import emit
+from cascade.errors import UserError, run_cli
+from cascade.process_defaults import set_process_defaults
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """["name=BUNDLE" or "BUNDLE", ...] -> {name: bundle}; a bare bundle is named by its folder."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not (Path(path) / "cascade.json").is_file():
+            raise UserError(f"--model {spec}: {path} is not a model bundle (no cascade.json)")
+        if name in models:
+            raise UserError(f"--model {spec}: the name '{name}' is given twice")
+        models[name] = Path(path)
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_process_defaults()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.binding", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]BUNDLE",
+                   help="a model bundle (repeatable; NAME labels its column and its numbers)")
+    p.add_argument("--data", default=None, help="the shapes set the models trained on (its held-out pairs)")
+    p.add_argument("--holdout-pairs", default=None, metavar="COLOUR:SHAPE,...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--figure", default=None, help="write the prompts x models figure (PNG) here")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from cascade.binding import binding_figure, evaluate_binding, holdout_of
+        from cascade.data.shapes import format_pairs
+        from cascade.pipeline import check_seed
+
+        check_seed(args.seed, "--seed")
+        models = parse_models(args.model)
+        holdout = holdout_of(args.data, args.holdout_pairs)
+        out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed, "models": {}}
+        images = {}
+        cases = None
+        for name, bundle in models.items():
+            started = time.monotonic()
+            scores, images[name], cases = evaluate_binding(bundle, holdout=holdout, seed=args.seed)
+            scores["seconds"] = time.monotonic() - started
+            out["models"][name] = {k: round(v, 4) for k, v in scores.items()}
+        if args.figure:
+            out["figure"] = str(binding_figure(images, cases, args.figure))
+        emit(out)
+        return 0
+
+    return run_cli("binding", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
