@@ -128,11 +128,12 @@ class Decoder(Stage):
 
     def encode_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """imagen: the frozen language model's (pooled, tokens, mask) of `texts`, on this stage's device. The
-        model is not a submodule (`cascade.encoders.frozen_text`): it is built on first use, on the CPU, and
-        never saved with the decoder."""
+        model is not a submodule (`cascade.encoders.frozen_text`): it is built on first use, on this stage's
+        device (fp32; on the CPU for a meta-device stage), and never saved with the decoder."""
         from cascade.encoders.frozen_text import frozen_text_encoder
 
-        encoder = frozen_text_encoder(self.config.text_encoder, self.config.text_len)
+        home = "cpu" if self.device.type == "meta" else self.device
+        encoder = frozen_text_encoder(self.config.text_encoder, self.config.text_len, home)
         return encoder.encode(list(texts), device=self.device)
 
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
