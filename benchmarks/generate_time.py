@@ -1,0 +1,93 @@
+"""How long one `cascade generate --until sr1024` takes from the command's start (model loading included),
+on a quiet machine and with one CPU-bound process beside it, for a few thread / OpenMP / step settings.
+
+Each timed run is a fresh `cascade generate` process, as a user runs it; the settings are interleaved run by
+run, so a change of load hits all of them alike. The load is one busy Python loop (one core's worth of
+work), started before a loaded round and stopped after it. Settings (see `SETTINGS`): the defaults; one
+torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinning, which is what costs
+most when another process wants the core); and sr1024 at 2 sampling steps instead of its config's.
+Prints one JSON line: per setting the median seconds quiet and loaded and their ratio.
+
+    python -m benchmarks.generate_time --model bundles/tiny [--runs 3] [--settings default,threads1,...]
+    python -m benchmarks.generate_time --smoke        # a small untrained bundle, one run each: the plumbing
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+# name -> (extra environment, extra arguments)
+SETTINGS = {
+    "default": ({}, []),
+    "threads1": ({"OMP_NUM_THREADS": "1"}, []),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "sr1024_steps2": ({}, ["--steps", "sr1024=2"]),
+}
+
+
+def timed_generate(model: str, out: str, env: dict[str, str], args: list[str]) -> float:
+    command = [sys.executable, "-m", "cascade.cli", "generate", "--prompt", "a red circle at the top left",
+               "--model", model, "--until", "sr1024", "--num-images", "1", "--seed", "0", "--out", out,
+               "--overwrite", "--quiet", *args]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def busy_process() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.generate_time", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model bundle (required unless --smoke)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per setting and load (default: %(default)s)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: "
+                                                                  + ", ".join(SETTINGS))
+    p.add_argument("--smoke", action="store_true", help="a small untrained bundle, one run each")
+    args = p.parse_args(argv)
+    names = [n for n in args.settings.split(",") if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if args.smoke:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from bundle_helpers import small_bundle
+
+            model, args.runs = str(small_bundle(Path(tmp) / "bundle")), 1
+        if model is None:
+            p.error("--model is required unless --smoke")
+        times: dict[str, dict[str, list[float]]] = {n: {"quiet": [], "loaded": []} for n in names}
+        timed_generate(model, tmp, {}, [])  # warm the file cache once, untimed
+        for _ in range(args.runs):
+            for load in ("quiet", "loaded"):
+                busy = busy_process() if load == "loaded" else None
+                try:
+                    for name in names:
+                        env, extra = SETTINGS[name]
+                        times[name][load].append(timed_generate(model, tmp, env, extra))
+                finally:
+                    if busy is not None:
+                        busy.kill()
+                        busy.wait()
+    result = {"bench": "generate_time", "model": args.model or "smoke", "runs": args.runs, "cpus": os.cpu_count()}
+    for name in names:
+        quiet, loaded = statistics.median(times[name]["quiet"]), statistics.median(times[name]["loaded"])
+        result[name] = {"quiet_s": round(quiet, 2), "loaded_s": round(loaded, 2), "ratio": round(loaded / quiet, 2)}
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
