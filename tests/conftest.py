@@ -16,3 +16,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A bundle of small untrained stages (`bundle_helpers.small_bundle`), one per test module."""
+    from bundle_helpers import small_bundle
+
+    return small_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def cascade(bundle):
+    """`bundle` loaded by the orchestrator, one per test module."""
+    from cascade.pipeline import Cascade
+
+    return Cascade.from_bundle(bundle)

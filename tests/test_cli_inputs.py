@@ -15,14 +15,8 @@ from PIL import Image
 
 from cascade.cli import build_parser, main
 from cascade.pipeline import Cascade, Result
-from bundle_helpers import small_bundle
 
 FAST = "prior=2,decoder=2"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return small_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture

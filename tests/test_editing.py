@@ -3,7 +3,7 @@ the CLI."""
 import pytest
 import torch
 
-from bundle_helpers import DECODER, seeded_stage, small_bundle
+from bundle_helpers import DECODER, seeded_stage
 from cascade.diffusion import NoiseSchedule, sample, sample_from_image
 from cascade.errors import UserError
 from test_diffusion_sampling import gaussian_oracle
@@ -100,11 +100,6 @@ def test_a_negative_equal_to_the_conditioning_cancels_guidance():
 
 
 # ---------------------------------------------------------------- the orchestrator and the CLI
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return small_bundle(tmp_path_factory.mktemp("bundle"))
-
-
 def test_cascade_img2img_keeps_the_image_at_zero_and_generates_at_one(bundle):
     from cascade.pipeline import Cascade
 

@@ -1,13 +1,11 @@
 """Inpainting: the sampling-time method against a correlated Gaussian's exact conditional, RePaint's walk,
 the masks, the GLIDE-style decoder and its fine-tuning start, the stages, the orchestrator and the CLI."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bundle_helpers import DECODER, SR, seeded_stage, small_bundle
+from bundle_helpers import DECODER, SR, seeded_stage
 from cascade.diffusion import NoiseSchedule, SAMPLERS, inpaint_steps, repaint_walk, sample_inpaint
 from cascade.errors import UserError
 from cascade.masks import box_mask, feather, paste, random_masks, read_mask, resize_mask
@@ -195,7 +193,7 @@ def test_init_from_a_plain_decoder_computes_what_it_did(tmp_path, extra):
     assert len(lines) == 1 and "inpaint" in lines[0]
     cond, image, mask = _cond()
     g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(2, 3, 64, 64, generator=g), torch.tensor([100, 700])
+    t = torch.tensor([100, 700])
     ins = 6 if extra.get("self_condition") else 3
     x_in = torch.randn(2, ins, 64, 64, generator=g)
     emb, context, text_mask = plain._condition(cond, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
@@ -266,11 +264,6 @@ def test_superres_inpainting_keeps_the_known_region(residual):
 
 
 # ---------------------------------------------------------------- the orchestrator and the CLI
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return small_bundle(tmp_path_factory.mktemp("inpaint") / "bundle")
-
-
 def test_cascade_inpaint_keeps_the_original_outside_the_mask_at_every_stage(bundle):
     from cascade.masks import resize_image
     from cascade.pipeline import Cascade

@@ -16,19 +16,9 @@ from cascade.bundle import save_stage, write_manifest
 from cascade.cli import main
 from cascade.errors import UserError
 from cascade.pipeline import Cascade, Settings, stage_generator
-from bundle_helpers import CONFIG_STEPS, SR, seeded_stage, small_bundle
+from bundle_helpers import CONFIG_STEPS, SR, seeded_stage
 
 FAST = "prior=3,decoder=3,sr256=2,sr1024=2"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return small_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="module")
-def cascade(bundle):
-    return Cascade.from_bundle(bundle)
 
 
 def _fast_settings():

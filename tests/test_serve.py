@@ -14,22 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle_helpers import CONFIG_STEPS, small_bundle
+from bundle_helpers import CONFIG_STEPS
 from cascade.images import from_pil, to_pil
-from cascade.pipeline import Cascade, Settings
+from cascade.pipeline import Settings
 from serve_helpers import call, call_json, open_png, png, running, wait_for_job
 
 PROMPT = "a red circle at the top left"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return small_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="module")
-def cascade(bundle):
-    return Cascade.from_bundle(bundle)
 
 
 def studio_for(cascade, bundle, **options):
