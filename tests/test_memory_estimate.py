@@ -132,9 +132,12 @@ def test_activations_grow_with_the_batch_and_halve_in_bf16():
 
 
 def _run_script(args, timeout=120):
-    """train_stage.py in a child process that reports its own peak RSS (bytes) on its last stderr line."""
-    code = ("import resource, sys; sys.path.insert(0, '.'); from train_stage import main; rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr); sys.exit(rc)")
+    """train_stage.py in a child process that reports its own peak RSS (bytes) on its last stderr line: VmHWM,
+    which starts afresh at exec, where ru_maxrss would also count the test process's own peak (subprocess
+    starts the child with vfork, so exec leaves the parent's high-water mark in it)."""
+    code = ("import sys; sys.path.insert(0, '.'); from train_stage import main; rc = main(sys.argv[1:]); "
+            "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')); "
+            "print(int(hwm.split()[1]) * 1024, file=sys.stderr); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
