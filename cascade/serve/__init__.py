@@ -10,6 +10,7 @@ gradio: docs/serve.md.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import textwrap
@@ -80,7 +81,10 @@ def server(app, on_exit=None):
     import uvicorn
 
     class Server(uvicorn.Server):
+        interrupted = False  # a Ctrl-C stopped it (uvicorn's re-raised SIGINT can be lost in asyncio's runner)
+
         def handle_exit(self, sig, frame):
+            self.interrupted = self.interrupted or sig == signal.SIGINT
             if on_exit is not None:
                 on_exit()
             super().handle_exit(sig, frame)
@@ -117,8 +121,11 @@ def cmd_serve(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"cascade serve: {args.model} on {device}; open http://{shown}:{port}/ (Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    running = server(create_app(studio), on_exit=studio.closing.set)
     try:
-        server(create_app(studio), on_exit=studio.closing.set).run(sockets=[sock])
+        running.run(sockets=[sock])
     finally:
         studio.stop()
+    if running.interrupted:
+        raise KeyboardInterrupt  # exit 130 with one line, whether or not asyncio raised it already
     return 0
