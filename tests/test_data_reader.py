@@ -121,3 +121,10 @@ def test_upsamplers_skip_images_upscaled_from_a_smaller_original(meta, sr256, sr
         assert stage.keeps(meta) is kept, (name, meta)
     decoder = get_stage("decoder")
     assert decoder.keeps(decoder.__new__(decoder), meta) is True
+
+
+def test_a_split_with_nothing_the_stage_reads_is_a_one_line_error(shapes):
+    from cascade.errors import UserError
+
+    with pytest.raises(UserError, match="none of the 40 samples in .* is one this stage reads"):
+        next(iter(make_loader(shapes, batch_size=2, image_sizes=(32,), select=lambda meta: False)))

@@ -213,9 +213,10 @@ class ShardLoader:
         generator = torch.Generator()
         epoch = self.epoch
         while True:
-            produced = resumed_past = 0
+            produced = resumed_past = passed_over = 0
             for raw in self._raw_epoch(epoch, consumer, consumers):
                 if self.select is not None and not self._selected(raw):
+                    passed_over += 1
                     continue  # before the resume count: skip_batches counts the samples this stage reads
                 if to_skip:
                     to_skip -= 1
@@ -236,6 +237,11 @@ class ShardLoader:
                 return
             # An epoch consumed entirely by `skip_batches` (a resume at an epoch boundary) is fine;
             # one with nothing in it, or nothing decodable, would loop forever.
+            if produced == 0 and resumed_past == 0 and passed_over:
+                raise UserError(f"none of the {passed_over} samples in {Path(self.shards[0]).parent} is one this "
+                                "stage reads (an upsampler reads only images with real detail at its output "
+                                "size, not ones upscaled from a smaller original, e.g. Fluent Emoji 3D's "
+                                "256x256 files for sr1024)")
             if produced == 0 and resumed_past == 0:
                 raise UserError(f"no usable samples in {Path(self.shards[0]).parent} for rank "
                                 f"{self.rank}/{self.world_size}, worker {worker}/{workers}")
