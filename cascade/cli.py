@@ -34,7 +34,7 @@ def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
     return out
 
 
-def _settings(args):
+def sampling_settings(args):
     from cascade.pipeline import Settings
 
     if args.eta is not None:
@@ -58,16 +58,16 @@ def _settings(args):
 
 def _prepare(args) -> None:
     """Check what a model command can check before loading any weights: the seed, that --out can be
-    written, and which bundle to load (see `_resolve_model`)."""
+    written, and which bundle to load (see `resolve_model`)."""
     from cascade.outputs import check_out_dir
     from cascade.pipeline import check_seed
 
     check_seed(args.seed, "--seed")
     check_out_dir(args.out)
-    _resolve_model(args)
+    resolve_model(args)
 
 
-def _resolve_model(args) -> None:
+def resolve_model(args) -> None:
     """--model, else $CASCADE_MODEL, else the bundle the demo built (bundles/tiny, else bundles/quick);
     when the user gave no --model, one line on stderr says which bundle this run uses."""
     if args.model is not None:
@@ -84,7 +84,7 @@ def _resolve_model(args) -> None:
         print(f"cascade: using model {args.model} ({why})", file=sys.stderr)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
@@ -153,7 +153,7 @@ def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -
     return paths
 
 
-def _check_num_images(args) -> None:
+def check_num_images(args) -> None:
     if not 1 <= args.num_images <= 64:
         raise UserError(f"--num-images {args.num_images}: must be between 1 and 64")
 
@@ -175,13 +175,13 @@ def cmd_generate(args) -> int:
 
     prompt = check_prompt(args.prompt)
     negative = _negative(args)
-    _check_num_images(args)
-    settings = _settings(args)
+    check_num_images(args)
+    settings = sampling_settings(args)
     if args.dry_run:
         from cascade.memory_estimate import generate_dry_run
 
         if not args.config:
-            _resolve_model(args)
+            resolve_model(args)
         return generate_dry_run(args, settings)
     _prepare(args)
     cascade = _load(args)
@@ -189,7 +189,7 @@ def cmd_generate(args) -> int:
                               progress=_stage_bars(args), negative_prompt=negative)
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
             **_negative_text(negative), **settings.as_text(cascade.stages)}
-    _write(result, args, f"{_slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
+    _write(result, args, f"{slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
 
@@ -198,15 +198,15 @@ def cmd_vary(args) -> int:
 
     image = read_image(args.image, size=INPUT_SIZE)
     negative = _negative(args)
-    _check_num_images(args)
-    settings = _settings(args)
+    check_num_images(args)
+    settings = sampling_settings(args)
     _prepare(args)
     cascade = _load(args, prior=negative is not None)
     result = cascade.vary(image, num_images=args.num_images, seed=args.seed, until=args.until, settings=settings,
                           progress=_stage_bars(args), negative_prompt=negative)
     text = {"source": str(args.image), "seed": str(args.seed), "until": args.until, **_negative_text(negative),
             **settings.as_text(cascade.stages)}
-    _write(result, args, f"vary-{_slug(Path(args.image).stem)}-s{args.seed}", text,
+    _write(result, args, f"vary-{slug(Path(args.image).stem)}-s{args.seed}", text,
            [f"variation {i}" for i in range(args.num_images)])
     return 0
 
@@ -219,8 +219,8 @@ def cmd_img2img(args) -> int:
     negative = _negative(args)
     if not 0.0 <= args.strength <= 1.0:
         raise UserError(f"--strength {args.strength}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
-    _check_num_images(args)
-    settings = _settings(args)
+    check_num_images(args)
+    settings = sampling_settings(args)
     _prepare(args)
     cascade = _load(args)
     image = read_image(args.image, size=cascade.stages["decoder"].config.image_size)
@@ -230,7 +230,7 @@ def cmd_img2img(args) -> int:
     text = {"source": str(args.image), "prompt": prompt, "strength": f"{args.strength:g}", "seed": str(args.seed),
             "until": args.until, "model": str(args.model), **_negative_text(negative),
             **settings.as_text(cascade.stages)}
-    _write(result, args, f"img2img-{_slug(prompt)}-st{args.strength:g}-s{args.seed}", text,
+    _write(result, args, f"img2img-{slug(prompt)}-st{args.strength:g}-s{args.seed}", text,
            [prompt] * args.num_images)
     return 0
 
@@ -270,8 +270,8 @@ def cmd_inpaint(args) -> int:
         raise UserError(f"--resample {args.resample}: must be between 1 and 50")
     if args.jump < 1:
         raise UserError(f"--jump {args.jump}: must be 1 or more")
-    _check_num_images(args)
-    settings = _settings(args)
+    check_num_images(args)
+    settings = sampling_settings(args)
     image, mask = _inpaint_inputs(args)
     _prepare(args)
     cascade = _load(args)
@@ -286,11 +286,11 @@ def cmd_inpaint(args) -> int:
             "until": args.until, "model": str(args.model), **_negative_text(negative),
             **({"resample": str(args.resample), "jump": str(args.jump)} if method == "replace" else {}),
             **settings.as_text(cascade.stages)}
-    _write(result, args, f"inpaint-{_slug(prompt)}-{method}-s{args.seed}", text, [prompt] * args.num_images)
+    _write(result, args, f"inpaint-{slug(prompt)}-{method}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
 
-def _frames(args) -> int:
+def check_frames(args) -> int:
     if not 2 <= args.frames <= 64:
         raise UserError(f"--frames {args.frames}: must be between 2 and 64")
     return args.frames
@@ -302,15 +302,15 @@ def cmd_interpolate(args) -> int:
     if len(args.image) != 2:
         raise UserError(f"interpolate takes exactly two --image options, got {len(args.image)}")
     a, b = (read_image(p, size=INPUT_SIZE) for p in args.image)
-    frames = _frames(args)
-    settings = _settings(args)
+    frames = check_frames(args)
+    settings = sampling_settings(args)
     _prepare(args)
     cascade = _load(args, prior=False)
     result = cascade.interpolate(a, b, frames=frames, seed=args.seed, until=args.until, settings=settings,
                                  progress=_stage_bars(args))
     text = {"image_a": args.image[0], "image_b": args.image[1], "seed": str(args.seed),
             **settings.as_text(cascade.stages)}
-    stem = f"interp-{_slug(Path(args.image[0]).stem)}-{_slug(Path(args.image[1]).stem)}-s{args.seed}"
+    stem = f"interp-{slug(Path(args.image[0]).stem)}-{slug(Path(args.image[1]).stem)}-s{args.seed}"
     _write(result, args, stem, text, [f"t={t:.2f}" for t in [i / (frames - 1) for i in range(frames)]])
     return 0
 
@@ -321,11 +321,11 @@ def cmd_textdiff(args) -> int:
 
     image = read_image(args.image, size=INPUT_SIZE)
     src, dst = check_prompt(args.from_text), check_prompt(args.to_text)
-    frames = _frames(args)
+    frames = check_frames(args)
     if not 0 < args.max_theta <= 1:
         raise UserError(f"--max-theta {args.max_theta}: must be above 0 and at most 1 (the fraction of the "
                         "angle from the image's embedding to the text diff)")
-    settings = _settings(args)
+    settings = sampling_settings(args)
     _prepare(args)
     cascade = _load(args, prior=False)
     result = cascade.textdiff(image, src, dst, frames=frames, max_theta=args.max_theta, seed=args.seed,
@@ -333,7 +333,7 @@ def cmd_textdiff(args) -> int:
     text = {"source": str(args.image), "from": src, "to": dst, "seed": str(args.seed),
             **settings.as_text(cascade.stages)}
     thetas = [args.max_theta * i / (frames - 1) for i in range(frames)]
-    _write(result, args, f"textdiff-{_slug(dst)}-s{args.seed}", text, [f"theta={t:.2f}" for t in thetas])
+    _write(result, args, f"textdiff-{slug(dst)}-s{args.seed}", text, [f"theta={t:.2f}" for t in thetas])
     return 0
 
 

@@ -95,14 +95,14 @@ def server(app, on_exit=None):
 def cmd_serve(args) -> int:
     from importlib.util import find_spec
 
-    from cascade.cli import _resolve_model
+    from cascade.cli import resolve_model
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise UserError("cascade serve needs starlette and uvicorn: pip install -e '.[serve]' (make install "
                         "installs them)") from None
     if args.max_queued < 1 or args.max_upload_mb <= 0:
         raise UserError("--max-queued must be at least 1 and --max-upload-mb above 0")
-    _resolve_model(args)
+    resolve_model(args)
     eval_path = Path(args.eval) if args.eval else Path(args.model) / "eval.md"
     if args.eval and not eval_path.is_file():
         raise UserError(f"--eval {eval_path}: no such file")

@@ -109,12 +109,12 @@ def _per_stage(value: Any, name: str) -> str:
 
 
 def _settings(body: dict):
-    from cascade.cli import SAMPLER_CHOICES, _settings as cli_settings
+    from cascade.cli import SAMPLER_CHOICES, sampling_settings
 
     sampler = body.get("sampler") or None
     if sampler is not None and sampler not in SAMPLER_CHOICES:
         raise UserError(f"sampler '{sampler}' is not one of {', '.join(SAMPLER_CHOICES)}")
-    return cli_settings(SimpleNamespace(sampler=sampler, eta=None, aug_level=None,
+    return sampling_settings(SimpleNamespace(sampler=sampler, eta=None, aug_level=None,
                                         steps=_per_stage(body.get("steps"), "steps"),
                                         guidance=_per_stage(body.get("guidance"), "guidance")))
 
@@ -127,7 +127,7 @@ def _count(body: dict, name: str, default: int, check: Callable[[SimpleNamespace
 
 def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     """Check a request against the loaded cascade and the gallery; a one-line UserError otherwise."""
-    from cascade.cli import INPUT_SIZE, _check_num_images, _frames, _slug
+    from cascade.cli import INPUT_SIZE, check_frames, check_num_images, slug
     from cascade.images import from_pil
 
     if not isinstance(body, dict):
@@ -151,7 +151,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
             raise UserError(f"{kind} needs an image: upload one or use one from the gallery ({field})")
         return gallery.get(body[field], kinds=kinds)
 
-    n = _count(body, "num_images", 1, _check_num_images) if "num_images" in FIELDS[kind] else 0
+    n = _count(body, "num_images", 1, check_num_images) if "num_images" in FIELDS[kind] else 0
     negative = _text(body, "negative_prompt", optional=True) if "negative_prompt" in FIELDS[kind] else None
     neg_text = {} if negative is None else {"negative_prompt": negative}
     common = {"seed": str(seed), "until": until}
@@ -161,7 +161,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
         return Spec(kind, ["prior", *image_stages], settings=settings,
                     call=lambda c, s, p: c.generate([prompt] * n, seed=seed, until=until, settings=s, progress=p,
                                                     negative_prompt=negative),
-                    text={"prompt": prompt, **common, "model": model, **neg_text}, stem=f"{_slug(prompt)}-s{seed}",
+                    text={"prompt": prompt, **common, "model": model, **neg_text}, stem=f"{slug(prompt)}-s{seed}",
                     labels=[prompt] * n)
     if kind == "vary":
         item = source("image")
@@ -170,7 +170,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                     call=lambda c, s, p: c.vary(image, num_images=n, seed=seed, until=until, settings=s, progress=p,
                                                 negative_prompt=negative),
                     text={"source": item.name, **common, **neg_text},
-                    stem=f"vary-{_slug(Path(item.name).stem)}-s{seed}", labels=[f"variation {i}" for i in range(n)])
+                    stem=f"vary-{slug(Path(item.name).stem)}-s{seed}", labels=[f"variation {i}" for i in range(n)])
     if kind == "img2img":
         item = source("image")
         prompt = _text(body, "prompt")
@@ -183,22 +183,22 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                                                    until=until, settings=s, progress=p, negative_prompt=negative),
                     text={"source": item.name, "prompt": prompt, "strength": f"{strength:g}", **common, "model": model,
                           **neg_text},
-                    stem=f"img2img-{_slug(prompt)}-st{strength:g}-s{seed}", labels=[prompt] * n)
+                    stem=f"img2img-{slug(prompt)}-st{strength:g}-s{seed}", labels=[prompt] * n)
     if kind == "interpolate":
         a, b = source("image"), source("image_b")
-        frames = _count(body, "frames", 5, _frames)
+        frames = _count(body, "frames", 5, check_frames)
         images = [from_pil(x.image(), INPUT_SIZE) for x in (a, b)]
         ts = [i / (frames - 1) for i in range(frames)]
         return Spec(kind, image_stages, settings=settings, animated=True,
                     call=lambda c, s, p: c.interpolate(*images, frames=frames, seed=seed, until=until, settings=s,
                                                        progress=p),
                     text={"image_a": a.name, "image_b": b.name, "seed": str(seed)},
-                    stem=f"interp-{_slug(Path(a.name).stem)}-{_slug(Path(b.name).stem)}-s{seed}",
+                    stem=f"interp-{slug(Path(a.name).stem)}-{slug(Path(b.name).stem)}-s{seed}",
                     labels=[f"t={t:.2f}" for t in ts])
     if kind == "textdiff":
         item = source("image")
         src, dst = _text(body, "from"), _text(body, "to")
-        frames = _count(body, "frames", 5, _frames)
+        frames = _count(body, "frames", 5, check_frames)
         max_theta = _float(body.get("max_theta", 0.5), "max_theta")
         if not 0 < max_theta <= 1:
             raise UserError(f"max_theta {max_theta:g}: must be above 0 and at most 1 (the fraction of the angle "
@@ -209,7 +209,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                     call=lambda c, s, p: c.textdiff(image, src, dst, frames=frames, max_theta=max_theta, seed=seed,
                                                     until=until, settings=s, progress=p),
                     text={"source": item.name, "from": src, "to": dst, "seed": str(seed)},
-                    stem=f"textdiff-{_slug(dst)}-s{seed}", labels=[f"theta={t:.2f}" for t in thetas])
+                    stem=f"textdiff-{slug(dst)}-s{seed}", labels=[f"theta={t:.2f}" for t in thetas])
     # inpaint
     item = source("image")
     mask_item = source("mask", kinds=("mask",))
@@ -231,7 +231,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                                                until=until, settings=s, progress=p, negative_prompt=negative,
                                                resample=resample),
                 text={"source": item.name, "prompt": prompt, **extra, **common, "model": model, **neg_text},
-                stem=f"inpaint-{_slug(prompt)}-{method}-s{seed}", labels=[prompt] * n)
+                stem=f"inpaint-{slug(prompt)}-{method}-s{seed}", labels=[prompt] * n)
 
 
 def default_inpaint_method(cascade) -> str:
