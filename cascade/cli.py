@@ -280,7 +280,7 @@ def cmd_inpaint(args) -> int:
     result = cascade.inpaint(image, mask, prompt, method=args.method, num_images=args.num_images, seed=args.seed,
                              until=args.until, settings=settings, progress=_stage_bars(args),
                              negative_prompt=negative, resample=args.resample, jump=args.jump)
-    method = args.method or ("glide" if cascade.stages["decoder"].config.inpaint else "replace")
+    method = cascade.stages["decoder"].inpaint_method(args.method)
     region = {"mask": str(args.mask)} if args.mask is not None else {"box": args.box}
     text = {"source": str(args.image), **region, "prompt": prompt, "method": method, "seed": str(args.seed),
             "until": args.until, "model": str(args.model), **_negative_text(negative),

@@ -62,6 +62,17 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def check_region(known: torch.Tensor | None, mask: torch.Tensor, rows: int, height: int,
+                 width: int) -> None:
+    """A stage's inpainting inputs: `known` (rows, 3, height, width) and `mask` (1 or rows, 1, height, width);
+    a UserError naming the shape expected otherwise."""
+    if known is None or tuple(known.shape) != (rows, 3, height, width):
+        raise UserError(f"inpainting needs the known image as ({rows}, 3, {height}, {width}), got "
+                        f"{None if known is None else tuple(known.shape)}")
+    if mask.dim() != 4 or mask.shape[0] not in (1, rows) or tuple(mask.shape[1:]) != (1, height, width):
+        raise UserError(f"the inpainting mask must be (1 or {rows}, 1, {height}, {width}), got {tuple(mask.shape)}")
+
+
 def center_square(image: torch.Tensor) -> torch.Tensor:
     """The centred square crop of (..., H, W) (as `cascade.images.read_image` crops)."""
     h, w = image.shape[-2:]

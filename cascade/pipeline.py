@@ -453,12 +453,7 @@ class Cascade:
                             f"{'x'.join(map(str, image.shape[1:]))}; they must be the same size")
         check_mask(mask)
         decoder = self._need("decoder")
-        method = method or ("glide" if decoder.config.inpaint else "replace")
-        if method not in ("replace", "glide"):
-            raise UserError(f"unknown inpainting method '{method}' (choose replace or glide)")
-        if method == "glide" and not decoder.config.inpaint:
-            raise UserError("the glide inpainting method needs a decoder trained with model.inpaint: true "
-                            "(fine-tune one with train_stage.py --init-from BUNDLE/decoder); use replace")
+        method = decoder.inpaint_method(method)
         if method == "glide" and (resample, jump) != (1, 1):
             raise UserError("RePaint's resampling (resample, jump) goes with the replace method, not glide")
         check_inpaint_options(settings.for_stage("decoder", decoder)["sampler"], resample, jump)

@@ -70,25 +70,18 @@ class Decoder(Stage):
         gets the source's weights for the inputs both have and zeros for the new ones, so it starts out
         computing exactly what the source did."""
         key = "unet.stem.weight"
-        old, new = dict(self.input_layout(source)), self.input_layout(self.config)
-        if key not in state or old == dict(new):
+        old, new = self.input_layout(source), self.input_layout(self.config)
+        if key not in state or old == new:
             return []
-        if any(name not in dict(new) for name in old):
-            raise UserError(f"the source decoder reads inputs this config drops ({', '.join(old)}); "
+        if any(name not in dict(new) for name, _ in old):
+            raise UserError(f"the source decoder reads inputs this config drops ({', '.join(dict(old))}); "
                             "--init-from can only add inputs")
-        weight, parts, start = state[key], [], 0
-        offsets = {}
-        for name, n in self.input_layout(source):
-            offsets[name] = (start, n)
-            start += n
-        for name, n in new:
-            if name in offsets:
-                a, width = offsets[name]
-                parts.append(weight[:, a:a + width])
-            else:
-                parts.append(weight.new_zeros(weight.shape[0], n, *weight.shape[2:]))
-        state[key] = torch.cat(parts, dim=1)
-        added = [name for name, _ in new if name not in old]
+        weight, offsets, start = state[key], {}, 0
+        for name, n in old:
+            offsets[name], start = start, start + n
+        state[key] = torch.cat([weight[:, offsets[name]:offsets[name] + n] if name in offsets
+                                else weight.new_zeros(weight.shape[0], n, *weight.shape[2:]) for name, n in new], dim=1)
+        added = [name for name, _ in new if name not in offsets]
         return [f"{key}: {weight.shape[1]} -> {state[key].shape[1]} input channels (new, zero: {', '.join(added)})"]
 
     @property
@@ -271,10 +264,9 @@ class Decoder(Stage):
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
                        progress=progress)
         if mask is not None:
-            method = inpaint_method or ("glide" if self.config.inpaint else "replace")
-            known, mask = self._check_inpaint(known, mask, method, init, b)
-            if method == "replace":
-                extra = None  # an inpainting decoder then generates (whole mask) while the region is replaced
+            method = self.inpaint_method(inpaint_method)
+            known, mask = self._check_inpaint(known, mask, init, b)
+            if method == "replace":  # an inpainting decoder then generates (whole mask) while the region is replaced
                 x = diffusion.sample_inpaint(self.denoiser(conditioning, negative), known, mask,
                                              schedule=self.schedule, sampler=sampler, steps=steps,
                                              resample=resample, jump=jump, x_T=noise, **options)
@@ -297,21 +289,24 @@ class Decoder(Stage):
                                  sampler=sampler, steps=steps, x_T=noise, device=self.device, **options)
         return x.clamp(-1.0, 1.0)
 
-    def _check_inpaint(self, known: torch.Tensor | None, mask: torch.Tensor, method: str,
-                       init: torch.Tensor | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.config.image_size
+    def inpaint_method(self, requested: str | None = None) -> str:
+        """The inpainting method a request means: `requested`, or by default "glide" for a decoder trained
+        with `inpaint: true` and "replace" for any other; a UserError for one this decoder cannot run."""
+        method = requested or ("glide" if self.config.inpaint else "replace")
         if method not in ("replace", "glide"):
             raise UserError(f"unknown inpainting method '{method}' (choose replace or glide)")
         if method == "glide" and not self.config.inpaint:
             raise UserError("the glide inpainting method needs a decoder trained with model.inpaint: true "
                             "(fine-tune one with train_stage.py --init-from BUNDLE/decoder); use replace")
+        return method
+
+    def _check_inpaint(self, known: torch.Tensor | None, mask: torch.Tensor, init: torch.Tensor | None,
+                       b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from cascade.masks import check_region
+
         if init is not None:
             raise UserError("inpainting and image to image (init) do not combine")
-        if known is None or tuple(known.shape) != (b, 3, s, s):
-            raise UserError(f"inpainting needs the known image as ({b}, 3, {s}, {s}), got "
-                            f"{None if known is None else tuple(known.shape)}")
-        if mask.dim() != 4 or mask.shape[1:] != (1, s, s) or mask.shape[0] not in (1, b):
-            raise UserError(f"the inpainting mask must be (1 or {b}, 1, {s}, {s}), got {tuple(mask.shape)}")
+        check_region(known, mask, b, self.config.image_size, self.config.image_size)
         return known.to(self.device, torch.float32), mask.to(self.device, torch.float32)
 
     @torch.no_grad()

@@ -202,12 +202,9 @@ class SuperResStage(Stage):
                        x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress)
         base = bicubic_upsample(low, (size_h, size_w)) if c.residual else None
         if mask is not None:
-            if known is None or tuple(known.shape) != (b, 3, size_h, size_w):
-                raise UserError(f"inpainting needs the known image as ({b}, 3, {size_h}, {size_w}), got "
-                                f"{None if known is None else tuple(known.shape)}")
-            if mask.dim() != 4 or mask.shape[0] not in (1, b) or tuple(mask.shape[1:]) != (1, size_h, size_w):
-                raise UserError(f"the inpainting mask must be (1 or {b}, 1, {size_h}, {size_w}), got "
-                                f"{tuple(mask.shape)}")
+            from cascade.masks import check_region
+
+            check_region(known, mask, b, size_h, size_w)
             known = known.to(low.device, torch.float32)
             target = known - base if c.residual else known  # the known region in the network's x0 terms
             x = sample_inpaint(denoise, target, mask.to(low.device, torch.float32), schedule=self.schedule,

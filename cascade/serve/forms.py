@@ -214,9 +214,10 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     item = source("image")
     mask_item = source("mask", kinds=("mask",))
     prompt = _text(body, "prompt")
-    method = body.get("method") or default_inpaint_method(cascade)
-    if method not in ("replace", "glide"):
+    method = body.get("method") or None
+    if method is not None and not isinstance(method, str):
         raise UserError(f"method must be replace or glide, got {method!r}")
+    method = cascade.stages["decoder"].inpaint_method(method)
     resample = _int(body.get("resample", 1), "resample")
     if not 1 <= resample <= 20:
         raise UserError(f"resample {resample}: must be between 1 and 20 (RePaint's resampling; 1 = none)")
@@ -237,7 +238,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
 def default_inpaint_method(cascade) -> str:
     """What `cascade inpaint` uses without --method: glide where the decoder was trained for it."""
     decoder = cascade.stages.get("decoder")
-    return "glide" if decoder is not None and getattr(decoder.config, "inpaint", False) else "replace"
+    return "replace" if decoder is None else decoder.inpaint_method()
 
 
 def _mask_array(mask, side: int):
