@@ -72,22 +72,29 @@ def evaluate_superres(stage, batches, generator: torch.Generator) -> dict[str, f
 
 def detailed_crops(low: torch.Tensor, high: torch.Tensor, crop: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the aligned (low crop x crop, high crop*scale square) pair whose low-res crop has the
-    most edge energy (sum of absolute neighbour differences), searched on a grid of stride crop / 4.
-    A centre crop of a shapes scene is often flat background, where every upsampler is exact (PSNR inf)
-    and the eval would say nothing."""
+    most edge energy (`detailed_positions`). A centre crop of a shapes scene is often flat background,
+    where every upsampler is exact (PSNR inf) and the eval would say nothing."""
+    at = detailed_positions(low, crop)
+    return crop_at(low, at, crop, 1), crop_at(high, at, crop, scale)
+
+
+def detailed_positions(low: torch.Tensor, crop: int) -> list[tuple[int, int]]:
+    """Per image of `low` (B, C, H, W), the top left (y, x) of its crop x crop window with the most edge
+    energy (sum of absolute neighbour differences), searched on a grid of stride crop / 4."""
     stride = max(1, crop // 4)
     edges = torch.zeros(low.shape[0], 1, *low.shape[-2:])
     edges[..., :, 1:] += (low[..., :, 1:] - low[..., :, :-1]).abs().sum(1, keepdim=True)
     edges[..., 1:, :] += (low[..., 1:, :] - low[..., :-1, :]).abs().sum(1, keepdim=True)
     energy = F.avg_pool2d(edges, crop, stride=stride)  # (B, 1, ny, nx): windows at multiples of stride
-    best = energy.flatten(1).argmax(1)
     nx = energy.shape[-1]
-    lows, highs = [], []
-    for i, b in enumerate(best.tolist()):
-        y, x = (b // nx) * stride, (b % nx) * stride
-        lows.append(low[i, :, y:y + crop, x:x + crop])
-        highs.append(high[i, :, y * scale:(y + crop) * scale, x * scale:(x + crop) * scale])
-    return torch.stack(lows), torch.stack(highs)
+    return [((b // nx) * stride, (b % nx) * stride) for b in energy.flatten(1).argmax(1).tolist()]
+
+
+def crop_at(images: torch.Tensor, positions: list[tuple[int, int]], crop: int, scale: int) -> torch.Tensor:
+    """The crop*scale squares of `images` at `positions` (found at 1/scale of their size), one per image."""
+    side = crop * scale
+    return torch.stack([image[:, y * scale:y * scale + side, x * scale:x * scale + side]
+                        for image, (y, x) in zip(images, positions)])
 
 
 @torch.no_grad()
@@ -107,8 +114,8 @@ def evaluate_chain(sr256, sr1024, batches, generator: torch.Generator, limit: in
     x64, x256, x1024 = picked["image_64"], picked["image_256"], picked["image_1024"]
     crop = sr1024.config.eval_crop or 1024
     if crop < 1024:  # the most detailed crop, found at 64 and cut alike at every size
-        x64, x1024 = detailed_crops(x64, x1024, crop // 16, 16)
-        _, x256 = detailed_crops(picked["image_64"], x256, crop // 16, 4)
+        at = detailed_positions(x64, crop // 16)
+        x64, x256, x1024 = (crop_at(x, at, crop // 16, scale) for x, scale in ((x64, 1), (x256, 4), (x1024, 16)))
     seed = int(torch.randint(2 ** 31, (), generator=generator))
     with ImageBar(2 * len(x64), "the SR chain: 64 -> sr256 -> sr1024") as bar:
         mid = sr256.sample({"low_res": x64}, generator=torch.Generator().manual_seed(seed),
