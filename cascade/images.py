@@ -40,17 +40,27 @@ def from_pil(image: Image.Image, size: int | None = None) -> torch.Tensor:
 
 def read_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     """Read an image file as (3, H, W) in [-1, 1]; a UserError for a missing or non-image file."""
+    image = open_image(path)
+    try:
+        return from_pil(image, size)
+    except (OSError, ValueError) as err:  # a mode Pillow cannot convert to RGB (e.g. some 16-bit files)
+        raise UserError(f"not a readable image: {path} ({err.__class__.__name__})") from None
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """The decoded image file at `path`; a one-line UserError, calling it `what`, for a directory, a missing
+    file, a non-image, a truncated one or a decompression bomb."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a directory, not an image file")
+        raise UserError(f"{path} is a directory, not an {what} file")
     if not path.is_file():
-        raise UserError(f"image not found: {path} does not exist")
+        raise UserError(f"{what} not found: {path} does not exist")
     try:
         with Image.open(path) as im:
             im.load()
-            return from_pil(im, size)
+            return im.copy()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"not a readable image: {path} ({err.__class__.__name__})") from None
+        raise UserError(f"not a readable {what}: {path} ({err.__class__.__name__})") from None
 
 
 def save_png(image: torch.Tensor | Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:

@@ -20,19 +20,13 @@ from cascade.errors import UserError
 def read_mask(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
     """The mask PNG at `path` as (1, H, W) in [0, 1] (its luminance; a transparent pixel is black, kept);
     `size` = (W, H) of the image it belongs to, which it must match."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"mask not found: {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                rgba = im.convert("RGBA")
-                black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(black, rgba)
-            gray = im.convert("L")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"not a readable mask image: {path} ({err.__class__.__name__})") from None
+    from cascade.images import open_image
+
+    im = open_image(path, "mask image")
+    if im.mode in ("RGBA", "LA", "P"):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    gray = im.convert("L")
     if gray.size != tuple(size):
         raise UserError(f"the mask is {gray.size[0]}x{gray.size[1]} but the image is {size[0]}x{size[1]}; "
                         "they must be the same size")
