@@ -237,7 +237,8 @@ def cmd_img2img(args) -> int:
 
 def _inpaint_inputs(args):
     """(image (3, S, S), mask (1, S, S)) from --image and --mask or --box, both centre-cropped square as
-    every command crops its input; one-line errors for a mask of another size or an empty one."""
+    every command crops its input, at the image's own size (the pipeline resizes both for each stage);
+    one-line errors for a mask of another size or an empty one."""
     from cascade.images import read_image
     from cascade.masks import box_mask, center_square, check_mask, read_mask
 
@@ -245,18 +246,6 @@ def _inpaint_inputs(args):
     native = (image.shape[-1], image.shape[-2])
     mask = read_mask(args.mask, native) if args.mask is not None else box_mask(args.box, native)
     return center_square(image), check_mask(center_square(mask))
-
-
-def _to_size(image, mask, size: int):
-    """The image and mask resized to `size` (the output size of --until): the image antialiased bicubic,
-    the mask by area (a pixel partly in the region is partly repainted); unchanged at that size already."""
-    import torch.nn.functional as F
-
-    from cascade.masks import check_mask, resize_image
-
-    if mask.shape[-1] != size:
-        mask = F.interpolate(mask[None], size=(size, size), mode="area")[0].clamp(0, 1)
-    return resize_image(image[None], size)[0], check_mask(mask)
 
 
 def cmd_inpaint(args) -> int:
@@ -275,8 +264,6 @@ def cmd_inpaint(args) -> int:
     image, mask = _inpaint_inputs(args)
     _prepare(args)
     cascade = _load(args)
-    last = cascade.stages[args.until]
-    image, mask = _to_size(image, mask, last.config.image_size if args.until == "decoder" else last.high_size)
     result = cascade.inpaint(image, mask, prompt, method=args.method, num_images=args.num_images, seed=args.seed,
                              until=args.until, settings=settings, progress=_stage_bars(args),
                              negative_prompt=negative, resample=args.resample, jump=args.jump)
