@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from cascade.data.shapes import render
         from cascade.images import from_pil
         from cascade.masks import box_mask
-        from cascade.pipeline import Cascade
+        from cascade.pipeline import Cascade, Region
 
         plain = Cascade.from_bundle(args.model, ("prior", "decoder", "sr256"))
         methods = [("replace", plain, "replace", 1), (f"replace+repaint{args.resample}", plain, "replace",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                          resample=resample)
                 seconds.append(time.perf_counter() - start)
                 edited = result.final[0]
-                known, m64 = _at64(image, mask)
+                known, m64 = Region(image, mask).at(64, 1)  # what the decoder kept, as the pipeline made it
                 outside = max(outside, float(((edited - known).abs() * (1 - m64)).max()))
                 verdicts.append(judge(edited, task))
             row = {k: round(float(np.mean([v[k] for v in verdicts])), 3) for k in verdicts[0]}
@@ -118,12 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli("inpaint_shapes", run)
-
-
-def _at64(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from cascade.masks import resize_image, resize_mask
-
-    return resize_image(image[None], 64)[0], resize_mask(mask[None], 64)[0]
 
 
 def _figure(path: str, tasks: list[dict], originals, masks, rows: dict) -> None:
