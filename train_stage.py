@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where checkpoints, metrics.jsonl, TensorBoard logs and sample grids go; required "
                         "unless --dry-run")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--max-minutes", type=float, metavar="M",
+                   help="a time budget: after M minutes of this invocation, finish the current step, save a "
+                        "checkpoint and end as if max_steps were reached (end-of-run eval, --export). The "
+                        "learning rate still follows max_steps: set it near the steps M minutes reach")
     p.add_argument("--deepspeed_config", "--deepspeed-config", type=Path,
                    help="DeepSpeed JSON (ZeRO stage, precision); default: ZeRO stage 0, fp32")
     p.add_argument("--export", type=Path, metavar="BUNDLE",
@@ -67,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
     from cascade.training.engine import TrainArgs, train
 
     result = train(TrainArgs(stage=args.stage, config=args.config, data=args.data, run_dir=args.run_dir,
-                             max_steps=args.max_steps, deepspeed_config=args.deepspeed_config, export=args.export,
+                             max_steps=args.max_steps, max_minutes=args.max_minutes, deepspeed_config=args.deepspeed_config, export=args.export,
                              preview_bundle=args.preview_bundle, preview_minutes=args.preview_minutes,
                              preview_prompts=tuple(args.preview_prompt), preview_out=args.preview_out,
                              init_from=args.init_from))

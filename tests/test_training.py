@@ -297,6 +297,23 @@ def test_loss_falls_over_30_steps_with_logs_grids_eval_and_export(tmp_path, data
     assert manifest["stages"] == ["test_tiny_ae"] and manifest["format_version"] == FORMAT_VERSION
 
 
+def test_a_time_budget_ends_the_run_like_max_steps_and_a_rerun_resumes(tmp_path, data):
+    """--max-minutes: the step that crosses the budget is the last (checkpoint, export, not 'interrupted');
+    the same run directory then resumes from it."""
+    from cascade.bundle import load_stage
+
+    cfg = write_config(tmp_path / "c.yaml", max_steps=30, log_every=1, ckpt_every=0, eval_at_end=False)
+    first = _train(tmp_path, "run", data, cfg, max_minutes=1e-9, export=tmp_path / "bundle")
+    assert (first.step, first.interrupted) == (1, False)
+    assert first.export_dir is not None and load_stage(first.export_dir) is not None
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001"]
+    again = _train(tmp_path, "run", data, write_config(tmp_path / "c3.yaml", max_steps=3, log_every=1,
+                                                         ckpt_every=0, eval_at_end=False))
+    assert (again.start_step, again.step) == (1, 3)
+    with pytest.raises(UserError, match="--max-minutes must be > 0"):
+        _train(tmp_path, "other", data, cfg, max_minutes=0)
+
+
 def test_sigterm_checkpoints_and_resume_reproduces_an_uninterrupted_run(tmp_path, data, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", max_steps=12, log_every=1, ckpt_every=5)
     straight = _train(tmp_path, "straight", data, cfg)

@@ -40,6 +40,8 @@ class TrainArgs:
     data: Path
     run_dir: Path
     max_steps: int | None = None
+    # A time budget for this invocation (minutes): the step that crosses it ends the run like max_steps does.
+    max_minutes: float | None = None
     deepspeed_config: Path | None = None
     export: Path | None = None  # bundle directory: the stage folder goes to export/<stage>
     # Pictures while training (`cascade.training.cascade_preview`): the bundle that provides the other
@@ -177,6 +179,8 @@ class Trainer:
         self.stage_cls = get_stage(self.run.stage)
         if self.stage_cls.data_needs(self.run.model)[1]:
             check_embedded(args.data, "train", self.run.stage)
+        if args.max_minutes is not None and not args.max_minutes > 0:
+            raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
         self.preview = None
         if args.preview_bundle is not None:
             from cascade.training.cascade_preview import DEFAULT_PROMPTS, CascadePreview
@@ -402,6 +406,7 @@ class Trainer:
         window_loss, window_steps, window_time = torch.zeros((), device=engine.device), 0, 0.0
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.dist.world_size
         first_step = self.step
+        deadline = None if self.args.max_minutes is None else time.monotonic() + 60 * self.args.max_minutes
         with _StopFlag() as stop:
             self.stage.train()
             while self.step < cfg.max_steps:
@@ -432,7 +437,9 @@ class Trainer:
                 window_steps += 1
                 log.advance()
 
-                last = self.step == cfg.max_steps
+                # every rank ends at the same step: the first whose clock passed the deadline decides
+                out_of_time = deadline is not None and distributed.any_rank(time.monotonic() >= deadline)
+                last = self.step == cfg.max_steps or out_of_time
                 evaluate = (cfg.eval_every and self.step % cfg.eval_every == 0) or (last and cfg.eval_at_end)
                 metrics = self._evaluate() if evaluate else {}
                 if self.step % cfg.log_every == 0 or last or evaluate:
@@ -452,6 +459,10 @@ class Trainer:
                     break
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
                     self._save()
+                if out_of_time and self.step < cfg.max_steps:
+                    self.log(f"time budget of {self.args.max_minutes:g} min reached at step {self.step} "
+                             f"(max_steps {cfg.max_steps})")
+                    break
             if first_step >= cfg.max_steps:
                 self.log(f"already trained to step {self.step} (max_steps {cfg.max_steps}); nothing to do")
         log.close()
