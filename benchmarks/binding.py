@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="the shapes set the models trained on (its held-out pairs)")
     p.add_argument("--holdout-pairs", default=None, metavar="COLOUR:SHAPE,...")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=1, help="images per prompt, each with other noise (default: 1)")
     p.add_argument("--figure", default=None, help="write the prompts x models figure (PNG) here")
     args = p.parse_args(argv)
 
@@ -55,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         check_seed(args.seed, "--seed")
         models = parse_models(args.model)
         holdout = holdout_of(args.data, args.holdout_pairs)
-        out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed, "models": {}}
+        out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed,
+               "images_per_prompt": args.images, "models": {}}
         images = {}
         cases = None
         for name, bundle in models.items():
             started = time.monotonic()
-            scores, images[name], cases = evaluate_binding(bundle, holdout=holdout, seed=args.seed)
+            scores, images[name], cases = evaluate_binding(bundle, holdout=holdout, seed=args.seed,
+                                                                repeats=args.images)
             scores["seconds"] = time.monotonic() - started
             out["models"][name] = {k: round(v, 4) for k, v in scores.items()}
         if args.figure:

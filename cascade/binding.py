@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from cascade.errors import UserError
+
 DEFAULT_HOLDOUT = "red:star,blue:circle,green:heart,yellow:square"
 SEED = 25  # the prompt set's cells; fixed, so every run scores the same prompts
 
@@ -199,13 +201,16 @@ def generate_cases(cascade, cases: list[BindingCase], *, seed: int = 0, chunk: i
 
 
 def evaluate_binding(bundle: str | Path, *, holdout: tuple[tuple[str, str], ...], seed: int = 0,
-                     device: str | torch.device = "cpu", settings=None) -> tuple[dict[str, float], torch.Tensor,
-                                                                                 list[BindingCase]]:
-    """(scores, images, cases) of a bundle on the prompt set of `holdout`."""
+                     device: str | torch.device = "cpu", settings=None, repeats: int = 1
+                     ) -> tuple[dict[str, float], torch.Tensor, list[BindingCase]]:
+    """(scores, images, cases) of a bundle on the prompt set of `holdout`, each prompt drawn `repeats` times
+    (the cases are the prompt set repeated, with other noise each time)."""
     from cascade.pipeline import Cascade
 
+    if repeats < 1:
+        raise UserError(f"images per prompt must be >= 1, got {repeats}")
     cascade = Cascade.from_bundle(bundle, ("prior", "decoder"), device=device)
-    cases = binding_cases(holdout)
+    cases = binding_cases(holdout) * repeats
     images = generate_cases(cascade, cases, seed=seed, settings=settings)
     scores = binding_scores(images, cases)
     scores["images"] = float(len(cases))
