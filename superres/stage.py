@@ -130,6 +130,8 @@ class SuperResStage(Stage):
         c = self.config
         low, high = self._pairs(batch)
         b, device = high.shape[0], high.device
+        if c.objective == "l1":
+            return (self._regress(low, high.shape[-2:], *self._text(batch)) - high.float()).abs().mean()
         level = torch.rand(b, device=device) * c.train_aug_max
         low_up = self._condition(low, high.shape[-1], level)
         t = sample_timesteps(self.schedule, b, device=device)
@@ -141,6 +143,15 @@ class SuperResStage(Stage):
         return diffusion_loss(self.schedule, lambda x_t, t_: self.net(x_t, low_up, t_, level, text, mask).float(),
                               x0.float(), t, noise.float(), c.prediction, snr_gamma=c.snr_gamma,
                               snr_plus_one=c.snr_plus_one)
+
+    def _regress(self, low: torch.Tensor, size: tuple[int, int], text: torch.Tensor | None = None,
+                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """objective l1: the high-res estimate in one pass, the network reading bicubic(low) (and zeros for
+        x_t) at t = 0 and augmentation level 0; the residual over bicubic when `residual`."""
+        base = bicubic_upsample(low, size)
+        zero = torch.zeros(low.shape[0], device=low.device)
+        out = self(torch.zeros_like(base), base, zero.long(), zero, text, text_mask).float()
+        return out + base if self.config.residual else out
 
     # -- sampling -----------------------------------------------------------------------------------
 
@@ -195,6 +206,17 @@ class SuperResStage(Stage):
             out = self(x_t, lu, t, lv, tx, tm).float()
             return model_output_to_eps(self.schedule, c.prediction, out, x_t, t)
 
+        if c.objective == "l1":  # one pass: no noise, no steps; inpainting keeps the original outside the mask
+            x = self._regress(low, (size_h, size_w), text, text_mask)
+            if mask is not None:
+                from cascade.masks import check_region
+
+                check_region(known, mask, b, size_h, size_w)
+                m = mask.to(low.device, torch.float32)
+                x = known.to(low.device, torch.float32) * (1 - m) + x * m
+            if callback is not None:
+                callback({"x": x, "i": 0, "x0": x})
+            return x.clamp(-1.0, 1.0)
         if threshold is None and not c.residual:
             threshold = "static"
         options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance if text is not None else None,
