@@ -64,6 +64,7 @@ from cascade.errors import UserError
 # fp32 without ZeRO (torch's AdamW stepping the weights themselves), an fp32 master copy
 STATE_BYTES = {"bf16": (2, 2), "fp32": (4, 4)}
 ADAM_BYTES, MASTER_BYTES, EMA_BYTES = 8, 4, 4
+FP32_BYTES = 4  # a frozen encoder's weights, which stay fp32
 FP32_GRAD_BYTES = 4  # the fp32 gradient partition an offloaded optimizer steps with, kept on the host
 # (ZeRO stage, what is offloaded): the set-ups DeepSpeed offers (offload needs ZeRO >= 1)
 TRAIN_SETUPS = ((0, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer"), (3, "optimizer+params"))
@@ -100,10 +101,12 @@ class TrainRow:
     ema: int
     activations: int
     cpu: int  # host memory the offloaded states take, summed over the ranks
+    frozen: int = 0  # a frozen encoder outside the stage (the Imagen-style decoder's MiniLM), fp32, on every GPU
 
     @property
     def gpu(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered + self.buckets + self.ema + self.activations
+        return (self.params + self.grads + self.optimizer + self.gathered + self.buckets + self.ema
+                + self.activations + self.frozen)
 
 
 def optimizer_bytes(precision: str, zero_stage: int) -> int:
@@ -114,7 +117,7 @@ def optimizer_bytes(precision: str, zero_stage: int) -> int:
 
 def training_rows(counts: ParamCounts, activations: int, *, gpus: int = 1, precision: str = "bf16",
                   reduce_bucket_size: int = REDUCE_BUCKET_SIZE, overlap_comm: bool | None = None,
-                  contiguous_gradients: bool = True) -> list[TrainRow]:
+                  contiguous_gradients: bool = True, frozen: int = 0) -> list[TrainRow]:
     """The closed form of the module docstring for every set-up of `TRAIN_SETUPS`; the bucket settings are
     DeepSpeed's zero_optimization keys (overlap_comm None: DeepSpeed's default, on for ZeRO-3 only)."""
     if gpus < 1:
@@ -141,7 +144,7 @@ def training_rows(counts: ParamCounts, activations: int, *, gpus: int = 1, preci
         buckets = 0 if stage == 0 or not contiguous_gradients else \
             g * reduce_bucket_size * (2 if stage == 2 and overlap else 1)
         rows.append(TrainRow(stage, offload, params, grads, optimizer, gathered, buckets, EMA_BYTES * t,
-                             activations, cpu))
+                             activations, cpu, FP32_BYTES * frozen))
     return rows
 
 
@@ -338,6 +341,7 @@ class TrainingEstimate:
     gpu_memory: float  # GiB per GPU, for the largest batch that fits
     selected: tuple[int, str] | None = None  # the --deepspeed_config's (ZeRO stage, offload), if given
     notes: list[str] = field(default_factory=list)
+    frozen: int = 0  # parameters of a frozen encoder the stage runs but does not hold (counted in every row)
 
     def max_batch(self, row: TrainRow) -> int:
         """The largest batch per GPU whose estimate fits in `gpu_memory`, activations taken as linear in it."""
@@ -348,6 +352,7 @@ class TrainingEstimate:
         return {"kind": "training", "stage": self.stage, "config": self.config, "params": asdict(self.params),
                 "batch_size": self.batch_size, "gpus": self.gpus, "precision": self.precision,
                 "activation_bytes": self.activations, "gpu_memory_gib": self.gpu_memory,
+                "frozen_encoder_params": self.frozen,
                 "deepspeed_config": None if self.selected is None else
                 {"zero_stage": self.selected[0], "offload": self.selected[1]},
                 "rows": [{**asdict(r), "gpu": r.gpu, "max_batch": self.max_batch(r)} for r in self.rows],
@@ -404,10 +409,21 @@ def estimate_training(config_path: str | Path, stage: str | None = None, *, gpus
         notes.append(f"{run.stage}'s loss fails with bf16 weights ({str(err).splitlines()[0]}); its "
                      f"activations are measured in fp32")
         activations = training_activation_bytes(model.float(), batch)
+    frozen = frozen_params(run.model)
     return TrainingEstimate(run.stage, str(config_path), counts, run.train.batch_size, gpus, precision,
                             activations, training_rows(counts, activations, gpus=gpus, precision=precision,
-                                                       **buckets),
-                            gpu_memory, selected, notes)
+                                                       frozen=frozen, **buckets),
+                            gpu_memory, selected, notes, frozen)
+
+
+def frozen_params(config) -> int:
+    """Parameters of the frozen text encoder an Imagen-style decoder config runs (not in the stage's
+    state_dict, so not in its count), else 0."""
+    if getattr(config, "conditioning", "unclip") != "imagen":
+        return 0
+    from cascade.encoders.frozen_text import frozen_encoder_params
+
+    return frozen_encoder_params(config.text_encoder)
 
 
 # ---------------------------------------------------------------------------- inference estimate
@@ -418,10 +434,13 @@ class StageInference:
     source: str
     batch: int = 0  # rows the network sees per sampling step
     activations: dict[str, int] = field(default_factory=dict)  # dtype -> peak bytes of one sampling step
+    frozen: int = 0  # parameters of a frozen encoder it runs beside its own (fp32 in every dtype)
 
 
 def _conditioning(stage: nn.Module, rows: int, low_size: int | None) -> dict[str, torch.Tensor]:
     """What the pipeline hands `stage.sample` for `rows` images, on meta."""
+    if getattr(stage.config, "conditioning", "unclip") == "imagen":  # captions, through the frozen encoder
+        return {"txt": ["a red circle above a blue square"] * rows}
     shapes = _embedding_shapes(stage.config)
     cond = {k: torch.empty((rows, *s), device="meta") for k, s in shapes.items() if k != "clip_mask"}
     cond["clip_mask"] = torch.ones((rows, *shapes["clip_mask"]), dtype=torch.bool, device="meta")
@@ -442,7 +461,7 @@ def estimate_inference(stages: dict[str, tuple[Any, str]], *, num_images: int, s
     low_size = None
     for name, (config, source) in stages.items():
         model = build_on_meta(name, config).eval()
-        info = StageInference(name, count_params(model).total, source)
+        info = StageInference(name, count_params(model).total, source, frozen=frozen_params(config))
         if name == "clip":  # a few captions through the text tower: nothing beside the weights
             info.batch, info.activations = num_images, {"float32": 0, "bfloat16": 0}
         else:
@@ -462,7 +481,7 @@ def estimate_inference(stages: dict[str, tuple[Any, str]], *, num_images: int, s
         infos.append(info)
     rows = []
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
-        weights = {i.name: i.params * (4 if i.name == "clip" else size) for i in infos}
+        weights = {i.name: i.params * (4 if i.name == "clip" else size) + FP32_BYTES * i.frozen for i in infos}
         clip = weights.get("clip", 0)
         step = max((i.activations[dtype] for i in infos), default=0)
         largest = max((weights[i.name] + i.activations[dtype] for i in infos if i.name != "clip"), default=0)
@@ -500,6 +519,9 @@ def inference_stage_configs(*, bundle: str | Path | None = None, configs: list[s
                 source = root / name / "config.json"
                 found[name] = (parse_config(get_stage(name).Config, stage_config_dict(data), str(source)), str(source))
         origin = f"the bundle {root} has"
+    if "decoder" in found and getattr(found["decoder"][0], "conditioning", "unclip") == "imagen":
+        wanted = tuple(name for name in wanted if name != "prior")  # text -> decoder: no prior runs
+        found.pop("prior", None)
     missing = [name for name in wanted if name not in found]
     if missing:
         raise UserError(f"generate --until {until} runs {', '.join(wanted)}; {origin} no {', '.join(missing)}")
@@ -548,14 +570,18 @@ def _table(rows: list[tuple[str, ...]], left: int) -> list[str]:
 def format_training(est: TrainingEstimate) -> str:
     p = est.params
     weights, grads = STATE_BYTES[est.precision]
+    frozen = (f"; plus the frozen text encoder's {est.frozen:,} ({_count(est.frozen)}), fp32 on every GPU, "
+              f"never trained or saved (column 'frozen')" if est.frozen else "")
     lines = [f"{est.stage} ({est.config}): {p.total:,} parameters ({_count(p.total)}), {p.trainable:,} trainable, "
-             f"largest module {p.largest_module:,}",
+             f"largest module {p.largest_module:,}{frozen}",
              f"training memory per GPU, {est.precision}, batch {est.batch_size} per GPU, {est.gpus} GPU(s); "
              f"activations {_size(est.activations)} ({_size(est.activations // est.batch_size)} per sample)", ""]
-    rows = [("ZeRO", "offload", "params", "grads", "optimizer", "gathered", "buckets", "EMA", "activations",
+    extra = ("frozen",) if est.frozen else ()
+    rows = [("ZeRO", "offload", "params", "grads", "optimizer", "gathered", "buckets", "EMA", "activations", *extra,
              "GPU total", "CPU (all ranks)", f"max batch ({est.gpu_memory:g} GiB)", "")]
     for r in est.rows:
-        sizes = (r.params, r.grads, r.optimizer, r.gathered, r.buckets, r.ema, r.activations, r.gpu, r.cpu)
+        sizes = (r.params, r.grads, r.optimizer, r.gathered, r.buckets, r.ema, r.activations,
+                 *((r.frozen,) if est.frozen else ()), r.gpu, r.cpu)
         mark = "<- --deepspeed_config" if (r.zero_stage, r.offload) == est.selected else ""
         rows.append((str(r.zero_stage), r.offload, *map(_size, sizes), str(est.max_batch(r)), mark))
     lines += _table(rows, left=2)
@@ -575,12 +601,14 @@ def format_inference(est: dict[str, Any]) -> str:
     lines = [f"inference memory for {est['num_images']} image(s):", ""]
     rows = [("stage", "parameters", "rows/step", "step fp32", "step bf16", "config")]
     for s in est["stages"]:
-        rows.append((s["name"], f"{s['params']:,}", str(s["batch"]), _size(s["activations"]["float32"]),
+        params = f"{s['params']:,}" + (f" + {s['frozen']:,} frozen" if s.get("frozen") else "")
+        rows.append((s["name"], params, str(s["batch"]), _size(s["activations"]["float32"]),
                      _size(s["activations"]["bfloat16"]), s["source"]))
     lines += _table(rows, left=1) + [""]
     rows = [("dtype", "offload", "GPU", "CPU")] + [(r["dtype"], r["offload"], _size(r["gpu"]), _size(r["cpu"]))
                                                  for r in est["rows"]]
     lines += _table(rows, left=2)
     lines += ["", "GPU: the weights resident at once (every stage; with --offload model the CLIP and the stage "
-                  "that samples) plus the largest sampling step's activations. The CLIP stays fp32."]
+                  "that samples) plus the largest sampling step's activations. The CLIP and a frozen text encoder "
+                  "stay fp32."]
     return "\n".join(lines)

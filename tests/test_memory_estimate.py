@@ -234,3 +234,29 @@ def test_dry_run_of_a_mid_size_config_written_on_the_fly(tmp_path):
     z0, z3 = est.rows[0], est.rows[3]
     assert (z0.zero_stage, z3.zero_stage) == (0, 3) and z3.params == z0.params // 2
     assert z3.gpu - z3.buckets < z0.gpu and z3.activations == z0.activations
+
+
+def test_an_imagen_style_decoder_counts_its_frozen_text_encoder(capsys):
+    """The frozen MiniLM is not in the decoder's parameters (never trained or saved) but sits on the GPU:
+    its count (from its config on meta) equals the loaded model's, and every row carries its fp32 weights."""
+    from cascade.encoders.frozen_text import frozen_text_encoder
+    from cascade.memory_estimate import estimate_inference, estimate_training, inference_stage_configs
+    from train_stage import main
+
+    config = ROOT / "configs/tiny/decoder-imagen.yaml"
+    est = estimate_training(config)
+    loaded = sum(p.numel() for p in frozen_text_encoder("minilm_l6", 48).model.parameters())
+    assert est.frozen == loaded > 20e6
+    plain = estimate_training(ROOT / "configs/tiny/decoder.yaml")
+    assert plain.frozen == 0 and all(r.frozen == 0 for r in plain.rows)
+    assert all(r.frozen == 4 * loaded and r.gpu > 4 * loaded for r in est.rows)
+    assert main(["--stage", "decoder", "--config", str(config), "--dry-run"]) == 0
+    assert f"plus the frozen text encoder's {loaded:,}" in capsys.readouterr().out
+    stages = inference_stage_configs(configs=[ROOT / "configs/tiny/clip.yaml", config], until="decoder")
+    assert list(stages) == ["clip", "decoder"]  # text -> decoder: no prior
+    inf = estimate_inference(stages, num_images=1)
+    decoder = next(s for s in inf["stages"] if s["name"] == "decoder")
+    assert decoder["frozen"] == loaded
+    none = next(r for r in inf["rows"] if (r["dtype"], r["offload"]) == ("bfloat16", "none"))
+    weights = sum(s["params"] * (4 if s["name"] == "clip" else 2) for s in inf["stages"]) + 4 * loaded
+    assert none["gpu"] == weights + max(s["activations"]["bfloat16"] for s in inf["stages"])

@@ -94,6 +94,22 @@ class FrozenTextEncoder:
 _SHARED: dict[tuple[str, int, str], FrozenTextEncoder] = {}
 
 
+def frozen_encoder_params(name: str = "minilm_l6") -> int:
+    """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read)."""
+    if name not in FROZEN_TEXT_ENCODERS:
+        raise UserError(f"unknown frozen text encoder '{name}' (have: {', '.join(FROZEN_TEXT_ENCODERS)})")
+    from cascade._torchvision_compat import ensure_torchvision
+
+    ensure_torchvision()
+    from transformers import AutoConfig, AutoModel
+
+    from cascade.encoders.clip_model import _minilm_path
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(_minilm_path()))
+    return sum(p.numel() for p in model.parameters())
+
+
 def frozen_text_encoder(name: str = "minilm_l6", max_len: int = 48,
                         device: str | torch.device = "cpu") -> FrozenTextEncoder:
     """The process's one `FrozenTextEncoder` for (name, max_len, device), built on first use."""
