@@ -110,12 +110,64 @@ def test_benchmark_prints_one_json_line_per_run_with_each_model(tmp_path, capsys
     (bundle / "decoder" / "config.json").write_text(json.dumps(config))
     figure = tmp_path / "fig.png"
     assert main(["--model", f"tiny={bundle}", "--holdout-pairs", "red:star,blue:circle,green:heart",
-                 "--figure", str(figure)]) == 0
+                 "--figure", str(figure), "--images", "2"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     scores = line["models"]["tiny"]
-    assert line["holdout_pairs"] == "red:star,blue:circle,green:heart" and scores["images"] == 36
+    assert line["holdout_pairs"] == "red:star,blue:circle,green:heart" and scores["images"] == 2 * 36
+    assert line["images_per_prompt"] == 2
     assert {"binding_acc", "binding_seen", "binding_heldout", "heldout_gap", "count_acc", "relation_acc"} <= set(scores)
     assert all(0.0 <= scores[k] <= 1.0 for k in ("binding_acc", "colour_acc", "count_acc"))
     assert figure.stat().st_size > 0
     assert main(["--model", str(tmp_path / "nothing")]) == 2
     assert "not a model bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--system", "imagen"], "give 'unclip' or NAME=DECODER_YAML"),
+    (["--system", "unclip", "--system", "x=nope.yaml"], "no such config file nope.yaml"),
+    (["--system", "x=configs/tiny/decoder-imagen.yaml"], "without the unclip system, give --clip"),
+    (["--minutes", "0"], "--minutes and --steps-per-minute must be > 0"),
+])
+def test_binding_hour_mistakes_are_one_line(args, message, tmp_path, capsys, monkeypatch):
+    from benchmarks.binding_hour import ROOT, main
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "shard-000000.tar").write_bytes(b"")
+    assert main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_binding_hour_trains_both_systems_inside_their_minutes_and_scores_them(tmp_path, capsys):
+    """A 0.4-minute 'hour': unclip trains clip, embeds, trains prior and decoder; imagen its decoder; each
+    chain ends near its budget, both bundles are scored, and a rerun keeps the finished stages."""
+    import time
+
+    from benchmarks.binding_hour import main
+    from cascade.cli import main as cli
+
+    data = tmp_path / "data"
+    assert cli(["data", "build", "--source", "shapes", "--out", str(data), "--count", "120", "--sizes", "64",
+                "--holdout-pairs", "red:star,blue:circle"]) == 0
+    args = ["--data", str(data), "--out", str(tmp_path / "out"), "--minutes", "0.4", "--parallel",
+            "--images", "1", "--steps-per-minute", "50"]
+    started = time.monotonic()
+    assert main(args) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(line["systems"]) == {"unclip", "imagen"} and line["threads"] >= 1
+    unclip, imagen = line["systems"]["unclip"]["training"], line["systems"]["imagen"]["training"]
+    assert set(unclip) == {"clip", "embed", "prior", "decoder"} and set(imagen) == {"decoder"}  # (sorted keys)
+    assert all(part["steps"] >= 1 for part in (*unclip.values(), *imagen.values()) if "steps" in part)
+    # the budget holds up to one step and each process's start-up
+    assert imagen["decoder"]["minutes"] < 0.4 + 0.6
+    for name in ("unclip", "imagen"):
+        scores = line["systems"][name]["scores"]
+        assert scores["images"] == 36 and 0.0 <= scores["binding_acc"] <= 1.0
+    assert (tmp_path / "out" / "binding.png").is_file() and (tmp_path / "out" / "imagen" / "bundle" / "clip").is_dir()
+    assert time.monotonic() - started < 600
+    assert main(args) == 0  # again: every stage is there, nothing trains, the same scores
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["systems"]["imagen"]["scores"] == line["systems"]["imagen"]["scores"]
+    assert again["systems"]["unclip"]["training"] == line["systems"]["unclip"]["training"]
