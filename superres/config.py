@@ -21,9 +21,10 @@ class SRConfig(DiffusionConfig):
     text: bool = False
     text_dim: int = 512  # width of clip_tokens
     head_dim: int = 64
-    # "diffusion", or "l1": the same network as a plain one-pass regressor trained with an L1 loss (no noise,
-    # no augmentation, t = 0), the non-diffusion baseline of the SR evaluations; steps and sampler are unused
-    objective: Literal["diffusion", "l1"] = "diffusion"
+    # "diffusion", or "l1" / "l2": the same network as a plain one-pass regressor trained with an L1 / squared
+    # error loss (no noise, no augmentation, t = 0), the non-diffusion baselines of the SR evaluations; steps,
+    # sampler and aug levels are then unused
+    objective: Literal["diffusion", "l1", "l2"] = "diffusion"
     # diffusion
     prediction: Literal["eps", "x0", "v"] = "v"
     # diffuse the residual high - bicubic(low) instead of the image (SRDiff, Li et al. 2022): a new

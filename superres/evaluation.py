@@ -46,8 +46,8 @@ def evaluate_superres(stage, batches, generator: torch.Generator) -> dict[str, f
     bicubic = bicubic_upsample(low, high.shape[-1])
     scores = {"bicubic": (psnr(bicubic, high), ssim(bicubic, high))}
     seed = int(torch.randint(2 ** 31, (), generator=generator))
-    # a one-pass regressor (objective l1) reads no noise and takes no steps: one setting
-    sweep = [(0.0, 1)] if c.objective == "l1" else list(itertools.product(c.eval_aug_levels, c.eval_steps))
+    # a one-pass regressor (objective l1 / l2) reads no noise and takes no steps: one setting
+    sweep = [(0.0, 1)] if c.objective != "diffusion" else list(itertools.product(c.eval_aug_levels, c.eval_steps))
     with ImageBar(len(sweep) * len(low), f"{stage.name}: upsampling the val crops") as bar:
         for level, steps in sweep:
             g = torch.Generator().manual_seed(seed)  # the same noise for every setting of the sweep

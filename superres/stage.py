@@ -130,8 +130,9 @@ class SuperResStage(Stage):
         c = self.config
         low, high = self._pairs(batch)
         b, device = high.shape[0], high.device
-        if c.objective == "l1":
-            return (self._regress(low, high.shape[-2:], *self._text(batch)) - high.float()).abs().mean()
+        if c.objective != "diffusion":
+            error = self._regress(low, high.shape[-2:], *self._text(batch)) - high.float()
+            return error.abs().mean() if c.objective == "l1" else error.pow(2).mean()
         level = torch.rand(b, device=device) * c.train_aug_max
         low_up = self._condition(low, high.shape[-1], level)
         t = sample_timesteps(self.schedule, b, device=device)
@@ -146,7 +147,7 @@ class SuperResStage(Stage):
 
     def _regress(self, low: torch.Tensor, size: tuple[int, int], text: torch.Tensor | None = None,
                  text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """objective l1: the high-res estimate in one pass, the network reading bicubic(low) (and zeros for
+        """objective l1 / l2: the high-res estimate in one pass, the network reading bicubic(low) (and zeros for
         x_t) at t = 0 and augmentation level 0; the residual over bicubic when `residual`."""
         base = bicubic_upsample(low, size)
         zero = torch.zeros(low.shape[0], device=low.device)
@@ -206,7 +207,7 @@ class SuperResStage(Stage):
             out = self(x_t, lu, t, lv, tx, tm).float()
             return model_output_to_eps(self.schedule, c.prediction, out, x_t, t)
 
-        if c.objective == "l1":  # one pass: no noise, no steps; inpainting keeps the original outside the mask
+        if c.objective != "diffusion":  # one pass: no noise, no steps; inpainting keeps the original outside the mask
             x = self._regress(low, (size_h, size_w), text, text_mask)
             if mask is not None:
                 from cascade.masks import check_region

@@ -410,3 +410,33 @@ def test_l1_objective_evaluates_one_setting_and_keeps_the_known_region():
     assert torch.equal(out[..., :64, :], known[..., :64, :].clamp(-1, 1))
     with pytest.raises(Exception):
         _stage("sr256", objective="mse")
+
+
+def test_l2_objective_is_the_squared_error_and_learns_flat_scenes_where_l1_stays_at_bicubic():
+    """objective l2: the loss is the mean squared error of the same one pass. On flat-colour scenes, whose
+    residual over bicubic is zero almost everywhere, 60 Adam steps take the l2 regressor 1.5 dB past bicubic,
+    while the l1 one (the median of that residual is 0) stays within 0.1 dB of it: measured, the reason the
+    SR evaluations report both baselines."""
+    high = _scenes(4, 64)
+    low = F.avg_pool2d(high, 4)
+    batch = {"image_64": low, "image_256": high}
+    bicubic = psnr(bicubic_upsample(low, 64), high).mean().item()
+    scores = {}
+    for objective in ("l1", "l2"):
+        torch.manual_seed(0)
+        stage = _stage("sr256", **TINY, objective=objective, residual=True)
+        if objective == "l2":
+            probe = _randomise(_stage("sr256", **TINY, objective="l2", residual=True))
+            pred = probe.sample({"low_res": low})
+            raw = probe._regress(low, (64, 64))
+            assert probe.loss(batch).item() == pytest.approx((raw - high).pow(2).mean().item(), rel=1e-5)
+            assert torch.equal(pred, raw.clamp(-1, 1))
+        opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
+        for _ in range(60):
+            loss = stage.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        scores[objective] = psnr(stage.sample({"low_res": low}), high).mean().item()
+    assert scores["l2"] > bicubic + 1.5
+    assert abs(scores["l1"] - bicubic) < 0.1
