@@ -440,3 +440,22 @@ def test_l2_objective_is_the_squared_error_and_learns_flat_scenes_where_l1_stays
         scores[objective] = psnr(stage.sample({"low_res": low}), high).mean().item()
     assert scores["l2"] > bicubic + 1.5
     assert abs(scores["l1"] - bicubic) < 0.1
+
+
+def test_the_levers_benchmark_compares_numerical_levers_against_the_same_weights(capsys):
+    """benchmarks/sr_levers.py at 128 px: channels-last computes the same output as the config, bf16 nearly
+    so, a smaller tile differs only at its seams; each lever gets a median time and a speed-up."""
+    import json
+
+    from benchmarks.sr_levers import main
+
+    assert main(["--size", "128", "--runs", "1", "--levers", "config,channels_last,bf16,tile64,cheap_net"]) == 2
+    assert main(["--size", "128", "--runs", "1", "--levers", "config,channels_last,bf16,untiled,cheap_net"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    levers = line["levers"]
+    assert set(levers) == {"config", "channels_last", "bf16", "untiled", "cheap_net"}
+    assert levers["config"]["speedup"] == 1.0 and all(v["seconds"] > 0 for v in levers.values())
+    assert levers["channels_last"]["max_abs_diff"] < 1e-4 and levers["untiled"]["max_abs_diff"] < 1e-4
+    assert 0 < levers["bf16"]["max_abs_diff"] < 0.1
+    assert levers["cheap_net"]["max_abs_diff"] is None
+    assert levers["cheap_net"]["params"] < levers["config"]["params"]
