@@ -27,6 +27,14 @@ from torch import nn
 from cascade.config import Config, DeprecatedKeyWarning
 
 
+def build_schedule(config: "DiffusionConfig"):
+    """The config's noise schedule (name, timesteps, log-SNR shift), on the CPU whatever the default device."""
+    from cascade.diffusion import NoiseSchedule
+
+    with torch.device("cpu"):
+        return NoiseSchedule.from_name(config.schedule, config.timesteps).shifted(config.schedule_shift)
+
+
 class DiffusionConfig(Config):
     """The diffusion settings every diffusion stage has; a stage's config derives from it and may change
     the defaults. Keys renamed since an earlier version still load, with a `DeprecatedKeyWarning`."""
@@ -34,6 +42,8 @@ class DiffusionConfig(Config):
     # The forward process and what the network predicts.
     schedule: Literal["linear", "cosine", "angle"] = "cosine"
     timesteps: int = Field(1000, gt=1)
+    # Every step's log-SNR moved by this (`NoiseSchedule.shifted`; simple diffusion's 2 log(64 / d)): < 0 noisier
+    schedule_shift: float = 0.0
     prediction: Literal["eps", "x0", "v"] = "eps"
     # Loss weighting: min-SNR-gamma (Hang et al. 2023; None = plain MSE); `snr_plus_one` weights
     # min(SNR + 1, gamma) in x0 terms instead (see `cascade.diffusion.losses`).

@@ -16,7 +16,7 @@ from cascade import diffusion
 from cascade.diffusion.noise import randn
 from cascade.errors import UserError
 from cascade.registry import register_stage
-from cascade.stage import Stage, resolve_sampling
+from cascade.stage import Stage, build_schedule, resolve_sampling
 from decoder.conditioning import Conditioning, TextConditioning
 from decoder.config import DecoderConfig
 from decoder.unet import UNet
@@ -88,8 +88,7 @@ class Decoder(Stage):
     def schedule(self) -> diffusion.NoiseSchedule:
         # Built on first use, never under a meta-device context (the dalle2 configs only instantiate).
         if self._schedule is None:
-            with torch.device("cpu"):
-                self._schedule = diffusion.NoiseSchedule.from_name(self.config.schedule, self.config.timesteps)
+            self._schedule = build_schedule(self.config)
         return self._schedule
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,

@@ -14,12 +14,12 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from cascade.diffusion import NoiseSchedule, diffusion_loss, model_output_to_eps, repeat_to_batch, sample_timesteps
+from cascade.diffusion import diffusion_loss, model_output_to_eps, repeat_to_batch, sample_timesteps
 from cascade.diffusion import sample as diffusion_sample
 from cascade.errors import UserError
 from cascade.progress_bars import ImageBar
 from cascade.registry import register_stage
-from cascade.stage import Stage, resolve_sampling
+from cascade.stage import Stage, build_schedule, resolve_sampling
 from prior.config import PriorConfig
 from prior.metrics import embedding_scores, nearest_caption_images
 from prior.network import PriorTransformer
@@ -38,8 +38,7 @@ class PriorStage(Stage):
     def __init__(self, config: PriorConfig):
         super().__init__(config)
         self.net = PriorTransformer(config)
-        with torch.device("cpu"):  # host-side constants, also when the network is built on "meta"
-            self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
+        self.schedule = build_schedule(config)  # host-side constants, also when the network is built on "meta"
         self.scale = math.sqrt(config.embed_dim)
         # The train batches last given to `evaluate` and the (text, image) embeddings read from them.
         self._train_pairs_cache: tuple[Any, dict[str, torch.Tensor] | None] | None = None

@@ -19,11 +19,11 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from cascade.config import Config
-from cascade.diffusion import (NoiseSchedule, diffusion_loss, model_output_to_eps, repeat_to_batch, sample,
+from cascade.diffusion import (diffusion_loss, model_output_to_eps, repeat_to_batch, sample,
                                sample_inpaint, sample_timesteps)
 from cascade.errors import UserError
 from cascade.registry import register_stage
-from cascade.stage import Stage, resolve_sampling
+from cascade.stage import Stage, build_schedule, resolve_sampling
 from superres.augmentation import noise_augment
 from superres.config import SR1024Config, SRConfig
 from superres.degradations import mixed_degradation, random_blur
@@ -53,8 +53,7 @@ class SuperResStage(Stage):
                                  num_res_blocks=config.num_res_blocks, dropout=config.dropout,
                                  text_dim=config.text_dim if config.text else None, head_dim=config.head_dim,
                                  gradient_checkpointing=config.gradient_checkpointing)
-        with torch.device("cpu"):  # the schedule is data, not weights: keep it real under a meta device
-            self.schedule = NoiseSchedule.from_name(config.schedule, config.timesteps)
+        self.schedule = build_schedule(config)  # data, not weights: real (on the CPU) under a meta device
 
     @property
     def scale(self) -> int:

@@ -145,3 +145,23 @@ def test_schedule_tables_are_copied_once_per_device_and_dtype():
     out = broadcast_at(table, t, like)
     assert out.shape == (3, 1, 1, 1) and out.dtype == torch.bfloat16
     assert torch.equal(out.flatten(), table[t].to(torch.bfloat16))  # the same values as index-then-cast
+
+
+@pytest.mark.parametrize("shift", [-2 * math.log(2), 1.0])
+def test_a_shifted_schedule_moves_every_log_snr_by_the_shift(shift):
+    """simple diffusion's shift: log-SNR' = log-SNR + shift at every step, still a valid decreasing schedule;
+    the stages build it from `schedule_shift` (0: the schedule itself)."""
+    from cascade.config import parse_config
+    from cascade.registry import get_stage
+
+    base = NoiseSchedule.from_name("cosine", 100)
+    moved = base.shifted(shift)
+    log_snr = lambda s: torch.log(s.alphas_cumprod / (1 - s.alphas_cumprod))  # noqa: E731
+    torch.testing.assert_close(log_snr(moved) - log_snr(base), torch.full((100,), shift, dtype=torch.float64))
+    assert bool((moved.alphas_cumprod[1:] < moved.alphas_cumprod[:-1]).all()) and bool((moved.betas > 0).all())
+    assert base.shifted(0) is base
+    for name, extra in (("decoder", {}), ("prior", {}), ("sr256", {})):
+        cls = get_stage(name)
+        config = parse_config(cls.Config, {"timesteps": 100, "schedule_shift": shift, **extra})
+        stage_schedule = cls(config).schedule
+        torch.testing.assert_close(stage_schedule.alphas_cumprod, moved.alphas_cumprod)

@@ -108,6 +108,15 @@ class NoiseSchedule:
             return AngleSchedule().discretize(int(timesteps))
         raise UserError(f"unknown noise schedule '{name}' (choose linear, cosine or angle)")
 
+    def shifted(self, shift: float) -> "NoiseSchedule":
+        """The schedule with every step's log-SNR moved by `shift` (Hoogeboom et al. 2023, "simple
+        diffusion", sec. 3.1: log-SNR + 2 log(64 / d) for d x d images; negative = noisier at every step, so
+        more of the steps decide the coarse layout). alpha_bar' = sigmoid(log-SNR + shift); 0 returns self."""
+        if shift == 0:
+            return self
+        log_snr = torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
+        return NoiseSchedule.from_alphas_cumprod(torch.sigmoid(log_snr + float(shift)))
+
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "NoiseSchedule":
         """The schedule whose betas reproduce a given decreasing alpha_bar sequence exactly."""
