@@ -53,7 +53,7 @@ class Plan:
 NO_END_EVAL = {stage: {"train": {"eval_at_end": False}} for stage in STAGES}
 
 FULL = Plan("tiny", shapes=4000, emoji=2000,
-            steps={"clip": 300, "prior": 2000, "decoder": 6000, "sr256": 600, "sr1024": 400}, images=2,
+            steps={"clip": 300, "prior": 2000, "decoder": 6000, "sr256": 600, "sr1024": 1200}, images=2,
             overrides=NO_END_EVAL, preview_minutes=4.0)  # the first preview ~28 min after the start (quiet)
 # Ten minutes that show the models learn, not only that the path runs: most of the time goes to the decoder,
 # which trains on one-object shapes scenes only, where 1,000 steps learn colour and place (measured with
@@ -63,10 +63,10 @@ QUICK = Plan("quick", shapes=600, emoji=300,
              overrides={**NO_END_EVAL,
                         "decoder": {**NO_END_EVAL["decoder"],
                                     "model": {"eval_samples": 16, "steps": 25, "eval_guidance": [3.0]}},
-                        **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [5],
+                        **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [2],
                                                              "eval_aug_levels": [0.0, 0.2]}}
                            for sr in ("sr256", "sr1024")}},
-             generate_steps="decoder=25,sr256=10,sr1024=3", eval_limit=16, preview_minutes=60.0,
+             generate_steps="decoder=25", eval_limit=16, preview_minutes=60.0,
              decoder_sources=("shapes",), shapes_source="shapes:single")
 
 
