@@ -14,26 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import emit
-from cascade.errors import UserError, run_cli
+from benchmarks.common import emit, parse_models
+from cascade.errors import run_cli
 from cascade.process_defaults import set_process_defaults
-
-
-def parse_models(specs: list[str]) -> dict[str, Path]:
-    """["name=BUNDLE" or "BUNDLE", ...] -> {name: bundle}; a bare bundle is named by its folder."""
-    models: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
-        if not (Path(path) / "cascade.json").is_file():
-            raise UserError(f"--model {spec}: {path} is not a model bundle (no cascade.json)")
-        if name in models:
-            raise UserError(f"--model {spec}: the name '{name}' is given twice")
-        models[name] = Path(path)
-    return models
 
 
 def main(argv: list[str] | None = None) -> int:

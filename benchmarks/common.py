@@ -1,14 +1,18 @@
 """Timing helpers shared by the benchmark scripts: medians of repeated runs, FLOP counts and an
-in-process matmul peak probe, so that every speed is reported beside what this machine can do now."""
+in-process matmul peak probe, so that every speed is reported beside what this machine can do now;
+and the `--model [NAME=]BUNDLE` parsing of the scripts that compare bundles."""
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from cascade.errors import UserError
 
 
 def median_seconds(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
@@ -39,3 +43,18 @@ def matmul_peak_gflops(n: int = 1024, runs: int = 7) -> float:
 def emit(record: dict[str, Any]) -> None:
     """Print the benchmark's one JSON line."""
     print(json.dumps(record, sort_keys=True))
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """["name=BUNDLE" or "BUNDLE", ...] -> {name: bundle}; a bare bundle is named by its folder."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not (Path(path) / "cascade.json").is_file():
+            raise UserError(f"--model {spec}: {path} is not a model bundle (no cascade.json)")
+        if name in models:
+            raise UserError(f"--model {spec}: the name '{name}' is given twice")
+        models[name] = Path(path)
+    return models
