@@ -10,7 +10,8 @@ prior, then the decoder of configs/tiny/decoder.yaml until the minutes are spent
 Imagen-style decoder (conditioning: imagen), which trains for all the minutes; a lever is such a config.
 --parallel trains the systems at the same time with the cores split evenly (OMP_NUM_THREADS), so each gets
 the same share of the machine; without it they run one after another. The decoder's max_steps (its
-learning-rate schedule) is --steps-per-minute times its minutes; the time budget ends the run.
+learning-rate schedule) is --steps-per-minute times its minutes; the time budget ends the run, unless
+max_steps comes first (each part's "ended_by" says which: set the rate high enough for "minutes").
 Run again with the same --out, finished stages are kept.
 """
 from __future__ import annotations
@@ -98,7 +99,10 @@ class System:
                "--data", str(data), "--run-dir", str(self.out / "runs" / stage), "--export", str(self.bundle),
                "--max-minutes", f"{max(minutes, 0.05):.3f}"]
         self._run(stage, cmd + ([] if max_steps is None else ["--max-steps", str(max_steps)]))
-        self.parts[stage]["steps"] = last_step(self.out / "runs" / stage)
+        steps = last_step(self.out / "runs" / stage)
+        # a run whose max_steps came first ended before its minutes: say so, it got less than its share
+        self.parts[stage].update(steps=steps, ended_by="max_steps" if max_steps is not None and steps >= max_steps
+                                 else "minutes")
         self.record.write_text(json.dumps(self.parts) + "\n")
 
     def train(self) -> None:
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             scores, images[chain.name], cases = evaluate_binding(chain.bundle, holdout=holdout, seed=args.seed,
                                                                  repeats=args.images)
             out["systems"][chain.name] = {"scores": {k: round(v, 4) for k, v in scores.items()},
-                                          "training": {k: {kk: round(vv, 2) for kk, vv in v.items()}
+                                          "training": {k: {kk: round(vv, 2) if isinstance(vv, float) else vv
+                                                           for kk, vv in v.items()}
                                                        for k, v in chain.parts.items()}}
         out["figure"] = str(binding_figure(images, cases, Path(args.out) / "binding.png"))
         (Path(args.out) / "result.json").write_text(json.dumps(out, indent=1) + "\n")

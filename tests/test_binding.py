@@ -159,7 +159,8 @@ def test_binding_hour_trains_both_systems_inside_their_minutes_and_scores_them(t
     assert set(line["systems"]) == {"unclip", "imagen"} and line["threads"] >= 1
     unclip, imagen = line["systems"]["unclip"]["training"], line["systems"]["imagen"]["training"]
     assert set(unclip) == {"clip", "embed", "prior", "decoder"} and set(imagen) == {"decoder"}  # (sorted keys)
-    assert all(part["steps"] >= 1 for part in (*unclip.values(), *imagen.values()) if "steps" in part)
+    assert all(part["steps"] >= 1 and part["ended_by"] in ("minutes", "max_steps")
+               for part in (*unclip.values(), *imagen.values()) if "steps" in part)
     # the budget holds up to one step and each process's start-up
     assert imagen["decoder"]["minutes"] < 0.4 + 0.6
     for name in ("unclip", "imagen"):
