@@ -14,6 +14,7 @@ import torch
 
 from cascade.errors import UserError
 from cascade.registry import STAGE_ORDER
+from cascade.stage import text_only
 
 
 def _val(data: Path, stage, batch_size: int = 16, split: str = "val"):
@@ -79,7 +80,7 @@ def _text_conditioning(prior, decoder, data_: dict[str, Any], rows: list[int], g
     """(the decoder's conditioning for val rows `rows`, the path's name in the metric keys): the prior's
     samples from the stored CLIP text embeddings ("prior"), or for an Imagen-style decoder the captions
     themselves ("text": no prior, keys "@text_g<w>")."""
-    if getattr(decoder.config, "conditioning", "unclip") == "imagen":
+    if text_only(decoder.config):
         return {"txt": [data_["txt"][i] for i in rows]}, "text"
     tokens, mask = data_["clip_tokens"][rows], data_["clip_mask"][rows]
     z_i = prior.sample({"clip_text": data_["clip_text"][rows], "clip_tokens": tokens, "clip_mask": mask},
@@ -130,7 +131,7 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
     prompts = one_object_prompts(count)
     captions = [text for text, _ in prompts]
     g = torch.Generator().manual_seed(seed)
-    if getattr(decoder.config, "conditioning", "unclip") == "imagen":  # the captions straight into the decoder, no prior
+    if text_only(decoder.config):  # the captions straight into the decoder, no prior
         conditioning, path = {"txt": captions}, "text"
     else:
         text, tokens, mask = clip.encode_text(captions)
@@ -215,9 +216,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
         results["sr_chain"] = evaluate_chain(loaded["sr256"], sr1024, chain_data, torch.Generator().manual_seed(seed),
                                              limit=sr1024.config.eval_images)
         write_report(results, out)
-    text_only = "decoder" in loaded and getattr(loaded["decoder"].config, "conditioning", "unclip") == "imagen"
-    if ("prior" in loaded or text_only) and "decoder" in loaded:
-        print(f"evaluating text -> {'decoder' if text_only else 'prior -> decoder'} ...", flush=True)
+    imagen = "decoder" in loaded and text_only(loaded["decoder"].config)
+    if ("prior" in loaded or imagen) and "decoder" in loaded:
+        print(f"evaluating text -> {'decoder' if imagen else 'prior -> decoder'} ...", flush=True)
         clip = bundle_clip() if "clip" in present else None
         clips = {**({"bundle": clip} if clip is not None else {}), **others}
         results["cascade"] = text_to_image_scores(loaded.get("prior"), loaded["decoder"], data, limit=limit,

@@ -59,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cascade.errors import UserError
+from cascade.stage import text_only
 
 # bytes per parameter: weights and gradients; the optimizer holds Adam's m and v in fp32 and, except in
 # fp32 without ZeRO (torch's AdamW stepping the weights themselves), an fp32 master copy
@@ -419,7 +420,7 @@ def estimate_training(config_path: str | Path, stage: str | None = None, *, gpus
 def frozen_params(config) -> int:
     """Parameters of the frozen text encoder an Imagen-style decoder config runs (not in the stage's
     state_dict, so not in its count), else 0."""
-    if getattr(config, "conditioning", "unclip") != "imagen":
+    if not text_only(config):
         return 0
     from cascade.encoders.frozen_text import frozen_encoder_params
 
@@ -439,7 +440,7 @@ class StageInference:
 
 def _conditioning(stage: nn.Module, rows: int, low_size: int | None) -> dict[str, torch.Tensor]:
     """What the pipeline hands `stage.sample` for `rows` images, on meta."""
-    if getattr(stage.config, "conditioning", "unclip") == "imagen":  # captions, through the frozen encoder
+    if text_only(stage.config):  # captions, through the frozen encoder
         return {"txt": ["a red circle above a blue square"] * rows}
     shapes = _embedding_shapes(stage.config)
     cond = {k: torch.empty((rows, *s), device="meta") for k, s in shapes.items() if k != "clip_mask"}
@@ -519,7 +520,7 @@ def inference_stage_configs(*, bundle: str | Path | None = None, configs: list[s
                 source = root / name / "config.json"
                 found[name] = (parse_config(get_stage(name).Config, stage_config_dict(data), str(source)), str(source))
         origin = f"the bundle {root} has"
-    if "decoder" in found and getattr(found["decoder"][0], "conditioning", "unclip") == "imagen":
+    if "decoder" in found and text_only(found["decoder"][0]):
         wanted = tuple(name for name in wanted if name != "prior")  # text -> decoder: no prior runs
         found.pop("prior", None)
     missing = [name for name in wanted if name not in found]

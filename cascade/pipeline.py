@@ -28,6 +28,7 @@ import torch
 
 from cascade.errors import UserError
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES, image_stages_until
+from cascade.stage import text_only
 
 MAX_PROMPT_CHARS = 300
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (what a signed 64-bit integer holds)
@@ -267,7 +268,7 @@ class Cascade:
         """Whether the decoder is Imagen-style (`conditioning: imagen`): it reads the prompt's text alone,
         through its own frozen language model, so there is no prior and no image embedding."""
         decoder = self.stages.get("decoder")
-        return decoder is not None and getattr(decoder.config, "conditioning", "unclip") == "imagen"
+        return decoder is not None and text_only(decoder.config)
 
     def _need_image_embedding(self, job: str) -> None:
         if self.text_only:
@@ -509,7 +510,7 @@ def check_chain(clip, stages: dict) -> None:
     wants = {"prior": [("embed_dim", d), ("token_dim", dt)], "decoder": [("clip_dim", d), ("text_dim", dt)]}
     for name, checks in wants.items():
         # an Imagen-style decoder reads its own frozen language model, not the bundle's CLIP
-        if name in stages and getattr(stages[name].config, "conditioning", "unclip") == "unclip":
+        if name in stages and not text_only(stages[name].config):
             for key, have in checks:
                 want = getattr(stages[name].config, key)
                 if want != have:

@@ -35,6 +35,13 @@ def build_schedule(config: "DiffusionConfig"):
         return NoiseSchedule.from_name(config.schedule, config.timesteps).shifted(config.schedule_shift)
 
 
+def text_only(config: Any) -> bool:
+    """Whether a stage config reads the prompt's text alone: an Imagen-style decoder (`conditioning:
+    imagen`), with no prior and no image embedding before it. Every other config (unCLIP decoders, other
+    stages) says no."""
+    return getattr(config, "conditioning", "unclip") == "imagen"
+
+
 class DiffusionConfig(Config):
     """The diffusion settings every diffusion stage has; a stage's config derives from it and may change
     the defaults. Keys renamed since an earlier version still load, with a `DeprecatedKeyWarning`."""

@@ -18,9 +18,12 @@ from typing import Any, Iterable
 
 import torch
 
+from cascade.stage import text_only
 from decoder.fd_effnet import effnet_features, frechet_distance, load_feature_net
+from decoder.stage import CONDITIONING_KEYS as STAGE_CONDITIONING_KEYS
 
-CONDITIONING_KEYS = ("clip_image", "clip_tokens", "clip_mask")
+# the conditioning tensors an unCLIP decoder reads (an Imagen-style one reads the captions, `txt`)
+CONDITIONING_KEYS = STAGE_CONDITIONING_KEYS["unclip"]
 
 
 def collect(batches: Iterable[dict[str, Any]], image_key: str, limit: int) -> dict[str, Any]:
@@ -221,7 +224,7 @@ def placement_probe(stage, clip, guidance: float, seed: int = 0, objects=PROBE_O
     cases = placement_scenes(objects)
     size = stage.config.image_size
     captions = [caption for _, caption in cases]
-    if getattr(stage.config, "conditioning", "unclip") == "imagen":
+    if text_only(stage.config):
         conditioning = {"txt": captions}
     else:
         centred = []

@@ -28,6 +28,7 @@ from cascade.training.ema import EMA
 from cascade.training.lr_schedule import learning_rate
 from cascade.training.run_log import RunLog, truncate_metrics
 from cascade.images import save_png
+from cascade.stage import text_only
 from cascade.training.zero_params import params_read_outside_forward, promote_scalars
 
 PREVIEW_COUNT = 16  # images in a sample grid
@@ -193,7 +194,7 @@ class Trainer:
                                           check_out_dir(args.preview_out or self.run_dir / "progress",
                                                         "--preview-out"),
                                           prompts=args.preview_prompts or DEFAULT_PROMPTS,
-                                          prior=getattr(self.run.model, "conditioning", "unclip") != "imagen")
+                                          prior=not text_only(self.run.model))
             self.preview.check(self.stage_cls, self.run.model)
         if args.init_from is not None:
             from cascade.bundle import read_stage_config
