@@ -33,19 +33,9 @@ class FrozenTextEncoder:
     """A frozen Hugging Face encoder (BERT-style) with its tokenizer, padded or cut to `max_len` tokens."""
 
     def __init__(self, name: str = "minilm_l6", max_len: int = 48, device: str | torch.device = "cpu"):
-        if name not in FROZEN_TEXT_ENCODERS:
-            raise UserError(f"unknown frozen text encoder '{name}' (have: {', '.join(FROZEN_TEXT_ENCODERS)})")
-        from cascade._torchvision_compat import ensure_torchvision
-
-        ensure_torchvision()  # transformers imports torchvision
-        import transformers
+        path = _model_path(name)
         from transformers import AutoModel, AutoTokenizer
 
-        from cascade.encoders.clip_model import _minilm_path
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        path = _minilm_path()
         self.name, self.max_len, self.width = name, max_len, FROZEN_TEXT_ENCODERS[name]
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
@@ -94,19 +84,29 @@ class FrozenTextEncoder:
 _SHARED: dict[tuple[str, int, str], FrozenTextEncoder] = {}
 
 
-def frozen_encoder_params(name: str = "minilm_l6") -> int:
-    """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read)."""
+def _model_path(name: str) -> str:
+    """The installed package's folder of frozen encoder `name`, with transformers imported and quiet."""
     if name not in FROZEN_TEXT_ENCODERS:
         raise UserError(f"unknown frozen text encoder '{name}' (have: {', '.join(FROZEN_TEXT_ENCODERS)})")
     from cascade._torchvision_compat import ensure_torchvision
 
-    ensure_torchvision()
-    from transformers import AutoConfig, AutoModel
+    ensure_torchvision()  # transformers imports torchvision
+    import transformers
 
     from cascade.encoders.clip_model import _minilm_path
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return _minilm_path()
+
+
+def frozen_encoder_params(name: str = "minilm_l6") -> int:
+    """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read)."""
+    path = _model_path(name)
+    from transformers import AutoConfig, AutoModel
+
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(_minilm_path()))
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path))
     return sum(p.numel() for p in model.parameters())
 
 
