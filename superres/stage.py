@@ -190,14 +190,26 @@ class SuperResStage(Stage):
         size_h, size_w = h * self.scale, w * self.scale
         if size_h % self.net.downsample_factor or size_w % self.net.downsample_factor:
             raise UserError(f"output size {size_h}x{size_w} must be a multiple of {self.net.downsample_factor}")
-        level = torch.full((b,), c.aug_level if aug_level is None else float(aug_level), device=low.device)
-        low_up = self._condition(low, (size_h, size_w), level, generator, aug_noise)
         text, text_mask = conditioning.get("clip_tokens"), conditioning.get("clip_mask")
         text, text_mask = (None if v is None else v.to(self.device) for v in (text, text_mask))
         if not c.text:
             text = text_mask = None
         elif text is not None and text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if mask is not None:
+            from cascade.masks import check_region
+
+            check_region(known, mask, b, size_h, size_w)
+            known, mask = known.to(low.device, torch.float32), mask.to(low.device, torch.float32)
+        if c.objective != "diffusion":  # one pass: no noise, no steps; inpainting keeps the original outside the mask
+            x = self._regress(low, (size_h, size_w), text, text_mask)
+            if mask is not None:
+                x = known * (1 - mask) + x * mask
+            if callback is not None:
+                callback({"x": x, "i": 0, "x0": x})
+            return x.clamp(-1.0, 1.0)
+        level = torch.full((b,), c.aug_level if aug_level is None else float(aug_level), device=low.device)
+        low_up = self._condition(low, (size_h, size_w), level, generator, aug_noise)
 
         def denoise(x_t, t, cond_mask=None):
             lu, lv, tx, tm = repeat_to_batch(x_t.shape[0], low_up, level, text, text_mask)
@@ -206,17 +218,6 @@ class SuperResStage(Stage):
             out = self(x_t, lu, t, lv, tx, tm).float()
             return model_output_to_eps(self.schedule, c.prediction, out, x_t, t)
 
-        if c.objective != "diffusion":  # one pass: no noise, no steps; inpainting keeps the original outside the mask
-            x = self._regress(low, (size_h, size_w), text, text_mask)
-            if mask is not None:
-                from cascade.masks import check_region
-
-                check_region(known, mask, b, size_h, size_w)
-                m = mask.to(low.device, torch.float32)
-                x = known.to(low.device, torch.float32) * (1 - m) + x * m
-            if callback is not None:
-                callback({"x": x, "i": 0, "x0": x})
-            return x.clamp(-1.0, 1.0)
         if threshold is None and not c.residual:
             threshold = "static"
         options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance if text is not None else None,
@@ -224,13 +225,9 @@ class SuperResStage(Stage):
                        x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress)
         base = bicubic_upsample(low, (size_h, size_w)) if c.residual else None
         if mask is not None:
-            from cascade.masks import check_region
-
-            check_region(known, mask, b, size_h, size_w)
-            known = known.to(low.device, torch.float32)
             target = known - base if c.residual else known  # the known region in the network's x0 terms
-            x = sample_inpaint(denoise, target, mask.to(low.device, torch.float32), schedule=self.schedule,
-                               resample=resample, jump=jump, **options)
+            x = sample_inpaint(denoise, target, mask, schedule=self.schedule, resample=resample, jump=jump,
+                               **options)
         else:
             x = sample(denoise, (b, 3, size_h, size_w), schedule=self.schedule, device=low.device, **options)
         if c.residual:
