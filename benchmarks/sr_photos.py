@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         tiles, labels = [], []
         rows = [PHOTOS.index(name) for name in FIGURE_PHOTOS]
         for stage_name in stages:
-            low, high, _ = photo_pairs(stage_name, photos)
+            pairs = low, high, _ = photo_pairs(stage_name, photos)  # once for every model
             results, images = {}, {}
             for name, bundle in models.items():
                 if stage_name not in read_manifest(bundle).get("stages", []):
                     continue
                 stage = load_stage(bundle / stage_name)
                 started = time.monotonic()
-                scores, images[name] = evaluate_photos(stage, seed=args.seed, photos=photos)
+                scores, images[name] = evaluate_photos(stage, seed=args.seed, pairs=pairs)
                 scores["seconds"] = time.monotonic() - started
                 results[name] = {k: round(v, 4) for k, v in scores.items()}
             if not results:

@@ -50,46 +50,42 @@ def load_photos(names: tuple[str, ...] | None = None):
     return photos
 
 
-def _tensor(image) -> torch.Tensor:
-    from cascade.data.reader import image_to_tensor
-
-    return image_to_tensor(image)
-
-
 def photo_pairs(stage_name: str, photos=None, crop: int = 256) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(low (N, 3, 64, 64), high (N, 3, 256, 256), names) for `stage_name`'s task (module docstring)."""
     from PIL import Image
 
     from cascade.data.folder import square_resize
+    from cascade.data.reader import image_to_tensor
     from superres.evaluation import detailed_positions
 
     photos = load_photos() if photos is None else photos
     low, high = [], []
     for name, image in photos.items():
         if stage_name == "sr256":
-            high.append(_tensor(square_resize(image, 256)))
-            low.append(_tensor(square_resize(image, 64)))
+            high.append(image_to_tensor(square_resize(image, 256)))
+            low.append(image_to_tensor(square_resize(image, 64)))
         elif stage_name == "sr1024":
             if min(image.size) < crop:
                 raise UserError(f"{name} is {image.size[0]}x{image.size[1]}, smaller than the {crop}-px window")
-            full = _tensor(image)[None]
+            full = image_to_tensor(image)[None]
             (y, x), = detailed_positions(full, crop)
             window = image.crop((x, y, x + crop, y + crop))
-            high.append(_tensor(window))
-            low.append(_tensor(window.resize((crop // 4, crop // 4), Image.LANCZOS)))
+            high.append(image_to_tensor(window))
+            low.append(image_to_tensor(window.resize((crop // 4, crop // 4), Image.LANCZOS)))
         else:
             raise UserError(f"no photo evaluation for stage '{stage_name}' (sr256 and sr1024 have one)")
     return torch.stack(low), torch.stack(high), list(photos)
 
 
 @torch.no_grad()
-def evaluate_photos(stage, seed: int = 0, photos=None, batch: int = 4) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_photos(stage, seed: int = 0, pairs=None, batch: int = 4) -> tuple[dict[str, float], torch.Tensor]:
     """PSNR / SSIM of `stage` (sampled at its config's defaults, as the pipeline runs it) and of bicubic on
-    its photo task; keys psnr_photos, ssim_photos, psnr_photos_bicubic, ssim_photos_bicubic, photos.
-    Also returns the upsampled images (N, 3, 256, 256)."""
+    its photo task (`pairs`: `photo_pairs(stage.name)`'s result, computed when not given); keys
+    psnr_photos, ssim_photos, psnr_photos_bicubic, ssim_photos_bicubic, photos. Also returns the upsampled
+    images (N, 3, 256, 256)."""
     from superres.metrics import bicubic_upsample, psnr, ssim
 
-    low, high, names = photo_pairs(stage.name, photos)
+    low, high, names = photo_pairs(stage.name) if pairs is None else pairs
     outs = []
     for start in range(0, len(low), batch):
         g = torch.Generator().manual_seed(seed + start)  # CPU-drawn noise, as the pipeline draws it
@@ -100,4 +96,3 @@ def evaluate_photos(stage, seed: int = 0, photos=None, batch: int = 4) -> tuple[
               "psnr_photos_bicubic": psnr(bicubic, high).mean().item(),
               "ssim_photos_bicubic": ssim(bicubic, high).mean().item(), "photos": float(len(names))}
     return scores, out
-

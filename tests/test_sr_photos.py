@@ -55,15 +55,15 @@ def test_a_fresh_residual_stage_scores_exactly_bicubic_and_a_changed_one_does_no
     photos = load_photos(TWO)
     for name in ("sr256", "sr1024"):
         stage = _stage(name)
-        scores, out = evaluate_photos(stage, photos=photos)
+        pairs = low, high, _ = photo_pairs(name, photos)
+        scores, out = evaluate_photos(stage, pairs=pairs)
         assert scores["photos"] == 2 and out.shape == (2, 3, 256, 256)
         assert scores["psnr_photos"] == pytest.approx(scores["psnr_photos_bicubic"], abs=1e-4)
-        low, high, _ = photo_pairs(name, photos)
         assert scores["psnr_photos_bicubic"] == pytest.approx(psnr(bicubic_upsample(low, 256), high).mean().item())
     with torch.no_grad():
         for p in stage.parameters():
             p.add_(0.05)
-    assert evaluate_photos(stage, photos=photos)[0]["psnr_photos"] != pytest.approx(scores["psnr_photos_bicubic"])
+    assert evaluate_photos(stage, pairs=pairs)[0]["psnr_photos"] != pytest.approx(scores["psnr_photos_bicubic"])
 
 
 def test_eval_photos_flag_adds_the_photo_scores(bundle, tmp_path, monkeypatch):
