@@ -49,15 +49,16 @@ def parse_systems(specs: list[str]) -> dict[str, Path | None]:
 
 
 def last_step(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return 0
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return max((r.get("step", 0) for r in lines), default=0)
+    """The step of the run's last checkpoint (a run saves one when it ends), 0 without one."""
+    from cascade.training.checkpoints import latest
+
+    found = latest(run_dir)
+    return 0 if found is None else found[1].step
 
 
 class System:
-    """One system's training, as a chain of commands with a shared time budget; `log` gets their output."""
+    """One system's training, as a chain of commands with a shared time budget; each part's output goes to
+    OUT/NAME/PART.log, and what each part got to OUT/NAME/training.json."""
 
     def __init__(self, name: str, decoder: Path | None, args: argparse.Namespace, threads: int):
         self.name, self.decoder, self.args = name, decoder, args
@@ -65,18 +66,21 @@ class System:
         self.bundle = self.out / "bundle"
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
                     "TRANSFORMERS_OFFLINE": "1"}
+        self.out.mkdir(parents=True, exist_ok=True)
         # what each part got (minutes, steps), kept in the system's folder so that a rerun reports it too
         self.record = self.out / "training.json"
         self.parts: dict[str, dict] = json.loads(self.record.read_text()) if self.record.is_file() else {}
 
     def _run(self, part: str, cmd: list[str]) -> None:
         started = time.monotonic()
-        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / f"{part}.log", "a") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         if done.returncode != 0:
             raise UserError(f"{self.name}: {part} failed (exit {done.returncode}); see {self.out / f'{part}.log'}")
         self.parts.setdefault(part, {"minutes": 0.0})["minutes"] += (time.monotonic() - started) / 60
+        self._save()
+
+    def _save(self) -> None:
         self.record.write_text(json.dumps(self.parts) + "\n")
 
     def _config(self, stage: str, config: Path) -> Path:
@@ -93,7 +97,6 @@ class System:
     def _train(self, stage: str, config: Path, data: Path, minutes: float, max_steps: int | None) -> None:
         if (self.bundle / stage / "model.safetensors").is_file():
             return
-        self.out.mkdir(parents=True, exist_ok=True)
         config = self._config(stage, config)
         cmd = [sys.executable, str(ROOT / "train_stage.py"), "--stage", stage, "--config", str(config),
                "--data", str(data), "--run-dir", str(self.out / "runs" / stage), "--export", str(self.bundle),
@@ -103,7 +106,7 @@ class System:
         # a run whose max_steps came first ended before its minutes: say so, it got less than its share
         self.parts[stage].update(steps=steps, ended_by="max_steps" if max_steps is not None and steps >= max_steps
                                  else "minutes")
-        self.record.write_text(json.dumps(self.parts) + "\n")
+        self._save()
 
     def train(self) -> None:
         started = time.monotonic()
