@@ -360,6 +360,19 @@ def test_the_chain_score_feeds_sr1024_what_sr256_made(tmp_path):
 
 # -- the plain L1 regressor (objective: l1), the non-diffusion baseline ------------------------------
 
+def _fit(stage, batch, steps: int, lr: float = 1e-3) -> list[float]:
+    """`steps` Adam steps of `stage.loss` on one fixed batch; the losses."""
+    opt = torch.optim.Adam(stage.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = stage.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_l1_objective_is_one_deterministic_pass_that_learns():
     """objective l1: the loss is the mean absolute error of one pass (bicubic + the residual the network
     gives at t = 0 from zeros); sampling is that pass, the same for any seed, steps and aug level; a few
@@ -385,14 +398,7 @@ def test_l1_objective_is_one_deterministic_pass_that_learns():
                          align_corners=False)
     low = F.avg_pool2d(high, 4)
     batch = {"image_64": low, "image_256": high}
-    opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(60):
-        loss = stage.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit(stage, batch, 60)
     assert losses[-1] < 0.9 * losses[0]
     out = stage.sample({"low_res": low})
     assert psnr(out, high).mean() > psnr(bicubic_upsample(low, 64), high).mean() + 0.3
@@ -431,12 +437,7 @@ def test_l2_objective_is_the_squared_error_and_learns_flat_scenes_where_l1_stays
             raw = probe._regress(low, (64, 64))
             assert probe.loss(batch).item() == pytest.approx((raw - high).pow(2).mean().item(), rel=1e-5)
             assert torch.equal(pred, raw.clamp(-1, 1))
-        opt = torch.optim.Adam(stage.parameters(), lr=1e-3)
-        for _ in range(60):
-            loss = stage.loss(batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _fit(stage, batch, 60)
         scores[objective] = psnr(stage.sample({"low_res": low}), high).mean().item()
     assert scores["l2"] > bicubic + 1.5
     assert abs(scores["l1"] - bicubic) < 0.1
