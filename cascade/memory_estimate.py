@@ -468,6 +468,8 @@ def estimate_inference(stages: dict[str, tuple[Any, str]], *, num_images: int, s
         else:
             kwargs = {**settings.for_stage(name, model), "steps": 1}
             guided = kwargs["guidance"] not in (None, 1)
+            if text_only(config):  # its frozen encoder is built on first use: not inside the measured step
+                model.encode_text(["warm-up"])
             info.batch = num_images * (2 if guided else 1) * getattr(config, "candidates", 1)
             for dtype in (torch.float32, torch.bfloat16):
                 staged = model.to(dtype)

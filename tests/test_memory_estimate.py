@@ -260,3 +260,18 @@ def test_an_imagen_style_decoder_counts_its_frozen_text_encoder(capsys):
     none = next(r for r in inf["rows"] if (r["dtype"], r["offload"]) == ("bfloat16", "none"))
     weights = sum(s["params"] * (4 if s["name"] == "clip" else 2) for s in inf["stages"]) + 4 * loaded
     assert none["gpu"] == weights + max(s["activations"]["bfloat16"] for s in inf["stages"])
+
+
+def test_an_imagen_style_step_does_not_count_building_its_frozen_encoder(monkeypatch):
+    """The frozen encoder is built on first use. In a fresh process that was inside the first measured
+    sampling step (fp32), which then showed its 87 MiB of weights as activations, 12x the bf16 step."""
+    from cascade.encoders import frozen_text
+    from cascade.memory_estimate import estimate_inference, inference_stage_configs
+
+    monkeypatch.setattr(frozen_text, "_SHARED", {})  # as in a fresh process: nothing built yet
+    stages = inference_stage_configs(configs=[ROOT / "configs/tiny/clip.yaml", ROOT / "configs/tiny/decoder-imagen.yaml"],
+                                     until="decoder")
+    decoder = next(s for s in estimate_inference(stages, num_images=2)["stages"] if s["name"] == "decoder")
+    fp32, bf16 = decoder["activations"]["float32"], decoder["activations"]["bfloat16"]
+    assert fp32 < 4 * decoder["frozen"] / 2  # far below the encoder's fp32 weights
+    assert 1.5 * bf16 <= fp32 <= 2.5 * bf16  # activations scale with the element size
