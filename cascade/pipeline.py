@@ -189,6 +189,8 @@ class Cascade:
         stage = self._need(name)
         kwargs = settings.for_stage(name, stage)
         total = kwargs["steps"]
+        if getattr(stage.config, "objective", "diffusion") != "diffusion":  # a one-pass regressor (SR l1 / l2)
+            total = 1
         if options.get("init") is not None:  # image to image takes only part of the steps
             total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0))
         if options.get("mask") is not None:  # RePaint's resampling walks some steps again

@@ -83,6 +83,17 @@ def test_progress_reports_every_sampling_step_of_every_stage(cascade):
                      for done in range(total + 1)]
 
 
+def test_a_one_pass_sr_stage_reports_one_step_not_its_configs_steps(cascade, monkeypatch):
+    """An SR stage trained as a regressor (objective l1 / l2) samples in one pass whatever the steps say."""
+    sr256 = cascade.stages["sr256"]
+    monkeypatch.setattr(sr256, "config", sr256.config.model_copy(update={"objective": "l1"}))
+    calls = []
+    result = cascade.generate(["a red circle"], seed=0, until="sr256", settings=_fast_settings(),
+                              progress=lambda *call: calls.append(call))
+    assert [c for c in calls if c[0] == "sr256"] == [("sr256", 0, 1), ("sr256", 1, 1)]
+    assert result.final.shape == (1, 3, 256, 256)
+
+
 def _bar_draws(err: str) -> dict[str, list[str]]:
     """Every drawn state of each tqdm bar in `err`, by label, the labels in the order the bars appeared."""
     draws = {}
