@@ -148,9 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-steps", type=int, default=2000, help="unclip: the prior's steps (default: %(default)s, "
                                                                  "the demo's)")
     p.add_argument("--images", type=int, default=4, help="images per benchmark prompt (default: %(default)s)")
-    p.add_argument("--clip", default=None, metavar="STAGE_DIR",
-                   help="the clip stage folder the Imagen-style bundles get (every bundle has one; their "
-                        "decoders do not read it); default: the unclip system's")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -165,10 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         if not any(Path(args.data, "train").glob("*.tar")):
             raise UserError(f"--data {args.data}: no train/*.tar shards")
         systems = parse_systems(args.system or ["unclip", f"imagen={TINY / 'decoder-imagen.yaml'}"])
-        if "unclip" not in systems and args.clip is None:
-            raise UserError("without the unclip system, give --clip BUNDLE/clip for the Imagen-style bundles")
-        if args.clip is not None and not (Path(args.clip) / "model.safetensors").is_file():
-            raise UserError(f"--clip {args.clip}: not a bundle's stage folder (no model.safetensors)")
         cores = os.cpu_count() or 1
         threads = max(1, cores // len(systems)) if args.parallel else cores
         chains = [System(name, cfg, args, threads) for name, cfg in systems.items()]
@@ -177,14 +170,6 @@ def main(argv: list[str] | None = None) -> int:
             for future in [pool.submit(chain.train) for chain in chains]:
                 future.result()
         train_minutes = (time.monotonic() - started) / 60
-
-        from cascade.bundle import write_manifest
-
-        clip = Path(args.clip) if args.clip else Path(args.out) / "unclip" / "bundle" / "clip"
-        for chain in chains:
-            if not (chain.bundle / "clip").exists():
-                shutil.copytree(clip, chain.bundle / "clip")
-                write_manifest(chain.bundle)
         holdout = holdout_of(args.data)
         out = {"bench": "binding_hour", "minutes": args.minutes, "parallel": args.parallel, "threads": threads,
                "holdout_pairs": format_pairs(holdout), "images_per_prompt": args.images,

@@ -59,7 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cascade.errors import UserError
-from cascade.stage import text_only
+from cascade.stage import reads_clip, text_only
 
 # bytes per parameter: weights and gradients; the optimizer holds Adam's m and v in fp32 and, except in
 # fp32 without ZeRO (torch's AdamW stepping the weights themselves), an fp32 master copy
@@ -525,6 +525,8 @@ def inference_stage_configs(*, bundle: str | Path | None = None, configs: list[s
     if "decoder" in found and text_only(found["decoder"][0]):
         wanted = tuple(name for name in wanted if name != "prior")  # text -> decoder: no prior runs
         found.pop("prior", None)
+        if not any(reads_clip(name, found[name][0]) for name in wanted if name in found):
+            wanted = tuple(name for name in wanted if name != "clip" or name in found)  # nothing reads CLIP
     missing = [name for name in wanted if name not in found]
     if missing:
         raise UserError(f"generate --until {until} runs {', '.join(wanted)}; {origin} no {', '.join(missing)}")

@@ -28,7 +28,7 @@ import torch
 
 from cascade.errors import UserError
 from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES, image_stages_until
-from cascade.stage import text_only
+from cascade.stage import reads_clip, text_only
 
 MAX_PROMPT_CHARS = 300
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < SEED_LIMIT (what a signed 64-bit integer holds)
@@ -162,7 +162,9 @@ def check_prompt(prompt: str) -> str:
 
 
 class Cascade:
-    """The stages of one model bundle: `clip` (an encoder) and any of prior, decoder, sr256, sr1024."""
+    """The stages of one model bundle: `clip` (an encoder) and any of prior, decoder, sr256, sr1024.
+    `clip` is None for a bundle whose stages do not read it (`cascade.stage.reads_clip`): an Imagen-style
+    decoder and upsamplers without text."""
 
     def __init__(self, clip, stages: dict[str, torch.nn.Module], manifest: dict | None = None, *,
                  offload: str = "none", execution_device: torch.device | None = None):
@@ -170,12 +172,14 @@ class Cascade:
         self.stages = stages
         self.manifest = manifest or {}
         self.offload = offload
-        self.execution_device = execution_device or clip.image_mean.device
+        self.execution_device = torch.device(execution_device or (clip.image_mean.device if clip is not None
+                                                                  else "cpu"))
         check_chain(clip, stages)
 
     @property
     def device(self) -> torch.device:
-        return self.clip.image_mean.device
+        """Where the pipeline's own tensors go: the CLIP's device (the execution device without a CLIP)."""
+        return self.execution_device if self.clip is None else self.clip.image_mean.device
 
     def _sample(self, name: str, conditioning: dict, *, settings: Settings, generator: torch.Generator,
                 progress: Progress | None, **options) -> torch.Tensor:
@@ -235,13 +239,17 @@ class Cascade:
         manifest_path = path / "cascade.json"
         manifest = read_manifest(path)
         listed = list(manifest.get("stages", []))
-        if "clip" not in listed:
-            raise UserError(f"{manifest_path}: the bundle has no clip stage; every cascade needs one")
         wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
-        for name in ("clip", *wanted):  # only the stages this load needs: another may be missing (re-training)
+        # only the stages this load needs: another may be missing (re-training)
+        for name in [s for s in ("clip",) if s in listed] + wanted:
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
-        clip = load_encoder(path / "clip", device=device)
+        if "clip" not in listed:
+            readers = [name for name in wanted if reads_clip(name, _saved_config(path / name))]
+            if readers:
+                raise UserError(f"{manifest_path}: the bundle has no clip stage, which its {' and '.join(readers)} "
+                                f"read{'s' if len(readers) == 1 else ''}; train one (--stage clip --export)")
+        clip = load_encoder(path / "clip", device=device) if "clip" in listed else None
         home = device if offload == "none" else torch.device("cpu")
         loaded = {name: load_stage(path / name, device=home).to(dtype) for name in wanted}
         if offload == "sequential":
@@ -277,13 +285,18 @@ class Cascade:
             raise UserError(f"{job} works on CLIP image embeddings, which this bundle's Imagen-style decoder "
                             "(conditioning: imagen) does not read; use an unCLIP bundle")
 
+    def _need_clip(self, job: str):
+        if self.clip is None:
+            raise UserError(f"{job} needs the bundle's CLIP, and this bundle has no clip stage")
+        return self.clip
+
     def encode_text(self, texts: list[str]):
         with torch.no_grad():
-            return self.clip.encode_text(texts)
+            return self._need_clip("encoding text for CLIP").encode_text(texts)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.clip.encode_image(images.to(self.device))
+            return self._need_clip("encoding an image").encode_image(images.to(self.device))
 
     def upsample(self, images: torch.Tensor, *, until: str, settings: Settings, seed: int,
                  text: dict | None = None, shared_noise: bool = False,
@@ -356,6 +369,8 @@ class Cascade:
         n = len(prompts)
         texts = prompts + ([check_prompt(negative_prompt)] if negative_prompt is not None else [])
         if self.text_only:
+            if self.clip is None:  # nothing after the decoder reads CLIP tokens (check_chain)
+                return None, {"txt": list(prompts)}, None if negative_prompt is None else {"txt": texts[n:] * n}
             _, tokens, mask = self.encode_text(texts)
             text = {"txt": list(prompts), "clip_tokens": tokens[:n], "clip_mask": mask[:n]}
             if negative_prompt is None:
@@ -505,10 +520,27 @@ class Cascade:
                                     progress=progress), z_i)
 
 
+def _saved_config(stage_dir: Path):
+    """The typed config a bundle's stage folder holds, read without its weights."""
+    from cascade.bundle import read_stage_config, stage_config_dict
+    from cascade.config import parse_config
+    from cascade.registry import get_stage
+
+    data = read_stage_config(stage_dir)
+    return parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / "config.json"))
+
+
 def check_chain(clip, stages: dict) -> None:
-    """The resolutions and embedding sizes must line up from one stage to the next; each mismatch is a
-    one-line UserError naming both sides."""
-    d, dt = clip.embed_dim, clip.token_dim
+    """The resolutions and embedding sizes must line up from one stage to the next, and a stage that
+    reads CLIP needs one (`clip` None: the bundle has none); each mismatch is a one-line UserError."""
+    if clip is None:
+        readers = [name for name, stage in stages.items() if reads_clip(name, stage.config)]
+        if readers:
+            raise UserError(f"{' and '.join(readers)} read{'s' if len(readers) == 1 else ''} CLIP embeddings or "
+                            "tokens, and there is no clip stage")
+        d = dt = None
+    else:
+        d, dt = clip.embed_dim, clip.token_dim
     wants = {"prior": [("embed_dim", d), ("token_dim", dt)], "decoder": [("clip_dim", d), ("text_dim", dt)]}
     for name, checks in wants.items():
         # an Imagen-style decoder reads its own frozen language model, not the bundle's CLIP

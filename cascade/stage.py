@@ -42,6 +42,17 @@ def text_only(config: Any) -> bool:
     return getattr(config, "conditioning", "unclip") == "imagen"
 
 
+def reads_clip(name: str, config: Any) -> bool:
+    """Whether stage `name` with `config` reads the bundle's CLIP: the prior and an unCLIP decoder (its
+    embeddings and tokens) and an upsampler with `text: true` (its tokens) do; an Imagen-style decoder
+    and the other upsamplers do not, so a bundle of only those needs no clip stage."""
+    if name == "prior":
+        return True
+    if name == "decoder":
+        return not text_only(config)
+    return bool(getattr(config, "text", False))
+
+
 class DiffusionConfig(Config):
     """The diffusion settings every diffusion stage has; a stage's config derives from it and may change
     the defaults. Keys renamed since an earlier version still load, with a `DeprecatedKeyWarning`."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from bundle_helpers import CONFIG_STEPS, DECODER, seeded_stage, small_bundle
+from bundle_helpers import CONFIG_STEPS, DECODER, SR, seeded_stage, small_bundle
 from cascade.errors import UserError
 
 IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 16}
@@ -159,3 +159,44 @@ def test_engine_trains_an_imagen_decoder_on_shards_without_embeddings(tmp_path):
     stage = load_stage(result.export_dir)
     assert stage.config.conditioning == "imagen"
     assert stage.sample({"txt": PROMPTS[:1]}, steps=2).shape == (1, 3, 64, 64)
+
+
+def test_a_bundle_without_clip_runs_text_to_base_to_sr_when_nothing_reads_clip(imagen_bundle, tmp_path, capsys):
+    """An Imagen-style decoder and text-free upsamplers read no CLIP, so their bundle needs no clip stage:
+    the same images as with one. Add a prior, or an upsampler that reads text, and the load says why not."""
+    from cascade.bundle import save_stage, write_manifest
+    from cascade.cli import main
+    from cascade.pipeline import Cascade, Settings, check_chain
+
+    bare = tmp_path / "bare"
+    shutil.copytree(imagen_bundle, bare, ignore=shutil.ignore_patterns("clip"))
+    write_manifest(bare)
+    cascade = Cascade.from_bundle(bare)
+    assert cascade.clip is None and cascade.device == torch.device("cpu")
+    settings = Settings(steps={"decoder": 3, "sr256": 2})
+    with_clip = Cascade.from_bundle(imagen_bundle).generate(PROMPTS, seed=3, until="sr256", settings=settings)
+    without = cascade.generate(PROMPTS, seed=3, until="sr256", settings=settings)
+    assert torch.equal(without.final, with_clip.final)
+    negative = cascade.generate(PROMPTS, seed=3, until="decoder", settings=settings, negative_prompt="red")
+    assert not torch.equal(negative.images["decoder"], without.images["decoder"])
+    assert main(["generate", "--prompt", PROMPTS[0], "--model", str(bare), "--until", "sr256",
+                 "--steps", "decoder=2,sr256=1", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+
+    reader = seeded_stage("sr256", **SR, text=True, text_dim=384, head_dim=8, steps=2)
+    save_stage(reader, bare / "sr256")
+    with pytest.raises(UserError, match="no clip stage, which its sr256 reads"):
+        Cascade.from_bundle(bare)
+    with pytest.raises(UserError, match="sr256 reads CLIP embeddings or tokens, and there is no clip stage"):
+        check_chain(None, {"decoder": cascade.stages["decoder"], "sr256": reader})
+    assert Cascade.from_bundle(bare, stages=("decoder",)).clip is None  # a stage not loaded is not checked
+    save_stage(seeded_stage("prior", embed_dim=32, token_dim=384, max_text_len=16, width=32, depth=1, heads=2),
+               bare / "prior")
+    shutil.rmtree(bare / "sr256")
+    write_manifest(bare)
+    shutil.rmtree(bare / "decoder")
+    save_stage(seeded_stage("decoder", **DECODER), bare / "decoder")
+    assert main(["generate", "--prompt", PROMPTS[0], "--model", str(bare), "--until", "decoder",
+                 "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no clip stage, which its prior and decoder read" in err and len(err.splitlines()) == 1

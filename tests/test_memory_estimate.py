@@ -12,6 +12,7 @@ import yaml
 
 from cascade.memory_estimate import (ParamCounts, build_on_meta, count_params, estimate_training, example_batch,
                                      training_activation_bytes, training_rows)
+from cascade.errors import UserError
 from cascade.registry import get_stage
 from cascade.training.config import load_run_config
 
@@ -275,3 +276,13 @@ def test_an_imagen_style_step_does_not_count_building_its_frozen_encoder(monkeyp
     fp32, bf16 = decoder["activations"]["float32"], decoder["activations"]["bfloat16"]
     assert fp32 < 4 * decoder["frozen"] / 2  # far below the encoder's fp32 weights
     assert 1.5 * bf16 <= fp32 <= 2.5 * bf16  # activations scale with the element size
+
+
+def test_an_imagen_style_chain_needs_no_clip_config_but_an_unclip_one_does():
+    from cascade.memory_estimate import inference_stage_configs
+
+    tiny = ROOT / "configs/tiny"
+    stages = inference_stage_configs(configs=[tiny / "decoder-imagen.yaml", tiny / "sr256.yaml"], until="sr256")
+    assert list(stages) == ["decoder", "sr256"]  # nothing in text -> decoder -> sr256 reads CLIP
+    with pytest.raises(UserError, match="--config gave no clip"):
+        inference_stage_configs(configs=[tiny / "prior.yaml", tiny / "decoder.yaml"], until="decoder")

@@ -46,7 +46,8 @@ class CascadePreview:
         listed = read_manifest(self.bundle).get("stages", [])
         # prior False: the trained decoder is Imagen-style and reads the prompts itself
         self.others = tuple(s for s in (("prior",) if prior else ()) + tuple(chain) if s != stage)
-        missing = [s for s in ("clip", *self.others) if s not in listed]
+        # an Imagen-style decoder's chain reads CLIP only through a text-conditioned upsampler (check_chain)
+        missing = [s for s in (("clip",) if prior else ()) + self.others if s not in listed]
         if missing:
             raise UserError(f"--preview-bundle {self.bundle}: previews of {stage} through {until} need its "
                             f"{', '.join(missing)} stage{'s' if len(missing) > 1 else ''} (it has: "
@@ -78,7 +79,8 @@ class CascadePreview:
         device = next(model.parameters()).device
         for other in cascade.stages.values():
             other.to(device)
-        cascade.clip.to(device)
+        if cascade.clip is not None:
+            cascade.clip.to(device)
         cascade.stages[self.stage] = model
         try:
             result = cascade.generate(self.prompts, seed=self.seed, until=self.until, settings=Settings())
