@@ -121,6 +121,16 @@ def stage_config_dict(data: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def saved_config(stage_dir: str | Path, data: dict[str, Any] | None = None):
+    """The typed stage config a stage folder holds (its parsed `config.json` if `data` is given), read
+    without the weights."""
+    from cascade.registry import get_stage
+
+    stage_dir = Path(stage_dir)
+    data = read_stage_config(stage_dir) if data is None else data
+    return parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
+
+
 def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     """The stage saved in `stage_dir`, in eval mode with its saved weights.
 
@@ -134,9 +144,7 @@ def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> 
     weights_path = stage_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise UserError(f"{stage_dir} has no {WEIGHTS_FILE}")
-    cls = get_stage(data["stage"])
-    config = parse_config(cls.Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
-    stage = cls(config)
+    stage = get_stage(data["stage"])(saved_config(stage_dir, data))
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
@@ -149,8 +157,6 @@ def init_from(stage: nn.Module, stage_dir: str | Path) -> list[str]:
     """Load the weights of bundle stage folder `stage_dir` into `stage` (a stage of the same kind whose
     config may add inputs, see `Stage.adapt_weights`), for fine-tuning; returns what was adapted, a line
     each. Every mismatch is a one-line UserError."""
-    from cascade.registry import get_stage
-
     stage_dir = Path(stage_dir)
     data = read_stage_config(stage_dir)
     if data["stage"] != stage.name:
@@ -158,7 +164,7 @@ def init_from(stage: nn.Module, stage_dir: str | Path) -> list[str]:
     weights_path = stage_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise UserError(f"{stage_dir} has no {WEIGHTS_FILE}")
-    source = parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
+    source = saved_config(stage_dir, data)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:

@@ -497,9 +497,8 @@ def inference_stage_configs(*, bundle: str | Path | None = None, configs: list[s
                             until: str = "sr1024") -> dict[str, tuple[Any, str]]:
     """{name: (config, source)} for the stages `cascade generate --until` runs, in cascade order: from a
     bundle's config.json files (no weights read), or from stage YAMLs (all of them must be given)."""
-    from cascade.bundle import read_manifest, read_stage_config, stage_config_dict
-    from cascade.config import parse_config
-    from cascade.registry import IMAGE_STAGES, STAGE_ORDER, get_stage
+    from cascade.bundle import read_manifest, saved_config
+    from cascade.registry import IMAGE_STAGES, STAGE_ORDER
 
     if until not in IMAGE_STAGES:
         raise UserError(f"--until must be one of {', '.join(IMAGE_STAGES)}, not '{until}'")
@@ -518,9 +517,7 @@ def inference_stage_configs(*, bundle: str | Path | None = None, configs: list[s
         root = Path(bundle)
         for name in read_manifest(root).get("stages", []):
             if name in wanted:
-                data = read_stage_config(root / name)
-                source = root / name / "config.json"
-                found[name] = (parse_config(get_stage(name).Config, stage_config_dict(data), str(source)), str(source))
+                found[name] = (saved_config(root / name), str(root / name / "config.json"))
         origin = f"the bundle {root} has"
     if "decoder" in found and text_only(found["decoder"][0]):
         wanted = tuple(name for name in wanted if name != "prior")  # text -> decoder: no prior runs

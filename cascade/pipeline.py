@@ -226,7 +226,7 @@ class Cascade:
         Checks the manifest's format version and stage list against the folders, and the chain of
         resolutions and embedding sizes between stages; every mismatch is a one-line UserError.
         """
-        from cascade.bundle import load_stage, read_manifest
+        from cascade.bundle import load_stage, read_manifest, saved_config
         from cascade.devices import resolve_device, resolve_dtype
         from cascade.encoders import load_encoder
 
@@ -245,7 +245,7 @@ class Cascade:
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
         if "clip" not in listed:
-            readers = [name for name in wanted if reads_clip(name, _saved_config(path / name))]
+            readers = [name for name in wanted if reads_clip(name, saved_config(path / name))]
             if readers:
                 raise UserError(f"{manifest_path}: the bundle has no clip stage, which its {' and '.join(readers)} "
                                 f"read{'s' if len(readers) == 1 else ''}; train one (--stage clip --export)")
@@ -518,16 +518,6 @@ class Cascade:
         x = self.decode(z_i, settings=settings, seed=seed, shared_noise=True, progress=progress)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, shared_noise=True,
                                     progress=progress), z_i)
-
-
-def _saved_config(stage_dir: Path):
-    """The typed config a bundle's stage folder holds, read without its weights."""
-    from cascade.bundle import read_stage_config, stage_config_dict
-    from cascade.config import parse_config
-    from cascade.registry import get_stage
-
-    data = read_stage_config(stage_dir)
-    return parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / "config.json"))
 
 
 def check_chain(clip, stages: dict) -> None:
