@@ -3,9 +3,11 @@ one model bundle, and generate 1024x1024 images for example prompts.
 
     python -m cascade.demo            # the full run (budget: 90 minutes on a 2-core CPU)
     python -m cascade.demo --quick    # the same path with less data and fewer steps (target: 10 minutes)
+    python -m cascade.demo --imagen   # the Imagen-style system: text -> decoder -> SR, no CLIP, no prior
 
 Run again, it reuses what exists: built shards, finished stages (their exported folder), and
-interrupted training runs resume from their last checkpoint.
+interrupted training runs resume from their last checkpoint. The Imagen-style run shares the plan's data
+and copies the upsamplers of the unCLIP bundle when that one has them (the SR stages read no text).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = STAGE_ORDER
 TRAIN_ORDER = ("clip", "prior", "sr256", "decoder", "sr1024")
+IMAGEN_ORDER = ("sr256", "decoder", "sr1024")  # an Imagen-style decoder reads the captions: no clip, no prior
+IMAGEN_DECODER = ROOT / "configs" / "tiny" / "decoder-imagen.yaml"
 PROMPTS = ("a red circle at the top left", "a big blue square below a small yellow triangle",
            "a green star in the center")
 
@@ -127,18 +131,22 @@ def source_view(mixed: Path, sources: tuple[str, ...]) -> Path:
     return view
 
 
-def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: tuple[str, ...] = ()) -> None:
+def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: tuple[str, ...] = (),
+          config: Path | None = None) -> None:
+    """Train `stage` from `config` (default configs/tiny/<stage>.yaml) with the plan's changes, unless
+    `bundle` already has it."""
     if (bundle / stage / "model.safetensors").is_file():
         print(f"= {stage}: already trained ({bundle / stage})")
         return
-    config = ROOT / "configs" / "tiny" / f"{stage}.yaml"
+    config = config or ROOT / "configs" / "tiny" / f"{stage}.yaml"
     if plan.overrides.get(stage):
+        source = config
         data_ = yaml.safe_load(config.read_text())
         for section, values in plan.overrides[stage].items():
             data_[section].update(values)
         config = runs / f"{stage}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(f"# configs/tiny/{stage}.yaml with the {plan.name} plan's changes (cascade/demo.py)\n"
+        config.write_text(f"# configs/tiny/{source.name} with the {plan.name} plan's changes (cascade/demo.py)\n"
                           + yaml.safe_dump(data_, sort_keys=False))
     run([sys.executable, str(ROOT / "train_stage.py"), "--stage", stage, "--config", str(config),
          "--data", str(data), "--run-dir", str(runs / stage), "--max-steps", str(plan.steps[stage]),
@@ -151,21 +159,45 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cascade.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="less data and fewer steps (target: 10 minutes)")
     p.add_argument("--root", default=".", help="where data/, runs/, bundles/ and out/ go (default: .)")
+    p.add_argument("--imagen", action="store_true",
+                   help="train the Imagen-style system instead (configs/tiny/decoder-imagen.yaml: the frozen "
+                        "MiniLM's text into the decoder, no CLIP, no prior) into bundles/<plan>-imagen; it "
+                        "binds colour, shape and place better at equal compute (docs/results.md) but cannot "
+                        "vary, interpolate or textdiff")
     args = p.parse_args(argv)
-    return run_cli("demo", lambda: demo(QUICK if args.quick else FULL, Path(args.root)),
+    return run_cli("demo", lambda: demo(QUICK if args.quick else FULL, Path(args.root), imagen=args.imagen),
                    interrupted="interrupted; run it again to go on from where it stopped")
 
 
-def demo(plan: Plan, root: Path) -> int:
-    data_root, runs, bundle, out = (root / "data" / plan.name, root / "runs" / plan.name,
-                                    root / "bundles" / plan.name, root / "out" / plan.name)
+def share_upsamplers(unclip: Path, bundle: Path) -> None:
+    """Copy the unCLIP bundle's SR stages into the Imagen-style `bundle` (the upsamplers read no text)."""
+    from cascade.bundle import write_manifest
+
+    for stage in ("sr256", "sr1024"):
+        if (unclip / stage / "model.safetensors").is_file() and not (bundle / stage / "model.safetensors").is_file():
+            print(f"= {stage}: shared with {unclip / stage}")
+            partial = bundle / f".{stage}.partial"  # renamed when complete: a stop leaves no half stage
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(bundle / stage, ignore_errors=True)
+            shutil.copytree(unclip / stage, partial)
+            partial.rename(bundle / stage)
+            write_manifest(bundle)
+
+
+def demo(plan: Plan, root: Path, *, imagen: bool = False) -> int:
+    name = plan.name + ("-imagen" if imagen else "")
+    data_root, runs, bundle, out = (root / "data" / plan.name, root / "runs" / name,
+                                    root / "bundles" / name, root / "out" / name)
     cli = [sys.executable, "-m", "cascade.cli"]
     start = time.monotonic()
     data = build_data(plan, data_root)
-    train("clip", plan, data, runs, bundle)
-    run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
+    if imagen:
+        share_upsamplers(root / "bundles" / plan.name, bundle)
+    else:
+        train("clip", plan, data, runs, bundle)
+        run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
     # The decoder trains after sr256, so that its previews can go through the whole cascade to 256x256.
-    for stage in TRAIN_ORDER[1:]:
+    for stage in IMAGEN_ORDER if imagen else TRAIN_ORDER[1:]:
         extra: tuple[str, ...] = ()
         if stage == "decoder":
             progress = out / "progress"
@@ -175,7 +207,7 @@ def demo(plan: Plan, root: Path) -> int:
                      "--preview-minutes", str(plan.preview_minutes),
                      *(x for prompt in PROMPTS for x in ("--preview-prompt", prompt)))
         train(stage, plan, source_view(data, plan.decoder_sources) if stage == "decoder" else data, runs, bundle,
-              extra)
+              extra, IMAGEN_DECODER if imagen and stage == "decoder" else None)
     for i, prompt in enumerate(PROMPTS):  # a demo run again (to go on after a stop) replaces its images
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),

@@ -79,3 +79,31 @@ def test_the_quick_plan_trains_its_decoder_on_one_object_shapes_scenes(tmp_path,
     assert build[build.index("--count") + 1] == str(demo.QUICK.shapes)
     (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
     assert decoder[decoder.index("--data") + 1] == str(tmp_path / "data" / "quick" / "mixed-shapes")
+
+
+def test_the_imagen_demo_trains_no_clip_or_prior_and_shares_the_upsamplers(tmp_path, monkeypatch):
+    """--imagen: the plan's data, the Imagen-style decoder config, no clip / embed / prior, its own bundle;
+    the unCLIP bundle's exported SR stages are copied in, not trained again."""
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    unclip = tmp_path / "bundles" / "quick"
+    (unclip / "sr256").mkdir(parents=True)
+    (unclip / "sr256" / "model.safetensors").write_bytes(b"weights")
+    (unclip / "sr256" / "config.json").write_text("{}")
+    (tmp_path / "out" / "quick-imagen" / "eval").mkdir(parents=True)
+    monkeypatch.setattr("cascade.bundle.write_manifest", lambda bundle: None)
+    assert demo.demo(demo.QUICK, tmp_path, imagen=True) == 0
+    trained = [cmd[cmd.index("--stage") + 1] for cmd in commands if "--stage" in cmd]
+    assert trained == ["decoder", "sr1024"]  # sr256 came from the unCLIP bundle
+    assert not any("embed" in cmd for cmd in commands)
+    shared = tmp_path / "bundles" / "quick-imagen" / "sr256" / "model.safetensors"
+    assert shared.read_bytes() == b"weights"
+    (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
+    rc = load_run_config(Path(decoder[decoder.index("--config") + 1]), "decoder")
+    assert rc.model.conditioning == "imagen" and rc.model.steps == 25  # the quick plan's change, applied
+    assert decoder[decoder.index("--export") + 1] == str(tmp_path / "bundles" / "quick-imagen")
+    data = Path(decoder[decoder.index("--data") + 1])
+    assert data.parent == tmp_path / "data" / "quick"  # the plan's data, shared with the unCLIP run
+    generate = [cmd for cmd in commands if "generate" in cmd]
+    assert len(generate) == len(demo.PROMPTS)
+    assert all(cmd[cmd.index("--model") + 1] == str(tmp_path / "bundles" / "quick-imagen") for cmd in generate)
