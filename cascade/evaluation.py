@@ -199,8 +199,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
 
             print(f"evaluating {name} on held-out photos ...", flush=True)
             results[name].update(evaluate_photos(stage, seed=seed)[0])
-        if name == "decoder" and "clip" in present:
-            results[name].update(_placement(stage, bundle_clip(), seed, limit, out))
+        if name == "decoder" and ("clip" in present or text_only(stage.config)):  # Imagen-style: no CLIP needed
+            results[name].update(_placement(stage, bundle_clip() if "clip" in present else None, seed, limit, out))
         if stage.samples_images:
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
@@ -224,7 +224,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
         results["cascade"] = text_to_image_scores(loaded.get("prior"), loaded["decoder"], data, limit=limit,
                                                   guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed,
                                                   clips=clips)
-        if clip is not None and one_object > 0:
+        if (clip is not None or imagen) and one_object > 0:
             decoder = loaded["decoder"]
             results["cascade"].update(one_object_scores(
                 clip, loaded.get("prior"), decoder, count=one_object,

@@ -200,3 +200,21 @@ def test_a_bundle_without_clip_runs_text_to_base_to_sr_when_nothing_reads_clip(i
                  "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no clip stage, which its prior and decoder read" in err and len(err.splitlines()) == 1
+
+
+def test_eval_scores_an_imagen_bundle_without_clip_on_val_one_object_prompts_and_placement(imagen_bundle, tmp_path):
+    """`cascade eval` gives a clip-less Imagen-style bundle the same decoder scores as one with a CLIP:
+    text -> decoder on val captions, on generated one-object prompts, and the placement probe."""
+    from bundle_helpers import write_embedded_shards
+    from cascade.bundle import write_manifest
+    from cascade.evaluation import evaluate_bundle
+
+    bare = tmp_path / "bare"
+    shutil.copytree(imagen_bundle, bare, ignore=shutil.ignore_patterns("clip", "sr256", "sr1024"))
+    write_manifest(bare)
+    data = write_embedded_shards(tmp_path / "data", train=2, val=4, d=32, dt=384, length=16)
+    results = evaluate_bundle(bare, data, tmp_path / "eval", stages=["decoder"], limit=4, one_object=9)
+    assert 0 <= results["cascade"]["colour_acc@one_object_g3"] <= 1
+    assert any(k.startswith("colour_acc@text_g") for k in results["cascade"])
+    assert any(k.startswith("placed_acc@g") for k in results["decoder"])
+    assert not any(k.startswith("clip_score") for k in results["cascade"])  # no CLIP to score with
