@@ -82,7 +82,7 @@ def test_parameter_counts_match_the_real_stage():
 
 
 def test_trainable_counts_leave_frozen_parameters_out():
-    from tests.training_helpers import TinyAE, TinyAEConfig
+    from training_helpers import TinyAE, TinyAEConfig
 
     counts = count_params(TinyAE(TinyAEConfig(width=8)))
     assert counts.total - counts.trainable == 2 * 2 + 2  # the frozen Linear(2, 2)
