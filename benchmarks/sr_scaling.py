@@ -1,9 +1,10 @@
 """How the sr1024 network's cost grows with image size: one sampling step (= one forward) at 256^2 and
 at 1024^2, whole-image and in blended tiles (the config's and twice as large), with peak memory;
 issue #21's targets are a 1024/256 time ratio <= 16 for 16x the pixels and <= 200 MB at 1024^2.
-Also the full 1024x1024 forward time of the tiny net and of the DALL-E 2-shaped sr1024 net (the latter timed at 128^2 and scaled by its pixels, since one full
-forward of a 284M-parameter net at 1024^2 takes tens of minutes here), and the max |tiled - untiled|
-difference of the tiny net with random weights at the configured margin.
+Also the full 1024x1024 forward time of the tiny net and of the DALL-E 2-shaped sr1024 net (the latter
+timed at 128^2 and scaled by its pixels, since one full forward of a 284M-parameter net at 1024^2 takes
+tens of minutes here), and the max |tiled - untiled| difference of the tiny net with random weights at
+the configured margin.
 
 All timings are medians over interleaved repeats in one process, so load from other processes
 affects every setting alike. Peak memory is measured in a fresh child process per setting: its

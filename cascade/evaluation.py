@@ -182,8 +182,11 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     encoders = {}  # the bundle's CLIP encoder, loaded once when the placement probe or the cascade needs it
 
     def bundle_clip():
+        """The bundle's CLIP encoder, None for a bundle without one (Imagen-style)."""
         from cascade.encoders import load_encoder
 
+        if "clip" not in present:
+            return None
         if "clip" not in encoders:
             encoders["clip"] = load_encoder(bundle / "clip", device=device)
         return encoders["clip"]
@@ -200,7 +203,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
             print(f"evaluating {name} on held-out photos ...", flush=True)
             results[name].update(evaluate_photos(stage, seed=seed)[0])
         if name == "decoder" and ("clip" in present or text_only(stage.config)):  # Imagen-style: no CLIP needed
-            results[name].update(_placement(stage, bundle_clip() if "clip" in present else None, seed, limit, out))
+            results[name].update(_placement(stage, bundle_clip(), seed, limit, out))
         if stage.samples_images:
             batch = next(iter(_val(data, stage, batch_size=8)))
             images = stage.preview(batch, torch.Generator().manual_seed(seed))
@@ -219,7 +222,7 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     imagen = "decoder" in loaded and text_only(loaded["decoder"].config)
     if ("prior" in loaded or imagen) and "decoder" in loaded:
         print(f"evaluating text -> {'decoder' if imagen else 'prior -> decoder'} ...", flush=True)
-        clip = bundle_clip() if "clip" in present else None
+        clip = bundle_clip()
         clips = {**({"bundle": clip} if clip is not None else {}), **others}
         results["cascade"] = text_to_image_scores(loaded.get("prior"), loaded["decoder"], data, limit=limit,
                                                   guidance=tuple(loaded["decoder"].config.eval_guidance), seed=seed,

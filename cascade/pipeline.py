@@ -241,14 +241,14 @@ class Cascade:
         listed = list(manifest.get("stages", []))
         wanted = [s for s in SAMPLED_STAGES if s in listed and (stages is None or s in stages)]
         # only the stages this load needs: another may be missing (re-training)
-        for name in [s for s in ("clip",) if s in listed] + wanted:
+        for name in (["clip"] if "clip" in listed else []) + wanted:
             if not (path / name).is_dir():
                 raise UserError(f"{manifest_path} lists stage '{name}' but {path / name} does not exist")
         if "clip" not in listed:
-            readers = [name for name in wanted if reads_clip(name, saved_config(path / name))]
-            if readers:
-                raise UserError(f"{manifest_path}: the bundle has no clip stage, which its {' and '.join(readers)} "
-                                f"read{'s' if len(readers) == 1 else ''}; train one (--stage clip --export)")
+            readers = _clip_readers({name: saved_config(path / name) for name in wanted})
+            if readers:  # before any weights load
+                raise UserError(f"{manifest_path}: the bundle has no clip stage, which its {readers}; train one "
+                                "(--stage clip --export)")
         clip = load_encoder(path / "clip", device=device) if "clip" in listed else None
         home = device if offload == "none" else torch.device("cpu")
         loaded = {name: load_stage(path / name, device=home).to(dtype) for name in wanted}
@@ -520,14 +520,22 @@ class Cascade:
                                     progress=progress), z_i)
 
 
+def _clip_readers(configs: dict[str, Any]) -> str:
+    """The stages of {name: config} that read CLIP (`cascade.stage.reads_clip`) as the start of a
+    sentence ("prior and decoder read", "sr256 reads"); "" when none does."""
+    readers = [name for name, config in configs.items() if reads_clip(name, config)]
+    if not readers:
+        return ""
+    return f"{' and '.join(readers)} read{'s' if len(readers) == 1 else ''}"
+
+
 def check_chain(clip, stages: dict) -> None:
     """The resolutions and embedding sizes must line up from one stage to the next, and a stage that
     reads CLIP needs one (`clip` None: the bundle has none); each mismatch is a one-line UserError."""
     if clip is None:
-        readers = [name for name, stage in stages.items() if reads_clip(name, stage.config)]
+        readers = _clip_readers({name: stage.config for name, stage in stages.items()})
         if readers:
-            raise UserError(f"{' and '.join(readers)} read{'s' if len(readers) == 1 else ''} CLIP embeddings or "
-                            "tokens, and there is no clip stage")
+            raise UserError(f"{readers} CLIP embeddings or tokens, and there is no clip stage")
         d = dt = None
     else:
         d, dt = clip.embed_dim, clip.token_dim
