@@ -415,8 +415,8 @@ class Cascade:
         """Image variations (DALL-E 2 section 3.1): the CLIP image embedding decoded with fresh noise;
         with `negative_prompt`, the decoder's guidance steers away from that text's prior embedding."""
         settings = settings or Settings()
+        self._need_image_embedding("vary")  # before the stages: the first thing wrong for such a bundle
         self.stages_until(until)
-        self._need_image_embedding("vary")
         z_i = self.encode_image(image[None]).expand(num_images, -1)
         negative = None
         if negative_prompt is not None:  # the negative text's prior embedding, drawn as generate draws one
@@ -490,8 +490,8 @@ class Cascade:
         from decoder.manipulation import slerp
 
         settings = settings or Settings()
-        self.stages_until(until)
         self._need_image_embedding("interpolate")
+        self.stages_until(until)
         z = self.encode_image(torch.stack([image_a, image_b]))
         z_i = slerp(z[:1], z[1:], torch.linspace(0, 1, frames)[:, None])
         x = self.decode(z_i, settings=settings, seed=seed, shared_noise=True, progress=progress)
@@ -509,8 +509,8 @@ class Cascade:
         if not 0 <= max_theta <= 1:
             raise UserError(f"max_theta {max_theta}: must be between 0 and 1")
         settings = settings or Settings()
-        self.stages_until(until)
         self._need_image_embedding("textdiff")
+        self.stages_until(until)
         z_t, _, _ = self.encode_text([check_prompt(text_from), check_prompt(text_to)])
         z_img = self.encode_image(image[None])
         theta = torch.linspace(0, max_theta, frames)[:, None]

@@ -140,6 +140,21 @@ def test_cascade_runs_text_to_base_to_sr_without_a_prior(imagen_bundle, tmp_path
     assert "conditioning: imagen" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("job", ["vary", "interpolate", "textdiff"])
+def test_image_embedding_jobs_name_the_imagen_decoder_before_a_missing_upsampler(imagen_bundle, job):
+    """A decoder-only Imagen-style bundle asked for the default --until sr1024: the error is the one that
+    matters (no image embeddings), not that the bundle lacks sr256."""
+    from cascade.pipeline import Cascade
+
+    cascade = Cascade.from_bundle(imagen_bundle, ("decoder",))
+    image = torch.rand(3, 64, 64)
+    call = {"vary": lambda: cascade.vary(image),
+            "interpolate": lambda: cascade.interpolate(image, image),
+            "textdiff": lambda: cascade.textdiff(image, "a red circle", "a blue star")}[job]
+    with pytest.raises(UserError, match=f"{job} works on CLIP image embeddings.*Imagen-style"):
+        call()
+
+
 def test_engine_trains_an_imagen_decoder_on_shards_without_embeddings(tmp_path):
     from cascade.bundle import load_stage
     from cascade.data.build import build
