@@ -255,8 +255,7 @@ def cmd_inpaint(args) -> int:
     negative = _negative(args)
     if (args.mask is None) == (args.box is None):
         raise UserError("give the region to repaint as either --mask PNG or --box x0,y0,x1,y1 (one of them)")
-    if not 1 <= args.resample <= 50:
-        raise UserError(f"--resample {args.resample}: must be between 1 and 50")
+    check_resample(args.resample)
     if args.jump < 1:
         raise UserError(f"--jump {args.jump}: must be 1 or more")
     check_num_images(args)
@@ -275,6 +274,15 @@ def cmd_inpaint(args) -> int:
             **settings.as_text(cascade.stages)}
     _write(result, args, f"inpaint-{slug(prompt)}-{method}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
+
+
+MAX_RESAMPLE = 50  # RePaint's resamplings per step: the CLI and the web studio share the bound
+
+
+def check_resample(resample: int, name: str = "--resample") -> int:
+    if not 1 <= resample <= MAX_RESAMPLE:
+        raise UserError(f"{name} {resample}: must be between 1 and {MAX_RESAMPLE} (RePaint's resampling; 1 = none)")
+    return resample
 
 
 def check_frames(args) -> int:

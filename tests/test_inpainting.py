@@ -326,7 +326,8 @@ def test_cli_inpaint_leaves_every_pixel_outside_the_mask_alone(bundle, tmp_path,
     (["--mask", "empty.png"], "the mask is empty"),
     (["--box", "0,0,20,20", "--method", "glide"], "glide inpainting method needs"),
     (["--box", "0,0,20,20", "--resample", "3", "--sampler", "heun"], "one-step sampler"),
-    (["--box", "0,0,20,20", "--resample", "0"], "--resample 0"),
+    (["--box", "0,0,20,20", "--resample", "0"], "--resample 0: must be between 1 and 50"),
+    (["--box", "0,0,20,20", "--resample", "51"], "--resample 51: must be between 1 and 50"),
 ])
 def test_cli_inpaint_input_errors_are_one_line(bundle, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)

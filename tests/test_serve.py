@@ -204,6 +204,12 @@ def test_inpaint_refuses_an_empty_mask_or_says_it_is_missing(base):
                                                        "prompt": "a green star", "until": "decoder"})
     assert status == 400
     assert "the mask is empty" in body["error"]
+    # the CLI's bound (cascade.cli.MAX_RESAMPLE): 30 passes it and reaches the mask's check
+    for resample, error in ((51, "resample 51: must be between 1 and 50"), (0, "resample 0: must be between"),
+                            (30, "the mask is empty")):
+        status, body = call_json(f"{base}/api/jobs", body={"kind": "inpaint", "image": item["id"], "mask": empty["id"],
+                                                           "prompt": "a", "resample": resample, "until": "decoder"})
+        assert status == 400 and error in body["error"], (resample, body)
 
 
 # ---------------------------------------------------------------- one job at a time: places, cancel, a closed page

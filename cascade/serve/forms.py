@@ -127,7 +127,7 @@ def _count(body: dict, name: str, default: int, check: Callable[[SimpleNamespace
 
 def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     """Check a request against the loaded cascade and the gallery; a one-line UserError otherwise."""
-    from cascade.cli import INPUT_SIZE, check_frames, check_num_images, slug
+    from cascade.cli import INPUT_SIZE, check_frames, check_num_images, check_resample, slug
     from cascade.images import from_pil
 
     if not isinstance(body, dict):
@@ -218,9 +218,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     if method is not None and not isinstance(method, str):
         raise UserError(f"method must be replace or glide, got {method!r}")
     method = cascade.stages["decoder"].inpaint_method(method)
-    resample = _int(body.get("resample", 1), "resample")
-    if not 1 <= resample <= 20:
-        raise UserError(f"resample {resample}: must be between 1 and 20 (RePaint's resampling; 1 = none)")
+    resample = check_resample(_int(body.get("resample", 1), "resample"), "resample")
     pil = item.image()
     image = from_pil(pil)  # (3, S, S): uploads and results are square
     mask = torch.from_numpy(_mask_array(mask_item.image(), pil.width))[None]  # (1, S, S) in [0, 1]
