@@ -25,6 +25,8 @@ class ImageBar:
     def _add(self, images: float) -> None:
         self._count += images
         self.bar.update(images)
+        if self.bar.n > self._batch_end:  # the float steps summed a hair past the batch (tqdm would warn)
+            self.bar.n = self._batch_end
 
     def steps(self, rows: int, steps: int) -> Callable[[dict], None]:
         """The per-step callback for one batch of `rows` images sampled in `steps` steps; `done(rows)`

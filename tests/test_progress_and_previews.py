@@ -36,6 +36,23 @@ def test_image_bar_moves_every_step_and_counts_whole_batches():
         assert bar.count == 10
 
 
+@pytest.mark.parametrize("rows,steps", [(8, 10), (8, 3), (16, 7)])
+def test_image_bar_never_shows_more_than_its_total(rows, steps):
+    """8 rows in 10 steps of 0.8 sum to 16.000000000000007 over two batches: past the total, and tqdm
+    warned "clamping frac" at the end of an SR evaluation."""
+    from cascade.progress_bars import ImageBar
+
+    batches = 3
+    with ImageBar(rows * batches, "test") as bar:
+        for b in range(batches):
+            step = bar.steps(rows, steps)
+            for _ in range(steps):
+                step({})
+                assert bar.bar.n <= (b + 1) * rows
+            bar.done()
+            assert bar.bar.n == (b + 1) * rows
+
+
 class _CountingDecoder:
     """A decoder stand-in: records the callback it is given and calls it once per sampling step."""
 
