@@ -58,7 +58,7 @@ NO_END_EVAL = {stage: {"train": {"eval_at_end": False}} for stage in STAGES}
 
 FULL = Plan("tiny", shapes=4000, emoji=2000,
             steps={"clip": 300, "prior": 2000, "decoder": 6000, "sr256": 600, "sr1024": 1200}, images=2,
-            overrides=NO_END_EVAL, preview_minutes=4.0)  # the first preview ~28 min after the start (quiet)
+            overrides=NO_END_EVAL, preview_minutes=4.0)  # the first preview ~19 min after the start (quiet)
 # Ten minutes that show the models learn, not only that the path runs: most of the time goes to the decoder,
 # which trains on one-object shapes scenes only, where 1,000 steps learn colour and place (measured with
 # `cascade eval --one-object`; on the mixed set's 1-3 object scenes 900 steps placed nothing: README).
