@@ -24,9 +24,10 @@ class ImageBar:
 
     def _add(self, images: float) -> None:
         self._count += images
-        self.bar.update(images)
-        if self.bar.n > self._batch_end:  # the float steps summed a hair past the batch (tqdm would warn)
-            self.bar.n = self._batch_end
+        # set, then update(0) to draw: float shares added by tqdm itself can land a hair past the batch, and
+        # update() draws before anything could clamp it ("clamping frac" warnings at the end of SR evals)
+        self.bar.n = min(self.bar.n + images, self._batch_end)
+        self.bar.update(0)
 
     def steps(self, rows: int, steps: int) -> Callable[[dict], None]:
         """The per-step callback for one batch of `rows` images sampled in `steps` steps; `done(rows)`
