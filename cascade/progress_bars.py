@@ -18,43 +18,31 @@ class ImageBar:
     def __init__(self, total: int, desc: str, *, disable: bool = False):
         self.bar = tqdm(total=total, desc=desc, bar_format=_FORMAT, disable=disable or total == 0,
                         dynamic_ncols=True)
-        self._batch_left = 0.0
-        self._count = 0.0  # what the bar shows (a disabled tqdm counts nothing)
-        self._batch_end = 0.0
-
-    def _add(self, images: float) -> None:
-        self._count += images
-        # set, then update(0) to draw: float shares added by tqdm itself can land a hair past the batch, and
-        # update() draws before anything could clamp it ("clamping frac" warnings at the end of SR evals)
-        self.bar.n = min(self.bar.n + images, self._batch_end)
-        self.bar.update(0)
+        self._batch_end = 0.0  # where the current batch ends on the bar
 
     def steps(self, rows: int, steps: int) -> Callable[[dict], None]:
         """The per-step callback for one batch of `rows` images sampled in `steps` steps; `done(rows)`
         after the batch squares the count whatever the sampler called back."""
         per_step = rows / max(1, steps)
-        self._batch_left = float(rows)
-        self._batch_end = self._count + rows
+        self._batch_end = self.bar.n + rows
 
         def step(_: dict) -> None:
-            add = min(per_step, self._batch_left)
-            self._batch_left -= add
-            self._add(add)
+            # the count is set (a disabled tqdm counts nothing itself), never past the batch's end (float
+            # shares can sum a hair past it, and tqdm warned "clamping frac"), then drawn by update(0)
+            self.bar.n = min(self.bar.n + per_step, self._batch_end)
+            self.bar.update(0)
 
         return step
 
     def done(self) -> None:
-        """The batch finished: count whatever its callbacks did not (a sampler may call back fewer times)."""
-        if self._batch_left > 0:
-            self._add(self._batch_left)
-        self._batch_left = 0.0
-        # whole images again: the float steps may have summed to a hair over or under the batch
-        self._count = self.bar.n = self._batch_end
+        """The batch finished: count whatever its callbacks did not (a sampler may call back fewer times),
+        whole images again."""
+        self.bar.n = self._batch_end
         self.bar.refresh()
 
     @property
     def count(self) -> float:
-        return self._count
+        return self.bar.n
 
     def close(self) -> None:
         self.bar.close()
