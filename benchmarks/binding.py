@@ -4,10 +4,12 @@ fixed prompt set of `cascade.binding` (48 prompts of 1-3 objects, by cells and b
 scorer judges every object's colour, shape and place; binding = all three right. Prints one JSON line.
 
     python -m benchmarks.binding --model unclip=bundles/a --model imagen=bundles/b --data data/binding \\
-        [--holdout-pairs red:star,blue:circle] [--seed 0] [--figure out/binding.png]
+        [--holdout-pairs red:star,blue:circle] [--seed 0] [--figure out/binding.png] [--guidance 3,5]
 
 The held-out pairs are --holdout-pairs, else those --data's dataset.json records (`cascade data build
 --holdout-pairs`), else `cascade.binding.DEFAULT_HOLDOUT`. The figure: prompts in rows, models in columns.
+--guidance scores every model at each decoder guidance scale given (each a column NAME@gG); without it, each
+bundle's own.
 """
 from __future__ import annotations
 
@@ -16,8 +18,21 @@ import sys
 import time
 
 from benchmarks.common import emit, parse_models
-from cascade.errors import run_cli
+from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
+
+
+def parse_scales(text: str | None) -> list[float | None]:
+    """"3,5" -> [3.0, 5.0]; None -> [None] (each bundle's own guidance)."""
+    if text is None:
+        return [None]
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--guidance {text}: give numbers separated by commas, e.g. 3,5") from None
+    if any(not (0.0 <= g < float("inf")) for g in scales):
+        raise UserError(f"--guidance {text}: each scale must be a finite number >= 0 (1 is no guidance, 0 ignores the text)")
+    return scales
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,26 +45,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=1, help="images per prompt, each with other noise (default: 1)")
     p.add_argument("--figure", default=None, help="write the prompts x models figure (PNG) here")
+    p.add_argument("--guidance", default=None, metavar="G[,G...]",
+                   help="decoder guidance scales to score each model at (default: the bundle's own)")
     args = p.parse_args(argv)
 
     def run() -> int:
         from cascade.binding import binding_figure, evaluate_binding, holdout_of
         from cascade.data.shapes import format_pairs
-        from cascade.pipeline import check_seed
+        from cascade.pipeline import Settings, check_seed
 
         check_seed(args.seed, "--seed")
         models = parse_models(args.model)
+        scales = parse_scales(args.guidance)
         holdout = holdout_of(args.data, args.holdout_pairs)
         out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed,
                "images_per_prompt": args.images, "models": {}}
         images = {}
         cases = None
         for name, bundle in models.items():
-            started = time.monotonic()
-            scores, images[name], cases = evaluate_binding(bundle, holdout=holdout, seed=args.seed,
-                                                                repeats=args.images)
-            scores["seconds"] = time.monotonic() - started
-            out["models"][name] = {k: round(v, 4) for k, v in scores.items()}
+            for scale in scales:
+                column = name if scale is None else f"{name}@g{scale:g}"
+                settings = None if scale is None else Settings(guidance={"decoder": scale})
+                started = time.monotonic()
+                scores, images[column], cases = evaluate_binding(bundle, holdout=holdout, seed=args.seed,
+                                                                 repeats=args.images, settings=settings)
+                scores["seconds"] = time.monotonic() - started
+                out["models"][column] = {k: round(v, 4) for k, v in scores.items()}
         if args.figure:
             out["figure"] = str(binding_figure(images, cases, args.figure))
         emit(out)

@@ -122,6 +122,35 @@ def test_benchmark_prints_one_json_line_per_run_with_each_model(tmp_path, capsys
     assert "not a model bundle" in capsys.readouterr().err
 
 
+def test_benchmark_scores_each_model_at_each_guidance_scale_given(tmp_path, capsys, monkeypatch):
+    import benchmarks.binding as bench
+    import cascade.binding
+    from bundle_helpers import small_bundle
+
+    bundle = small_bundle(tmp_path / "b")
+    config = json.loads((bundle / "decoder" / "config.json").read_text())
+    config["config"]["steps"] = 1
+    (bundle / "decoder" / "config.json").write_text(json.dumps(config))
+    asked = []
+    real = cascade.binding.generate_cases
+
+    def spy(cascade_, cases, **kwargs):  # what the decoder was asked to sample with, per call
+        settings = kwargs["settings"]
+        asked.append(settings.for_stage("decoder", cascade_.stages["decoder"])["guidance"])
+        return real(cascade_, cases, **kwargs)
+
+    monkeypatch.setattr(cascade.binding, "generate_cases", spy)
+    assert bench.main(["--model", f"tiny={bundle}", "--holdout-pairs", "red:star,blue:circle,green:heart",
+                       "--guidance", "1,4.5"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert list(line["models"]) == ["tiny@g1", "tiny@g4.5"] and asked == [1.0, 4.5]
+    assert all(line["models"][k]["images"] == 36 for k in line["models"])
+    for bad in ("3,x", "-1", "inf"):
+        assert bench.main(["--model", str(bundle), "--guidance", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--guidance {bad}:" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--system", "imagen"], "give 'unclip' or NAME=DECODER_YAML"),
     (["--system", "unclip", "--system", "x=nope.yaml"], "no such config file nope.yaml"),
