@@ -200,16 +200,27 @@ def generate_cases(cascade, cases: list[BindingCase], *, seed: int = 0, chunk: i
     return torch.cat(out)
 
 
+def load_for_binding(bundle: str | Path, device: str | torch.device = "cpu"):
+    """The bundle's stages up to the decoder (the prior only for unCLIP), as the benchmark samples them."""
+    from cascade.pipeline import Cascade
+
+    return Cascade.from_bundle(bundle, ("prior", "decoder"), device=device)
+
+
 def evaluate_binding(bundle: str | Path, *, holdout: tuple[tuple[str, str], ...], seed: int = 0,
                      device: str | torch.device = "cpu", settings=None, repeats: int = 1
                      ) -> tuple[dict[str, float], torch.Tensor, list[BindingCase]]:
     """(scores, images, cases) of a bundle on the prompt set of `holdout`, each prompt drawn `repeats` times
     (the cases are the prompt set repeated, with other noise each time)."""
-    from cascade.pipeline import Cascade
+    return score_binding(load_for_binding(bundle, device), holdout=holdout, seed=seed, settings=settings,
+                         repeats=repeats)
 
+
+def score_binding(cascade, *, holdout: tuple[tuple[str, str], ...], seed: int = 0, settings=None,
+                  repeats: int = 1) -> tuple[dict[str, float], torch.Tensor, list[BindingCase]]:
+    """`evaluate_binding` on a loaded cascade (`load_for_binding`), so that one load serves many settings."""
     if repeats < 1:
         raise UserError(f"images per prompt must be >= 1, got {repeats}")
-    cascade = Cascade.from_bundle(bundle, ("prior", "decoder"), device=device)
     cases = binding_cases(holdout) * repeats
     images = generate_cases(cascade, cases, seed=seed, settings=settings)
     scores = binding_scores(images, cases)

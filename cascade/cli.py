@@ -34,6 +34,15 @@ def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
     return out
 
 
+MAX_GUIDANCE = 50.0  # classifier-free guidance scales: the CLI, the web studio and the benchmarks share it
+
+
+def check_guidance(w: float, name: str) -> float:
+    if not 0.0 <= w <= MAX_GUIDANCE:  # NaN fails too
+        raise UserError(f"{name}: guidance must be between 0 and {MAX_GUIDANCE:g}")
+    return w
+
+
 def sampling_settings(args):
     from cascade.pipeline import Settings
 
@@ -48,9 +57,7 @@ def sampling_settings(args):
             raise UserError(f"--steps {name}={steps}: steps must be between 1 and 1000")
         settings.steps[name] = steps
     for name, w in _per_stage(args.guidance or "", float, "--guidance", SAMPLED_STAGES).items():
-        if not 0.0 <= w <= 50.0:
-            raise UserError(f"--guidance {name}={w}: guidance must be between 0 and 50")
-        settings.guidance[name] = w
+        settings.guidance[name] = check_guidance(w, f"--guidance {name}={w}")
     if settings.aug_level is not None and not 0.0 <= settings.aug_level <= 1.0:
         raise UserError(f"--aug-level {settings.aug_level}: must be between 0 and 1")
     return settings

@@ -145,7 +145,7 @@ def test_benchmark_scores_each_model_at_each_guidance_scale_given(tmp_path, caps
     line = json.loads(capsys.readouterr().out.strip())
     assert list(line["models"]) == ["tiny@g1", "tiny@g4.5"] and asked == [1.0, 4.5]
     assert all(line["models"][k]["images"] == 36 for k in line["models"])
-    for bad in ("3,x", "-1", "inf"):
+    for bad in ("3,x", "-1", "inf", "60"):  # the CLI's bound, 0 to 50
         assert bench.main(["--model", str(bundle), "--guidance", bad]) == 2
         err = capsys.readouterr().err
         assert f"--guidance {bad}:" in err and "Traceback" not in err
