@@ -40,6 +40,11 @@ def clip_score(clip, images: torch.Tensor, captions: list[str], batch: int = 32)
     return total / max(1, len(captions))
 
 
+def _route(path: str) -> str:
+    """A progress bar's name of the path the text takes: "text" straight into the decoder, or "prior"."""
+    return "text -> decoder" if path == "text" else f"text -> {path} -> decoder"
+
+
 @torch.no_grad()
 def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tuple[float, ...], seed: int,
                          clips: dict | None = None) -> dict[str, float]:
@@ -67,7 +72,7 @@ def text_to_image_scores(prior, decoder, data: Path, *, limit: int, guidance: tu
                for name, clip in clips.items()}
     for w in guidance:
         images = decode_all(decoder, conditioning, noise, w,
-                            desc=f"text -> {path} -> decoder, val captions (guidance {w:g})")
+                            desc=f"{_route(path)}, val captions (guidance {w:g})")
         if scored:
             metrics.update(score_decodes(images[scored], [data_["json"][i] for i in keep], suffix=f"@{path}_g{w:g}"))
         for name, clip in clips.items():
@@ -140,7 +145,7 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
     s = decoder.config.image_size
     noise = torch.randn(len(prompts), 3, s, s, generator=g)
     images = decode_all(decoder, conditioning, noise, guidance,
-                        desc=f"text -> {path} -> decoder, one-object prompts (guidance {guidance:g})")
+                        desc=f"{_route(path)}, one-object prompts (guidance {guidance:g})")
     if grid is not None:
         save_png(make_grid(images, captions), grid)
     return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
