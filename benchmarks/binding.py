@@ -9,7 +9,10 @@ scorer judges every object's colour, shape and place; binding = all three right.
 The held-out pairs are --holdout-pairs, else those --data's dataset.json records (`cascade data build
 --holdout-pairs`), else `cascade.binding.DEFAULT_HOLDOUT`. The figure: prompts in rows, models in columns.
 --guidance scores every model at each decoder guidance scale given (each a column NAME@gG); without it, each
-bundle's own.
+bundle's own. --regions 0,2 also scores each with per-object guidance at each scale W given (a column
+NAME+rW; 0: without; an Imagen-style bundle only): each object whose cell the prompt names gets its own
+guidance term inside its cell (`cascade.layout`), which reads the layout from the prompt, so such a column
+is layout-to-image, not the model binding by itself.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
 
 
-def parse_scales(text: str | None) -> list[float | None]:
+def parse_scales(text: str | None, option: str = "--guidance") -> list[float | None]:
     """"3,5" -> [3.0, 5.0]; None -> [None] (each bundle's own guidance)."""
     if text is None:
         return [None]
@@ -31,8 +34,8 @@ def parse_scales(text: str | None) -> list[float | None]:
     try:
         scales = [float(part) for part in text.split(",")]
     except ValueError:
-        raise UserError(f"--guidance {text}: give numbers separated by commas, e.g. 3,5") from None
-    return [check_guidance(g, f"--guidance {text}") for g in scales]
+        raise UserError(f"{option} {text}: give numbers separated by commas, e.g. 3,5") from None
+    return [check_guidance(g, f"{option} {text}") for g in scales]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figure", default=None, help="write the prompts x models figure (PNG) here")
     p.add_argument("--guidance", default=None, metavar="G[,G...]",
                    help="decoder guidance scales to score each model at (default: the bundle's own)")
+    p.add_argument("--regions", default=None, metavar="W[,W...]",
+                   help="per-object guidance scales to score each model at as well (0: without; Imagen-style "
+                        "bundles): a column NAME+rW each")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         check_seed(args.seed, "--seed")
         models = parse_models(args.model)
         scales = parse_scales(args.guidance)
+        regions = [None if w == 0 else w for w in parse_scales(args.regions, "--regions")]
         holdout = holdout_of(args.data, args.holdout_pairs)
         out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed,
                "images_per_prompt": args.images, "models": {}}
@@ -66,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             cascade = load_for_binding(bundle)  # once per model, whatever the number of scales
             for scale in scales:
-                column = name if scale is None else f"{name}@g{scale:g}"
-                settings = None if scale is None else Settings(guidance={"decoder": scale})
-                scores, images[column], cases = score_binding(cascade, holdout=holdout, seed=args.seed,
-                                                              repeats=args.images, settings=settings)
-                scores["seconds"] = time.monotonic() - started  # the first column's includes the loading
-                started = time.monotonic()
-                out["models"][column] = {k: round(v, 4) for k, v in scores.items()}
+                for region in regions:
+                    column = (name if scale is None else f"{name}@g{scale:g}") + ("" if region is None else f"+r{region:g}")
+                    settings = None if scale is None else Settings(guidance={"decoder": scale})
+                    scores, images[column], cases = score_binding(cascade, holdout=holdout, seed=args.seed,
+                                                                  repeats=args.images, settings=settings,
+                                                                  regions=region)
+                    scores["seconds"] = time.monotonic() - started  # the first column's includes the loading
+                    started = time.monotonic()
+                    out["models"][column] = {k: round(v, 4) for k, v in scores.items()}
         if args.figure:
             out["figure"] = str(binding_figure(images, cases, args.figure))
         emit(out)

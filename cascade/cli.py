@@ -191,11 +191,22 @@ def cmd_generate(args) -> int:
             resolve_model(args)
         return generate_dry_run(args, settings)
     _prepare(args)
+    regions = None
+    if args.regions is not None:
+        from cascade.layout import prompt_regions
+
+        regions = check_guidance(args.regions, f"--regions {args.regions:g}")
+        if prompt_regions(prompt, 64) is None:
+            raise UserError("--regions needs a prompt of two or more objects that names each one's cell after "
+                            "its shape, e.g. "
+                            "\"a red star at the top left and a blue circle in the center\"")
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
-                              progress=_stage_bars(args), negative_prompt=negative)
+                              progress=_stage_bars(args), negative_prompt=negative,
+                              **({} if regions is None else {"regions": regions}))
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
-            **_negative_text(negative), **settings.as_text(cascade.stages)}
+            **_negative_text(negative), **settings.as_text(cascade.stages),
+            **({} if regions is None else {"regions": f"{regions:g}"})}
     _write(result, args, f"{slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
@@ -399,6 +410,10 @@ def register_model_commands(sub) -> None:
     p.add_argument("--negative-prompt", metavar="TEXT",
                    help="what not to draw: the prior's and the decoder's guidance steer away from this text "
                         "instead of from no text, e.g. --negative-prompt red")
+    p.add_argument("--regions", type=float, metavar="W",
+                   help="per-object guidance for an Imagen-style bundle: each object of a prompt that names its "
+                        "cell (\"a red star at the top left and a blue circle in the center\") gets its own "
+                        "guidance term at scale W, inside its cell only (2 is a good start; docs/results.md)")
     _add_common(p, num_images=True)
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's parameters and the estimated GPU memory (fp32 and bf16, with and "

@@ -335,11 +335,13 @@ class Cascade:
     def decode(self, image_emb: torch.Tensor | None, *, settings: Settings, seed: int, text: dict | None = None,
                shared_noise: bool = False, progress: Progress | None = None, negative: dict | None = None,
                init: torch.Tensor | None = None, strength: float = 1.0,
-               region: Region | None = None) -> torch.Tensor:
+               region: Region | None = None, regions: list | None = None,
+               region_guidance: float = 2.0) -> torch.Tensor:
         """64x64 images for image embeddings (N, D) (and text, when given); an Imagen-style decoder takes
         `image_emb` None and the prompts in `text["txt"]`. With `shared_noise` every row starts from the
         same x_T, so a deterministic sampler makes each image a function of its embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
-        conditioning's); `init` (N, 3, 64, 64): image to image at `strength`."""
+        conditioning's); `init` (N, 3, 64, 64): image to image at `strength`; `regions`: per-object
+        guidance (`Decoder.sample`)."""
         decoder = self._need("decoder")
         g = stage_generator(seed, "decoder")
         cond = {} if image_emb is None else {"clip_image": image_emb}
@@ -355,6 +357,8 @@ class Cascade:
             known, mask = region.at(decoder.config.image_size, n)
             options = {"known": known, "mask": mask, "inpaint_method": region.method,
                        "resample": region.resample, "jump": region.jump}
+        if regions is not None:
+            options.update(regions=regions, region_guidance=region_guidance)
         return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise,
                             negative=negative, **options)
 
@@ -396,15 +400,27 @@ class Cascade:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
                  settings: Settings | None = None, progress: Progress | None = None,
-                 negative_prompt: str | None = None) -> Result:
+                 negative_prompt: str | None = None, regions: float | None = None) -> Result:
         """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until` (an
         Imagen-style decoder: the prompts straight into the decoder, no prior); with `negative_prompt`, the
-        prior's and the decoder's guidance steer away from it."""
+        prior's and the decoder's guidance steer away from it. `regions` W (an Imagen-style decoder): each
+        object whose cell the prompt names also gets its own guidance term, at scale W, inside its cell
+        (`cascade.layout`); prompts that do not name every object's cell are sampled as without it."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
+        layout = None
+        if regions is not None:
+            if not self.text_only:
+                raise UserError("--regions needs an Imagen-style bundle (its decoder reads the text itself)")
+            from cascade.layout import prompt_regions
+
+            size = self._need("decoder").config.image_size
+            layout = [prompt_regions(p, size) for p in prompts]
         z_i, text, negative = self._text(prompts, negative_prompt, settings, seed, progress)
-        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative)
+        per_object = {} if layout is None else {"regions": layout, "region_guidance": regions}
+        x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
+                        **per_object)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),
                       z_i)
 

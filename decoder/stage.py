@@ -240,7 +240,8 @@ class Decoder(Stage):
                eta: float = 0.0, progress: bool = False, callback: Callable[[dict], None] | None = None,
                negative: dict[str, Any] | None = None, init: torch.Tensor | None = None,
                strength: float = 1.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               inpaint_method: str | None = None, resample: int = 1, jump: int = 1) -> torch.Tensor:
+               inpaint_method: str | None = None, resample: int = 1, jump: int = 1,
+               regions: list | None = None, region_guidance: float = 2.0) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
         "clip_mask": (B, L)]}, or for an imagen decoder {"txt": B captions} (other keys are ignored). sampler, steps and guidance left as None, and threshold left out, are the
         config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
@@ -254,7 +255,12 @@ class Decoder(Stage):
         the result is `known` where the mask is 0. `inpaint_method` "replace" (any decoder: the known region
         replaced at every step, `cascade.diffusion.inpainting`, with RePaint's `resample` and `jump`) or
         "glide" (a decoder trained with `inpaint: true` reads the masked image and the mask); default
-        "glide" for such a decoder, else "replace"."""
+        "glide" for such a decoder, else "replace".
+
+        Per-object guidance (an Imagen-style decoder; `cascade.layout.prompt_regions`): `regions` has, per
+        row, None or [(an object's own caption, (S, S) mask of its place)]; each object's guidance term
+        counts only inside its mask, eps = eps_u + w (eps_c - eps_u) + region_guidance * sum_k
+        M_k (eps_k - eps_u), one more forward pass per object and step."""
         sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
         threshold = self.config.threshold if threshold is CONFIG else threshold
         b, s = self.rows(conditioning), self.config.image_size
@@ -262,6 +268,15 @@ class Decoder(Stage):
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
                        progress=progress)
+        if regions is not None and any(regions):
+            if mask is not None or init is not None:
+                raise UserError("per-object regions do not combine with inpainting or image to image")
+            if len(regions) != b:
+                raise UserError(f"regions: one entry per image ({b}), got {len(regions)}")
+            denoise = self._regional(self.denoiser(conditioning, negative), regions, guidance, region_guidance)
+            x = diffusion.sample(denoise, (b, 3, s, s), schedule=self.schedule, sampler=sampler, steps=steps,
+                                 x_T=noise, device=self.device, **{**options, "guidance": None})
+            return x.clamp(-1.0, 1.0)
         if mask is not None:
             method = self.inpaint_method(inpaint_method)
             known, mask = self._check_inpaint(known, mask, init, b)
@@ -287,6 +302,42 @@ class Decoder(Stage):
             x = diffusion.sample(self.denoiser(conditioning, negative), (b, 3, s, s), schedule=self.schedule,
                                  sampler=sampler, steps=steps, x_T=noise, device=self.device, **options)
         return x.clamp(-1.0, 1.0)
+
+    def _regional(self, base: Callable, regions: list, guidance: float | None, weight: float) -> Callable:
+        """A denoise function that does its own guidance: `base`'s (conditional and unconditional halves in
+        one call) plus each object's term inside its mask (see `sample`); no `cond_mask` is passed to it."""
+        from cascade.diffusion.guidance import split_output
+
+        if self.config.conditioning != "imagen":
+            raise UserError("per-object regions need an Imagen-style decoder (conditioning: imagen): an unCLIP "
+                            "decoder would need an image embedding of each object")
+        s = self.config.image_size
+        terms = []  # per object k: (the rows that have a k-th object, their denoiser, their masks)
+        for k in range(max(len(r) for r in regions if r)):
+            rows = [i for i, r in enumerate(regions) if r and k < len(r)]
+            masks = torch.zeros(len(rows), 1, s, s)
+            for j, i in enumerate(rows):
+                mask = torch.as_tensor(regions[i][k][1]).detach().to("cpu", torch.float32)
+                if tuple(mask.shape) != (s, s):
+                    raise UserError(f"regions: each object's mask must be ({s}, {s}), got {tuple(mask.shape)}")
+                masks[j, 0] = mask
+            terms.append((torch.tensor(rows, device=self.device),
+                          self.denoiser({"txt": [regions[i][k][0] for i in rows]}), masks.to(self.device)))
+        w = 1.0 if guidance is None else float(guidance)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
+            n = x.shape[0]
+            halves = torch.cat([torch.ones(n, dtype=torch.bool, device=x.device),
+                                torch.zeros(n, dtype=torch.bool, device=x.device)])
+            eps, variance = split_output(base(torch.cat([x, x]), torch.cat([t, t]), cond_mask=halves))
+            eps_c, eps_u = eps[:n], eps[n:]
+            out = eps_u + w * (eps_c - eps_u)
+            for rows, term, masks in terms:
+                eps_k = split_output(term(x[rows], t[rows]))[0]
+                out = out.index_add(0, rows, weight * masks * (eps_k - eps_u[rows]))
+            return out if variance is None else (out, variance[:n])
+
+        return denoise
 
     def inpaint_method(self, requested: str | None = None) -> str:
         """The inpainting method a request means: `requested`, or by default "glide" for a decoder trained

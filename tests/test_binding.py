@@ -151,6 +151,31 @@ def test_benchmark_scores_each_model_at_each_guidance_scale_given(tmp_path, caps
         assert f"--guidance {bad}:" in err and "Traceback" not in err
 
 
+def test_benchmark_scores_each_model_with_and_without_per_object_guidance(tmp_path, capsys, monkeypatch):
+    import benchmarks.binding as bench
+    import cascade.binding
+    from bundle_helpers import small_bundle
+
+    bundle = small_bundle(tmp_path / "b")
+    asked = []
+
+    def spy(cascade_, cases, **kwargs):  # the per-object scale each column asked the pipeline for
+        asked.append(kwargs["regions"])
+        return torch.zeros(len(cases), 3, 64, 64)
+
+    monkeypatch.setattr(cascade.binding, "generate_cases", spy)
+    assert bench.main(["--model", f"tiny={bundle}", "--holdout-pairs", "red:star,blue:circle,green:heart",
+                       "--guidance", "2", "--regions", "0,2.5"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert list(line["models"]) == ["tiny@g2", "tiny@g2+r2.5"] and asked == [None, 2.5]
+    assert bench.main(["--model", str(bundle), "--regions", "x"]) == 2
+    assert "--regions x:" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert bench.main(["--model", str(bundle), "--regions", "2"]) == 2  # an unCLIP bundle: one line
+    err = capsys.readouterr().err
+    assert "Imagen-style bundle" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--system", "imagen"], "give 'unclip' or NAME=DECODER_YAML"),
     (["--system", "unclip", "--system", "x=nope.yaml"], "no such config file nope.yaml"),

@@ -233,3 +233,81 @@ def test_eval_scores_an_imagen_bundle_without_clip_on_val_one_object_prompts_and
     assert any(k.startswith("colour_acc@text_g") for k in results["cascade"])
     assert any(k.startswith("placed_acc@g") for k in results["decoder"])
     assert not any(k.startswith("clip_score") for k in results["cascade"])  # no CLIP to score with
+
+
+LAYOUT = "a big red star at the top left and a blue circle in the center"
+
+
+def test_each_objects_guidance_term_acts_only_inside_its_cell():
+    """Decoder.sample(regions=): eps_u + w (eps_c - eps_u) + W sum_k M_k (eps_k - eps_u), eps_k from the
+    object's own phrase; outside every cell it is plain guidance exactly."""
+    from cascade.diffusion.guidance import guided_denoise
+    from cascade.layout import prompt_regions
+
+    decoder = _awake(seeded_stage("decoder", **IMAGEN, steps=3)).eval()
+    regions = prompt_regions(LAYOUT, 64)
+    base = decoder.denoiser({"txt": [LAYOUT]})
+    x, t = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), torch.full((1,), 500)
+    plain, _ = guided_denoise(base, x, t, 2.0)
+    regional = decoder._regional(base, [regions], 2.0, 3.0)(x, t)
+    first, second = (mask.bool() for _, mask in regions)
+    outside = ~(first | second)
+    assert torch.equal(regional[..., outside], plain[..., outside])
+    eps_u = base(x, t, cond_mask=torch.zeros(1, dtype=torch.bool))
+    eps_1 = decoder.denoiser({"txt": [regions[0][0]]})(x, t)
+    only_first = first & ~second
+    torch.testing.assert_close(regional[..., only_first], (plain + 3.0 * (eps_1 - eps_u))[..., only_first])
+    assert not torch.allclose(regional[..., first], plain[..., first])
+
+
+def test_regions_sample_per_row_and_their_mistakes_are_one_line():
+    from cascade.layout import prompt_regions
+
+    decoder = _awake(seeded_stage("decoder", **IMAGEN, steps=3)).eval()
+    noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prompts = [LAYOUT, PROMPTS[1]]
+    plain = decoder.sample({"txt": prompts}, guidance=2.0, noise=noise)
+    layout = [prompt_regions(LAYOUT, 64), None]
+    torch.testing.assert_close(decoder.sample({"txt": prompts}, guidance=2.0, noise=noise, regions=layout,
+                                              region_guidance=0.0), plain)
+    regional = decoder.sample({"txt": prompts}, guidance=2.0, noise=noise, regions=layout, region_guidance=2.0)
+    assert not torch.allclose(regional[0], plain[0])
+    torch.testing.assert_close(regional[1], plain[1])  # a row without a layout samples as without regions
+    with pytest.raises(UserError, match="one entry per image"):
+        decoder.sample({"txt": prompts}, regions=layout[:1])
+    with pytest.raises(UserError, match=r"must be \(64, 64\)"):
+        decoder.sample({"txt": prompts}, regions=[[("a red star", torch.ones(32, 32))], None])
+    with pytest.raises(UserError, match="do not combine"):
+        decoder.sample({"txt": prompts}, regions=layout, init=plain)
+    unclip = seeded_stage("decoder", **{**DECODER, "steps": 2}).eval()
+    cond = {"clip_image": torch.randn(1, unclip.config.clip_dim)}
+    with pytest.raises(UserError, match="Imagen-style decoder"):
+        unclip.sample(cond, regions=[prompt_regions(LAYOUT, 64)])
+
+
+def test_generate_with_regions_in_the_pipeline_and_the_cli(imagen_bundle, tmp_path, capsys):
+    from cascade.cli import main
+    from cascade.pipeline import Cascade, Settings
+
+    cascade = Cascade.from_bundle(imagen_bundle, ("decoder",))
+    settings = Settings(steps={"decoder": 2})
+    prompts = [LAYOUT, "a red star above a blue circle"]
+    plain = cascade.generate(prompts, seed=1, until="decoder", settings=settings).images["decoder"]
+    regional = cascade.generate(prompts, seed=1, until="decoder", settings=settings, regions=2.0).images["decoder"]
+    assert not torch.allclose(regional[0], plain[0])
+    torch.testing.assert_close(regional[1], plain[1])  # a relation names no cells: sampled as without
+    args = ["generate", "--model", str(imagen_bundle), "--until", "decoder", "--steps", "decoder=2", "--quiet"]
+    assert main([*args, "--prompt", LAYOUT, "--regions", "2", "--out", str(tmp_path / "r")]) == 0
+    from PIL import Image
+    (grid,) = (tmp_path / "r").glob("*-grid.png")
+    assert Image.open(grid).info.get("regions") == "2"
+    capsys.readouterr()
+    for prompt, value, message in ((prompts[1], "2", "names each one's cell"), (PROMPTS[0], "2", "two or more objects"),
+                                   (LAYOUT, "-1", "--regions -1")):
+        assert main([*args, "--prompt", prompt, "--regions", value, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    unclip = small_bundle(tmp_path / "unclip")
+    assert main(["generate", "--model", str(unclip), "--until", "decoder", "--steps", "decoder=2,prior=2", "--quiet",
+                 "--prompt", LAYOUT, "--regions", "2", "--out", str(tmp_path / "u")]) == 2
+    assert "Imagen-style bundle" in capsys.readouterr().err
