@@ -136,3 +136,30 @@ def test_the_cli_compiles_every_stage_with_compile(tmp_path, capsys, monkeypatch
     assert main(args) == 0 and compiled == []
     assert main(args + ["--compile"]) == 0
     assert sorted(compiled) == ["decoder", "prior"]  # every stage it loads: those up to --until
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_object_guidance_runs_on_the_device_and_dtype_asked_for(tmp_path, dtype):
+    """`generate(regions=)`: the objects' masks and their guidance terms live where the decoder does."""
+    import shutil
+
+    from bundle_helpers import seeded_stage, small_bundle
+    from test_imagen_decoder import IMAGEN, LAYOUT, _awake
+
+    from cascade.bundle import save_stage, write_manifest
+    from cascade.pipeline import Cascade, Settings
+
+    root = small_bundle(tmp_path)
+    shutil.rmtree(root / "prior")
+    shutil.rmtree(root / "decoder")
+    save_stage(_awake(seeded_stage("decoder", **IMAGEN, steps=2)), root / "decoder")
+    write_manifest(root)
+    cascade = Cascade.from_bundle(root, ("decoder",), device=DEVICE, dtype=dtype)
+    settings = Settings(steps={"decoder": 2})
+    # first without: this also builds the frozen MiniLM (on the meta device, then loaded), outside the check
+    plain = cascade.generate([LAYOUT, LAYOUT], seed=3, until="decoder", settings=settings)
+    with _Placement(DEVICE, dtype) as seen:
+        out = cascade.generate([LAYOUT, LAYOUT], seed=3, until="decoder", settings=settings, regions=2.0)
+    assert not seen.wrong, sorted(set(seen.wrong))[:10]
+    assert out.final.device.type == DEVICE.type and torch.isfinite(out.final).all()
+    assert not torch.allclose(out.final, plain.final)
