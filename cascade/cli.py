@@ -193,10 +193,10 @@ def cmd_generate(args) -> int:
     _prepare(args)
     regions = None
     if args.regions is not None:
-        from cascade.layout import prompt_regions
+        from cascade.layout import region_cells
 
         regions = check_guidance(args.regions, f"--regions {args.regions:g}")
-        if prompt_regions(prompt, 64) is None:
+        if region_cells(prompt) is None:
             raise UserError("--regions needs a prompt of two or more objects that names each one's cell after "
                             "its shape, e.g. "
                             "\"a red star at the top left and a blue circle in the center\"")

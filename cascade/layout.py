@@ -50,12 +50,15 @@ def cell_mask(row: int, col: int, size: int, margin: float = 2 / 64) -> torch.Te
     return mask
 
 
-def prompt_regions(prompt: str, size: int) -> list[tuple[str, torch.Tensor]] | None:
-    """[(object phrase, its cell's (size, size) mask)] for `Decoder.sample(regions=)`, or None: unless the
-    prompt names two or more objects, each with its cell (`object_cells`). One object's own term would be the
-    prompt again, and would only raise the guidance inside its cell (which drew worse shapes: 0.58 against
-    0.78 one-object binding, docs/results.md)."""
+def region_cells(prompt: str) -> list[tuple[str, int, int]] | None:
+    """`object_cells` where per-object guidance applies: two or more objects, each with its cell; else None.
+    One object's own term would be the prompt again, and would only raise the guidance inside its cell
+    (which drew worse shapes: 0.58 against 0.78 one-object binding, docs/results.md)."""
     cells = object_cells(prompt)
-    if cells is None or len(cells) < 2:
-        return None
-    return [(phrase, cell_mask(row, col, size)) for phrase, row, col in cells]
+    return cells if cells is not None and len(cells) >= 2 else None
+
+
+def prompt_regions(prompt: str, size: int) -> list[tuple[str, torch.Tensor]] | None:
+    """[(object phrase, its cell's (size, size) mask)] for `Decoder.sample(regions=)`, or None (`region_cells`)."""
+    cells = region_cells(prompt)
+    return None if cells is None else [(phrase, cell_mask(row, col, size)) for phrase, row, col in cells]

@@ -306,7 +306,7 @@ class Decoder(Stage):
     def _regional(self, base: Callable, regions: list, guidance: float | None, weight: float) -> Callable:
         """A denoise function that does its own guidance: `base`'s (conditional and unconditional halves in
         one call) plus each object's term inside its mask (see `sample`); no `cond_mask` is passed to it."""
-        from cascade.diffusion.guidance import split_output
+        from cascade.diffusion.guidance import combine_guidance, guidance_halves, split_output
 
         if self.config.conditioning != "imagen":
             raise UserError("per-object regions need an Imagen-style decoder (conditioning: imagen): an unCLIP "
@@ -326,16 +326,12 @@ class Decoder(Stage):
         w = 1.0 if guidance is None else float(guidance)
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
-            n = x.shape[0]
-            halves = torch.cat([torch.ones(n, dtype=torch.bool, device=x.device),
-                                torch.zeros(n, dtype=torch.bool, device=x.device)])
-            eps, variance = split_output(base(torch.cat([x, x]), torch.cat([t, t]), cond_mask=halves))
-            eps_c, eps_u = eps[:n], eps[n:]
-            out = eps_u + w * (eps_c - eps_u)
+            eps_c, eps_u, variance = guidance_halves(base, x, t)
+            out = combine_guidance(eps_c, eps_u, w)
             for rows, term, masks in terms:
                 eps_k = split_output(term(x[rows], t[rows]))[0]
                 out = out.index_add(0, rows, weight * masks * (eps_k - eps_u[rows]))
-            return out if variance is None else (out, variance[:n])
+            return out if variance is None else (out, variance)
 
         return denoise
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade.layout import cell_mask, object_cells, prompt_regions
+from cascade.layout import cell_mask, object_cells, prompt_regions, region_cells
 
 
 def test_each_object_gets_its_own_phrase_and_cell():
@@ -16,7 +16,7 @@ def test_each_object_gets_its_own_phrase_and_cell():
     # "at the top left" is read whole, not as "at the top"; a background belongs to no object
     assert object_cells("A red star at the top left on a cream background") == [("a red star at the top left", 0, 0)]
     # one object: its own term would be the prompt again, so no per-object guidance
-    assert prompt_regions("a red star at the top left", 64) is None
+    assert region_cells("a red star at the top left") is None and prompt_regions("a red star at the top left", 64) is None
     assert object_cells("there is a yellow square at the bottom") == [("there is a yellow square at the bottom", 2, 1)]
 
 

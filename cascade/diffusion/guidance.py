@@ -51,10 +51,17 @@ def guided_denoise(denoise: Callable[..., Output], x: torch.Tensor, t: torch.Ten
     """
     if w is None or w == 1:
         return split_output(denoise(x, t))
+    eps_cond, eps_uncond, variance_out = guidance_halves(denoise, x, t)
+    return combine_guidance(eps_cond, eps_uncond, float(w)), variance_out
+
+
+def guidance_halves(denoise: Callable[..., Output], x: torch.Tensor, t: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(eps_cond, eps_uncond, the conditional half's variance output or None) from ONE call
+    denoise(cat[x, x], cat[t, t], cond_mask=m), m (2B,) bool True for the first B rows."""
     b = x.shape[0]
     cond_mask = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device),
                            torch.zeros(b, dtype=torch.bool, device=x.device)])
     eps, variance_out = split_output(denoise(torch.cat([x, x]), torch.cat([t, t]), cond_mask=cond_mask))
-    eps_cond, eps_uncond = eps[:b], eps[b:]
     # The variance is not a score, so it is not extrapolated; GLIDE keeps the conditional one.
-    return combine_guidance(eps_cond, eps_uncond, float(w)), (None if variance_out is None else variance_out[:b])
+    return eps[:b], eps[b:], None if variance_out is None else variance_out[:b]
