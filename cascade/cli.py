@@ -43,6 +43,21 @@ def check_guidance(w: float, name: str) -> float:
     return w
 
 
+def check_regions(w: float, prompt: str, name: str) -> dict[str, str]:
+    """Per-object guidance's checks before any model loads (the scale; a prompt with a layout, named or
+    planned: `cascade.layout.region_cells`) -> the PNG text it adds: regions and, for a relation's planned
+    layout, the prompt the decoder reads (layout_prompt)."""
+    from cascade.layout import layout_prompt, region_cells
+
+    check_guidance(w, f"{name} {w:g}")
+    if region_cells(prompt) is None:
+        raise UserError(f"{name} needs a prompt of two or more objects that names each one's cell after its shape "
+                        "(\"a red star at the top left and a blue circle in the center\") or places two by a "
+                        "relation (\"a red star above a blue circle\")")
+    planned = layout_prompt(prompt)
+    return {"regions": f"{w:g}", **({} if planned == prompt else {"layout_prompt": planned})}
+
+
 def sampling_settings(args):
     from cascade.pipeline import Settings
 
@@ -191,22 +206,15 @@ def cmd_generate(args) -> int:
             resolve_model(args)
         return generate_dry_run(args, settings)
     _prepare(args)
-    regions = None
-    if args.regions is not None:
-        from cascade.layout import region_cells
-
-        regions = check_guidance(args.regions, f"--regions {args.regions:g}")
-        if region_cells(prompt) is None:
-            raise UserError("--regions needs a prompt of two or more objects that names each one's cell after "
-                            "its shape, e.g. "
-                            "\"a red star at the top left and a blue circle in the center\"")
+    regions = args.regions
+    layout = {} if regions is None else check_regions(regions, prompt, "--regions")
     cascade = _load(args)
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
                               progress=_stage_bars(args), negative_prompt=negative,
                               **({} if regions is None else {"regions": regions}))
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
             **_negative_text(negative), **settings.as_text(cascade.stages),
-            **({} if regions is None else {"regions": f"{regions:g}"})}
+            **layout}
     _write(result, args, f"{slug(prompt)}-s{args.seed}", text, [prompt] * args.num_images)
     return 0
 
@@ -413,7 +421,10 @@ def register_model_commands(sub) -> None:
     p.add_argument("--regions", type=float, metavar="W",
                    help="per-object guidance for an Imagen-style bundle: each object of a prompt that names its "
                         "cell (\"a red star at the top left and a blue circle in the center\") gets its own "
-                        "guidance term at scale W, inside its cell only (2 is a good start; docs/results.md)")
+                        "guidance term at scale W, inside its cell only (2 is a good start; docs/results.md). "
+                        "A pair placed by a relation (\"a red star above a blue circle\") gets two cells where "
+                        "it holds, and the decoder reads the prompt rewritten to name them (stored in the PNG "
+                        "as layout_prompt)")
     _add_common(p, num_images=True)
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's parameters and the estimated GPU memory (fp32 and bf16, with and "

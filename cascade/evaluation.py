@@ -94,15 +94,23 @@ def _text_conditioning(prior, decoder, data_: dict[str, Any], rows: list[int], g
 
 
 def binding_report(bundle: Path, data: Path, out: Path, *, seed: int, holdout_pairs: str | None,
-                   device) -> dict[str, float]:
-    """`cascade eval --binding`: the binding benchmark (`cascade.binding`) on the held-out pairs of
-    `holdout_pairs`, else of the data's dataset.json, else the default ones; its figure in out/binding.png."""
-    from cascade.binding import binding_figure, evaluate_binding, holdout_of
+                   device, regions: float | None = None) -> dict[str, dict[str, float]]:
+    """`cascade eval --binding`: {"binding": scores} of the binding benchmark (`cascade.binding`) on the
+    held-out pairs of `holdout_pairs`, else of the data's dataset.json, else the default ones, and with
+    `regions` W also {"binding_regions": scores} with per-object guidance at W (an Imagen-style bundle,
+    the same noise); its figure, a column each, in out/binding.png."""
+    from cascade.binding import binding_figure, holdout_of, load_for_binding, score_binding
 
     holdout = holdout_of(data, holdout_pairs)
-    scores, images, cases = evaluate_binding(bundle, holdout=holdout, seed=seed, device=device)
-    binding_figure({bundle.name: images}, cases, out / "binding.png")
-    return scores
+    cascade = load_for_binding(bundle, device)
+    scores, images, cases = score_binding(cascade, holdout=holdout, seed=seed)
+    results, columns = {"binding": scores}, {bundle.name: images}
+    if regions is not None:
+        results["binding_regions"], columns[f"{bundle.name} --regions {regions:g}"], _ = score_binding(
+            cascade, holdout=holdout, seed=seed, regions=regions)
+        results["binding_regions"]["regions"] = regions
+    binding_figure(columns, cases, out / "binding.png")
+    return results
 
 
 ONE_OBJECT_SEED = 1_000_003  # not a seed the demo's or the README's data builds use
@@ -162,13 +170,13 @@ def _placement(decoder, clip, seed: int, limit: int, out: Path) -> dict[str, flo
 def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, seed: int = 0,
                     stages: list[str] | None = None, limit: int = 64, one_object: int = 36,
                     clip_models: tuple[str, ...] = (), device: str | torch.device = "cpu",
-                    binding: bool = False, holdout_pairs: str | None = None,
+                    binding: bool = False, holdout_pairs: str | None = None, regions: float | None = None,
                     photos: bool = False) -> dict[str, dict[str, float]]:
     """Every stage's evaluation of `bundle` on `data`'s val split, then the cascade's: text -> prior ->
     decoder on val captions (shapes score; CLIP score under the bundle's CLIP and each of `clip_models`,
     "open_clip_name:weights_file"), on `one_object` generated one-object prompts, and the placement probe;
     an Imagen-style decoder the same without the prior (text -> decoder). With `binding`, the binding
-    benchmark (`binding_report`); with `photos`, the SR stages also on held-out photographs
+    benchmark (`binding_report`; with `regions`, also under per-object guidance); with `photos`, the SR stages also on held-out photographs
     (`superres.photos`: keys psnr_photos, psnr_photos_bicubic, ssim_ alike).
     Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest
@@ -240,7 +248,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     if binding and "decoder" in loaded:
         print("evaluating binding ...", flush=True)
         write_report(results, out)
-        results["binding"] = binding_report(bundle, data, out, seed=seed, holdout_pairs=holdout_pairs, device=device)
+        results.update(binding_report(bundle, data, out, seed=seed, holdout_pairs=holdout_pairs, device=device,
+                                      regions=regions))
     write_report(results, out)
     return results
 
@@ -302,6 +311,10 @@ def add_parser(sub) -> None:
     p.add_argument("--holdout-pairs", default=None, metavar="COLOUR:SHAPE,...",
                    help="--binding's held-out pairs (default: those --data's dataset.json records, else "
                         "red:star,blue:circle,green:heart,yellow:square)")
+    p.add_argument("--regions", type=float, default=None, metavar="W",
+                   help="with --binding and an Imagen-style bundle: score the benchmark again with per-object "
+                        "guidance at scale W (generate --regions: each object guided inside its cell, the cells "
+                        "read from the prompt or planned for a relation), as section binding_regions")
     p.add_argument("--photos", action="store_true",
                    help="also score the SR stages on 14 photographs no stage trained on (scikit-image's bundled "
                         "ones: whole scenes 64 -> 256 for sr256, native-resolution detail for sr1024), beside "
@@ -311,6 +324,22 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto, cpu, cuda or cuda:N (default: auto, the first GPU if there is one)")
     p.set_defaults(func=_run)
+
+
+def _check_regions(args: Any) -> None:
+    """--regions' mistakes in one line, before any model loads: no --binding, a scale out of range, a bundle
+    whose decoder does not read the text itself (unCLIP)."""
+    from cascade.bundle import check_bundle_dir, saved_config
+    from cascade.cli import check_guidance
+
+    if not args.binding:
+        raise UserError("--regions scores the binding benchmark with per-object guidance: it needs --binding")
+    check_guidance(args.regions, f"--regions {args.regions:g}")
+    bundle = Path(args.model)
+    check_bundle_dir(bundle)
+    if not (bundle / "decoder").is_dir() or not text_only(saved_config(bundle / "decoder")):
+        raise UserError(f"--regions needs an Imagen-style bundle (its decoder reads the text itself); "
+                        f"{bundle} has {'an unCLIP decoder' if (bundle / 'decoder').is_dir() else 'no decoder'}")
 
 
 def _run(args: Any) -> int:
@@ -329,6 +358,8 @@ def _run(args: Any) -> int:
         from superres.photos import photo_dir
 
         photo_dir()  # scikit-image missing: one line before any model loads
+    if args.regions is not None:
+        _check_regions(args)
     if args.holdout_pairs is not None:
         from cascade.data.shapes import parse_pairs
 
@@ -336,7 +367,7 @@ def _run(args: Any) -> int:
     results = evaluate_bundle(args.model, args.data, args.out, seed=args.seed, stages=stages, limit=args.limit,
                               one_object=args.one_object, clip_models=tuple(args.clip_score_model),
                               device=resolve_device(args.device), binding=args.binding,
-                              holdout_pairs=args.holdout_pairs, photos=args.photos)
+                              holdout_pairs=args.holdout_pairs, regions=args.regions, photos=args.photos)
     print((Path(args.out) / "eval.md").read_text())
     print(f"wrote {Path(args.out) / 'eval.json'}")
     return 0 if results else 1

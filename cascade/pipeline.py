@@ -405,19 +405,22 @@ class Cascade:
         Imagen-style decoder: the prompts straight into the decoder, no prior); with `negative_prompt`, the
         prior's and the decoder's guidance steer away from it. `regions` W (an Imagen-style decoder): each
         object whose cell the prompt names also gets its own guidance term, at scale W, inside its cell
-        (`cascade.layout`); prompts that do not name every object's cell are sampled as without it."""
+        (`cascade.layout`), and a prompt that places a pair by a relation ("above") gets a planned layout, the
+        decoder reading the prompt rewritten to name the planned cells (`layout_prompt`); other prompts are
+        sampled as without it."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
-        layout = None
+        layout, texts = None, prompts
         if regions is not None:
             if not self.text_only:
                 raise UserError("--regions needs an Imagen-style bundle (its decoder reads the text itself)")
-            from cascade.layout import prompt_regions
+            from cascade.layout import layout_prompt, prompt_regions
 
             size = self._need("decoder").config.image_size
             layout = [prompt_regions(p, size) for p in prompts]
-        z_i, text, negative = self._text(prompts, negative_prompt, settings, seed, progress)
+            texts = [layout_prompt(p) for p in prompts]  # a relation's prompt names its planned cells
+        z_i, text, negative = self._text(texts, negative_prompt, settings, seed, progress)
         per_object = {} if layout is None else {"regions": layout, "region_guidance": regions}
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
                         **per_object)

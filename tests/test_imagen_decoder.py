@@ -3,8 +3,10 @@ and the timestep embedding, no image embedding; its training through the engine 
 embedded, and the cascade without a prior (generate, inpaint; vary refused in one line)."""
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,19 +293,42 @@ def test_generate_with_regions_in_the_pipeline_and_the_cli(imagen_bundle, tmp_pa
 
     cascade = Cascade.from_bundle(imagen_bundle, ("decoder",))
     settings = Settings(steps={"decoder": 2})
-    prompts = [LAYOUT, "a red star above a blue circle"]
+    relation = "a red star above a blue circle"
+    prompts = [LAYOUT, relation, "a red star"]
     plain = cascade.generate(prompts, seed=1, until="decoder", settings=settings).images["decoder"]
     regional = cascade.generate(prompts, seed=1, until="decoder", settings=settings, regions=2.0).images["decoder"]
-    assert not torch.allclose(regional[0], plain[0])
-    torch.testing.assert_close(regional[1], plain[1])  # a relation names no cells: sampled as without
+    assert not torch.allclose(regional[0], plain[0]) and not torch.allclose(regional[1], plain[1])
+    torch.testing.assert_close(regional[2], plain[2])  # one object: sampled as without
+    # a relation: the decoder reads the planned layout's caption, and each object is guided in its cell
+    decoder, noise = cascade.stages["decoder"], torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    planned = "a red star at the top and a blue circle at the bottom"
+    from cascade.layout import prompt_regions
+    expected = decoder.sample({"txt": [planned]}, steps=2, noise=noise, regions=[prompt_regions(planned, 64)],
+                              region_guidance=2.0)
+    seen = []
+    real_sample = decoder.sample
+
+    def spy(cond, **kwargs):
+        seen.append(list(cond["txt"]))
+        return real_sample(cond, **{**kwargs, "noise": noise})
+    decoder.sample = spy
+    try:
+        got = cascade.generate([relation], seed=1, until="decoder", settings=settings, regions=2.0).images["decoder"]
+    finally:
+        del decoder.sample
+    assert seen == [[planned]]
+    torch.testing.assert_close(got, expected)
     args = ["generate", "--model", str(imagen_bundle), "--until", "decoder", "--steps", "decoder=2", "--quiet"]
     assert main([*args, "--prompt", LAYOUT, "--regions", "2", "--out", str(tmp_path / "r")]) == 0
     from PIL import Image
     (grid,) = (tmp_path / "r").glob("*-grid.png")
-    assert Image.open(grid).info.get("regions") == "2"
+    assert Image.open(grid).info.get("regions") == "2" and "layout_prompt" not in Image.open(grid).info
+    assert main([*args, "--prompt", relation, "--regions", "2", "--out", str(tmp_path / "rel")]) == 0
+    (grid,) = (tmp_path / "rel").glob("*-grid.png")
+    assert Image.open(grid).info.get("layout_prompt") == planned and Image.open(grid).info["prompt"] == relation
     capsys.readouterr()
-    for prompt, value, message in ((prompts[1], "2", "names each one's cell"), (PROMPTS[0], "2", "two or more objects"),
-                                   (LAYOUT, "-1", "--regions -1")):
+    for prompt, value, message in (("a red star above a circle at the top", "2", "places two by a relation"),
+                                   (PROMPTS[0], "2", "two or more objects"), (LAYOUT, "-1", "--regions -1")):
         assert main([*args, "--prompt", prompt, "--regions", value, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
@@ -311,3 +336,87 @@ def test_generate_with_regions_in_the_pipeline_and_the_cli(imagen_bundle, tmp_pa
     assert main(["generate", "--model", str(unclip), "--until", "decoder", "--steps", "decoder=2,prior=2", "--quiet",
                  "--prompt", LAYOUT, "--regions", "2", "--out", str(tmp_path / "u")]) == 2
     assert "Imagen-style bundle" in capsys.readouterr().err
+
+
+def test_eval_scores_binding_with_and_without_per_object_guidance(imagen_bundle, tmp_path, capsys, monkeypatch):
+    """`cascade eval --binding --regions W`: the benchmark twice on one load, the second at W (the same noise),
+    its figure a column each; --regions without --binding, out of range or on an unCLIP bundle: one line."""
+    import cascade.binding
+    from bundle_helpers import write_embedded_shards
+    from cascade.bundle import write_manifest
+    from cascade.cli import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(imagen_bundle, bare, ignore=shutil.ignore_patterns("clip", "sr256", "sr1024"))
+    write_manifest(bare)
+    data = write_embedded_shards(tmp_path / "data", train=2, val=4, d=32, dt=384, length=16)
+    asked, real = [], cascade.binding.generate_cases
+
+    def spy(cascade_, cases, **kwargs):
+        asked.append((kwargs.get("regions"), kwargs["seed"], len(cases)))
+        return real(cascade_, cases, **kwargs)
+
+    monkeypatch.setattr(cascade.binding, "generate_cases", spy)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(bare), "--data", str(data), "--out", str(out), "--stages", "decoder",
+                 "--limit", "2", "--one-object", "0", "--binding", "--regions", "2",
+                 "--holdout-pairs", "red:star,blue:circle"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    from cascade.binding import binding_cases
+    from cascade.data.shapes import parse_pairs
+    n = len(binding_cases(parse_pairs("red:star,blue:circle")))
+    assert asked == [(None, 0, n), (2.0, 0, n)]
+    assert results["binding_regions"]["regions"] == 2.0 and results["binding"]["images"] == n
+    assert {"binding_acc", "relation_acc", "count_acc"} <= set(results["binding_regions"])
+    from PIL import Image
+    assert Image.open(out / "binding.png").width >= 3 * 3 * 64  # asked, plain, --regions: three 3x tiles
+    capsys.readouterr()
+    unclip = small_bundle(tmp_path / "unclip")
+    for model, args, message in ((bare, ["--regions", "2"], "needs --binding"),
+                                 (bare, ["--binding", "--regions", "-1"], "--regions -1"),
+                                 (unclip, ["--binding", "--regions", "2"], "an unCLIP decoder")):
+        assert main(["eval", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_studio_generates_with_per_object_guidance_like_the_cli(imagen_bundle, tmp_path):
+    """The web studio's generate job takes `regions` for an Imagen-style bundle: the pipeline's images, the
+    CLI's text chunks (layout_prompt for a relation); a prompt without a layout or a bad scale: one line."""
+    from serve_helpers import call_json, open_png, running, wait_for_job
+
+    from cascade.images import to_pil
+    from cascade.pipeline import Cascade, Settings
+    from cascade.serve.studio import Studio
+
+    cascade = Cascade.from_bundle(imagen_bundle, ("decoder",))
+    relation = "a red star to the left of a blue circle"
+    with running(Studio(cascade, str(imagen_bundle))) as base:
+        assert call_json(f"{base}/api/info")[1]["text_only"] is True
+        body = {"kind": "generate", "prompt": relation, "until": "decoder", "num_images": 1, "seed": 4,
+                "steps": {"decoder": 2}, "regions": 2.5}
+        status, job = call_json(f"{base}/api/jobs", body=body)
+        assert status == 202 and job["stages"] == ["decoder"]  # text -> decoder: no prior
+        job = wait_for_job(base, job["id"])
+        assert job["state"] == "done"
+        from serve_helpers import call
+        data = call(f"{base}/api/images/{job['images'][0]}.png")[2]
+        want = cascade.generate([relation], seed=4, until="decoder", settings=Settings(steps={"decoder": 2}),
+                                regions=2.5).final[0]
+        assert np.array_equal(np.asarray(open_png(data).convert("RGB")), np.asarray(to_pil(want)))
+        text = open_png(data).text
+        assert text["regions"] == "2.5" and text["prompt"] == relation
+        assert text["layout_prompt"] == "a red star on the left and a blue circle on the right"
+        # the page's other text jobs run on such a bundle too (no prior to wait for)
+        from PIL import Image
+        from serve_helpers import png
+        _, item = call_json(f"{base}/api/uploads?name=in.png&kind=image", body=png(Image.new("RGB", (64, 64), "white")),
+                            content_type="image/png")
+        status, job = call_json(f"{base}/api/jobs", body={"kind": "img2img", "image": item["id"], "prompt": relation,
+                                                          "until": "decoder", "steps": {"decoder": 2}, "seed": 1})
+        assert status == 202 and job["stages"] == ["decoder"] and wait_for_job(base, job["id"])["state"] == "done"
+        for change, message in (({"prompt": "a red star"}, "regions needs a prompt of two or more objects"),
+                                ({"regions": "x"}, "regions must be a number"), ({"regions": 99}, "regions 99")):
+            status, answer = call_json(f"{base}/api/jobs", body={**body, **change})
+            assert status == 400 and message in answer["error"], answer

@@ -96,6 +96,7 @@ def test_info_names_the_bundle_the_stages_their_defaults_and_eval(base, bundle):
     assert info["stages"]["decoder"]["size"] == 64 and info["stages"]["sr256"]["size"] == 256
     assert "ddim" in info["samplers"] and info["eval"].startswith("# eval")
     assert info["inpaint"] == "replace"  # the small bundle's decoder was not trained for inpainting
+    assert info["text_only"] is False  # unCLIP: the page hides per-object guidance
 
 
 # ---------------------------------------------------------------- jobs and their images
@@ -303,6 +304,7 @@ BAD_JOBS = [
     ({"kind": "generate", "prompt": "a", "seed": -1}, "seed -1 is out of range"),
     ({"kind": "generate", "prompt": "a", "seed": "abc"}, "seed must be a whole number"),
     ({"kind": "generate", "prompt": "a", "num_images": 0}, "--num-images 0: must be between 1 and 64"),
+    ({"kind": "generate", "prompt": "a red star above a blue circle", "regions": 2}, "regions needs an Imagen-style"),
     ({"kind": "generate", "prompt": "a", "steps": {"decoder": 0}}, "steps must be between 1 and 1000"),
     ({"kind": "generate", "prompt": "a", "steps": {"unet": 3}}, "'unet' is not a stage"),
     ({"kind": "generate", "prompt": "a", "guidance": {"prior": 60}}, "guidance must be between 0 and 50"),

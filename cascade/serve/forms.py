@@ -23,7 +23,7 @@ from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
 KINDS = ("generate", "vary", "img2img", "interpolate", "textdiff", "inpaint")
 SHARED = {"kind", "client", "seed", "until", "sampler", "steps", "guidance"}
 FIELDS = {
-    "generate": {"prompt", "negative_prompt", "num_images"},
+    "generate": {"prompt", "negative_prompt", "num_images", "regions"},
     "vary": {"image", "negative_prompt", "num_images"},
     "img2img": {"image", "prompt", "negative_prompt", "strength", "num_images"},
     "interpolate": {"image", "image_b", "frames"},
@@ -155,14 +155,24 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     negative = _text(body, "negative_prompt", optional=True) if "negative_prompt" in FIELDS[kind] else None
     neg_text = {} if negative is None else {"negative_prompt": negative}
     common = {"seed": str(seed), "until": until}
+    text_stages = [] if cascade.text_only else ["prior"]  # an Imagen-style decoder reads the prompt: no prior
 
     if kind == "generate":
         prompt = _text(body, "prompt")
-        return Spec(kind, ["prior", *image_stages], settings=settings,
+        regions, layout = None, {}
+        if body.get("regions") not in (None, ""):  # per-object guidance (an Imagen-style bundle)
+            from cascade.cli import check_regions
+
+            if not cascade.text_only:
+                raise UserError("regions needs an Imagen-style bundle (its decoder reads the text itself)")
+            regions = _float(body["regions"], "regions")
+            layout = check_regions(regions, prompt, "regions")
+        per_object = {} if regions is None else {"regions": regions}
+        return Spec(kind, [*text_stages, *image_stages], settings=settings,
                     call=lambda c, s, p: c.generate([prompt] * n, seed=seed, until=until, settings=s, progress=p,
-                                                    negative_prompt=negative),
-                    text={"prompt": prompt, **common, "model": model, **neg_text}, stem=f"{slug(prompt)}-s{seed}",
-                    labels=[prompt] * n)
+                                                    negative_prompt=negative, **per_object),
+                    text={"prompt": prompt, **common, "model": model, **neg_text, **layout},
+                    stem=f"{slug(prompt)}-s{seed}", labels=[prompt] * n)
     if kind == "vary":
         item = source("image")
         image = from_pil(item.image(), INPUT_SIZE)
@@ -178,7 +188,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
         if not 0.0 <= strength <= 1.0:
             raise UserError(f"strength {strength:g}: must be between 0 and 1 (0 keeps the image, 1 ignores it)")
         image = from_pil(item.image(), cascade.stages["decoder"].config.image_size)
-        return Spec(kind, ["prior", *image_stages], settings=settings,
+        return Spec(kind, [*text_stages, *image_stages], settings=settings,
                     call=lambda c, s, p: c.img2img(image, prompt, strength=strength, num_images=n, seed=seed,
                                                    until=until, settings=s, progress=p, negative_prompt=negative),
                     text={"source": item.name, "prompt": prompt, "strength": f"{strength:g}", **common, "model": model,
@@ -225,7 +235,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
     if not bool((mask >= 0.5).any()):
         raise UserError("the mask is empty: paint over the part of the image to redraw")
     extra = {"method": method, **({"resample": str(resample), "jump": "1"} if method == "replace" else {})}
-    return Spec(kind, ["prior", *image_stages], settings=settings,
+    return Spec(kind, [*text_stages, *image_stages], settings=settings,
                 call=lambda c, s, p: c.inpaint(image, mask, prompt, method=method, num_images=n, seed=seed,
                                                until=until, settings=s, progress=p, negative_prompt=negative,
                                                resample=resample),

@@ -49,7 +49,7 @@ class Studio:
                 "image_stages": [s for s in forms.IMAGE_STAGES if s in self.cascade.stages],
                 "samplers": list(SAMPLER_CHOICES), "inpaint": forms.default_inpaint_method(self.cascade),
                 "eval": self.eval_text, "max_upload_bytes": self.max_upload_bytes, "max_pixels": MAX_PIXELS,
-                "max_queued": self.queue.max_queued}
+                "max_queued": self.queue.max_queued, "text_only": self.cascade.text_only}
 
     def upload(self, data: bytes, name: str, kind: str = "image") -> dict[str, Any]:
         """A checked upload into the gallery: an input image (centre-cropped square) or a drawn mask."""

@@ -65,6 +65,10 @@ function fillStageTable() {
   for (const name of info.image_stages) $("#until").append(el("option", {value: name, textContent: name}));
   $("#until").value = info.image_stages[info.image_stages.length - 1];
   for (const name of info.samplers) $("#sampler").append(el("option", {value: name, textContent: name}));
+  if (!info.text_only) {  // per-object guidance needs a decoder that reads the text itself
+    $("#regions-field").dataset.tabs = "";
+    $("#regions-field").hidden = true;
+  }
 }
 
 function showInfo() {
@@ -96,6 +100,7 @@ function request() {
   }
   if (tab !== "generate") body.image = slots.image && slots.image.id;
   if (tab === "interpolate") body.image_b = slots.image_b && slots.image_b.id;
+  if (tab === "generate" && info.text_only && value("regions") !== "") body.regions = value("regions");
   if (tab === "img2img") body.strength = value("strength");
   if (tab === "interpolate" || tab === "textdiff") body.frames = value("frames");
   if (tab === "textdiff") Object.assign(body, {from: value("from"), to: value("to"), max_theta: value("max_theta")});
