@@ -65,6 +65,10 @@ class DecoderConfig(DiffusionConfig):
     inpaint: bool = False
     inpaint_whole: float = Field(0.25, ge=0.0, le=1.0)
     learned_variance: bool = False
+    # Token grounding (imagen; decoder.grounding, after TokenCompose, Wang et al. 2024): this weight times a
+    # loss asking each shapes object's colour and shape tokens to be attended from inside that object, in
+    # every attention block. 0: off (the attention then runs on SDPA's fused path).
+    grounding_loss: float = Field(0.0, ge=0.0)
     # Sampling defaults (previews, evaluation and the cascade): DDIM, 50 steps, guidance 3.
     guidance: float = Field(3.0, ge=0.0)
     # x0 clipping while sampling: None, "static" ([-1, 1]) or a dynamic thresholding percentile in (0, 1)
@@ -80,6 +84,11 @@ class DecoderConfig(DiffusionConfig):
         if self.conditioning == "imagen" and self.text_dim != FROZEN_TEXT_ENCODERS[self.text_encoder]:
             raise ValueError(f"text_dim {self.text_dim}: the frozen {self.text_encoder} gives "
                              f"{FROZEN_TEXT_ENCODERS[self.text_encoder]}-wide token states")
+        if self.grounding_loss and self.conditioning != "imagen":
+            raise ValueError("grounding_loss needs conditioning: imagen (it grounds the caption's own tokens)")
+        if self.grounding_loss and self.gradient_checkpointing:
+            raise ValueError("grounding_loss records attention maps in the forward pass: it cannot be combined "
+                             "with gradient_checkpointing")
         levels = len(self.channel_mult)
         blocks = self.block_counts
         if len(blocks) != levels:

@@ -167,10 +167,38 @@ class Decoder(Stage):
                                                        None if extra is None else extra[rows])
             return self._unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask, extra)
 
-        return diffusion.diffusion_loss(
-            self.schedule, model, x0, t, noise,
-            self.config.prediction, learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
-            snr_plus_one=self.config.snr_plus_one)
+        if not self.config.grounding_loss:
+            return diffusion.diffusion_loss(
+                self.schedule, model, x0, t, noise, self.config.prediction,
+                learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
+                snr_plus_one=self.config.snr_plus_one)
+        return self._grounded_loss(batch, model, x0, t, noise, keep_text)
+
+    def _grounded_loss(self, batch: dict[str, Any], model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       keep_text: torch.Tensor) -> torch.Tensor:
+        """The diffusion loss plus grounding_loss times `decoder.grounding`'s token grounding, from the
+        attention maps the same forward pass records."""
+        from cascade.encoders.frozen_text import frozen_text_encoder
+        from cascade.nn.attention import SelfAttention2d
+        from decoder.grounding import grounding_loss, grounding_targets
+
+        scenes = list(batch.get("json") or [{}] * x0.shape[0])
+        tokenizer = frozen_text_encoder(self.config.text_encoder, self.config.text_len,
+                                        "cpu" if self.device.type == "meta" else self.device).tokenizer
+        targets = grounding_targets(batch["txt"], scenes, tokenizer, self.config.text_len)
+        blocks = [m for m in self.unet.modules() if isinstance(m, SelfAttention2d) and m.context_kv is not None]
+        maps: list[torch.Tensor] = []
+        for block in blocks:
+            block.record = maps
+        try:
+            loss = diffusion.diffusion_loss(
+                self.schedule, model, x0, t, noise, self.config.prediction,
+                learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
+                snr_plus_one=self.config.snr_plus_one)
+        finally:
+            for block in blocks:
+                block.record = None
+        return loss + self.config.grounding_loss * grounding_loss(maps, targets, scenes, keep_text)
 
     def _x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor, emb: torch.Tensor,
                      context: torch.Tensor, mask: torch.Tensor | None,

@@ -163,3 +163,27 @@ def test_per_object_guidance_runs_on_the_device_and_dtype_asked_for(tmp_path, dt
     assert not seen.wrong, sorted(set(seen.wrong))[:10]
     assert out.final.device.type == DEVICE.type and torch.isfinite(out.final).all()
     assert not torch.allclose(out.final, plain.final)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_grounding_loss_trains_on_the_device_and_dtype_asked_for(dtype):
+    """`grounding_loss`: the recorded attention, the objects' masks and the term live where the decoder does,
+    and its weights get finite gradients (bf16 weights as DeepSpeed casts them)."""
+    from bundle_helpers import seeded_stage
+    from test_grounding import IMAGEN
+
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render, scene_for
+
+    captions, scenes = zip(*[scene_for(0, i) for i in range(6)])
+    batch = {"image_64": torch.stack([image_to_tensor(render(s, 64)) for s in scenes]), "txt": list(captions),
+             "json": list(scenes)}
+    decoder = seeded_stage("decoder", **IMAGEN, grounding_loss=1.0).to(DEVICE, dtype)
+    decoder.loss(batch)  # builds the frozen MiniLM outside the check
+    with _Placement(DEVICE, dtype) as seen:
+        loss = decoder.loss(batch)
+    assert not seen.wrong, sorted(set(seen.wrong))[:10]
+    loss.backward()
+    assert loss.device.type == DEVICE.type and torch.isfinite(loss)
+    grads = [p.grad for p in decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -38,6 +38,24 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(bundle):
     """`cascade serve` as a user starts it, on a free port; yields its URL."""
+    yield from serving(bundle)
+
+
+@pytest.fixture(scope="module")
+def imagen_server(tmp_path_factory):
+    """`cascade serve` on the small bundle with an Imagen-style decoder and no prior."""
+    from bundle_helpers import DECODER, seeded_stage
+    from cascade.bundle import save_stage, write_manifest
+
+    root = small_bundle(tmp_path_factory.mktemp("imagen"))
+    shutil.rmtree(root / "prior")
+    shutil.rmtree(root / "decoder")
+    save_stage(seeded_stage("decoder", **DECODER, conditioning="imagen", text_len=16, steps=2), root / "decoder")
+    write_manifest(root)
+    yield from serving(root)
+
+
+def serving(bundle):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--model", str(bundle), "--port", "0"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -149,6 +167,7 @@ def test_generate_shows_progress_images_settings_and_downloads_with_text_chunks(
 
     open_page(browser, server)
     assert "cpu" in browser.find_element("id", "model-line").text
+    assert not browser.find_element("id", "regions-field").is_displayed()  # unCLIP: no per-object guidance
     fill(browser, "prompt", PROMPT)
     fill(browser, "seed", 7)
     fill(browser, "num_images", 2)
@@ -188,6 +207,28 @@ def test_generate_shows_progress_images_settings_and_downloads_with_text_chunks(
         assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(to_pil(want[0])))
     assert (text["prompt"], text["seed"], text["until"], text["index"]) == (PROMPT, "7", "decoder", "0")
     assert '"decoder": 60' in text["steps"] and text["sampler"] == "ddim"
+
+
+def test_per_object_guidance_is_offered_for_an_imagen_style_bundle_and_recorded(browser, imagen_server):
+    open_page(browser, imagen_server)
+    field = browser.find_element("id", "regions-field")
+    assert field.is_displayed()
+    tab(browser, "img2img")
+    assert not field.is_displayed()  # generate only
+    tab(browser, "generate")
+    fill(browser, "prompt", "a red star above a blue circle")
+    fill(browser, "regions", 2)
+    choose(browser, "until", "decoder")
+    fill(browser, "seed", 3)
+    job_id, state, _ = run(browser)
+    group = browser.find_element("css selector", f"#gallery .group[data-group='{job_id}']")
+    shown = dict(zip([e.text for e in group.find_elements("css selector", ".settings dt")],
+                     [e.text for e in group.find_elements("css selector", ".settings dd")]))
+    assert shown["regions"] == "2" and shown["layout_prompt"] == "a red star at the top and a blue circle at the bottom"
+    fill(browser, "prompt", "a red star")  # one object: no layout, one line under the form
+    browser.find_element("id", "run").click()
+    error = wait(lambda: browser.find_element("id", "form-error").text, what="the error")
+    assert "regions needs a prompt of two or more objects" in error and "\n" not in error
 
 
 def test_the_queue_shows_a_place_and_cancel_stops_jobs(browser, server):

@@ -63,6 +63,9 @@ class SelfAttention2d(nn.Module):
         # normalised features before q, k, v (ViT), initialised to 2D sines and cosines, so every query
         # knows where it is from the first step.
         self.pos = nn.Parameter(sincos_2d(size, channels)) if size else None
+        # A list to record into (decoder.grounding): each forward with a context and gradients then appends
+        # the (B, HW, L) share of each query's attention that goes to each context token, averaged over heads.
+        self.record: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,7 +81,15 @@ class SelfAttention2d(nn.Module):
             ck, cv = rearrange(self.context_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
             k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)  # (B, heads, HW + L, d)
             mask = _key_mask(context_mask, n_self=h * w)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.record is not None and context is not None and self.context_kv is not None and torch.is_grad_enabled():
+            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, HW, HW + L), as SDPA computes
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            self.record.append(probs[..., h * w:].mean(dim=1))
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 

@@ -1,0 +1,103 @@
+"""Token grounding for an Imagen-style decoder (`grounding_loss` in the decoder config): a training loss that
+asks the attention blocks' queries inside each object to read that object's own words, as TokenCompose
+(Wang et al. 2024) does with segmentation masks for Stable Diffusion.
+
+For each shapes scene in a batch (its json names every object's colour, shape and place, and its caption
+names the objects in the json's order, colour right before shape: "a big red star above a small blue
+circle"), each object's colour and shape tokens are found in the caption, and the object's coverage is
+drawn at every attention resolution. With A(p, j) the share of query p's attention that goes to text token
+j (averaged over heads), a token's loss is the share of its attention that falls outside its object,
+
+    L(j) = 1 - sum_p M_k(p) A(p, j) / sum_p A(p, j),
+
+averaged over the objects' tokens and the attention blocks. Only the caption's tokens are read; samples
+whose text was dropped (classifier-free guidance) or that are not shapes scenes add nothing.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def object_token_spans(caption: str, scene: dict[str, Any]) -> list[tuple[int, int, int, int]] | None:
+    """[(colour start, colour end, shape start, shape end)] character spans of each object's colour and shape
+    word in `caption`, in the json's object order, or None when the caption does not name them that way (not
+    a shapes caption, or another order)."""
+    objects = scene.get("objects") if isinstance(scene, dict) else None
+    if not objects or not all(isinstance(o, dict) and "shape" in o and "color" in o for o in objects):
+        return None
+    words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(caption.lower())]
+    spans, i = [], 0
+    for obj in objects:
+        while i < len(words) and not (words[i][0] in (obj["shape"], obj["shape"] + "s") and i > 0
+                                      and words[i - 1][0] == obj["color"]):
+            i += 1
+        if i == len(words):
+            return None
+        spans.append((words[i - 1][1], words[i - 1][2], words[i][1], words[i][2]))
+        i += 1
+    return spans
+
+
+def object_masks(scene: dict[str, Any], size: int, oversample: int = 4) -> torch.Tensor:
+    """(K, size * size) each object's coverage of the size x size cells (drawn `oversample` times finer by the
+    renderer's own `coverage`, then averaged), scaled so that its best-covered cell is 1 (a small object
+    may cover no 8 x 8 cell whole), flattened row-major like an attention block's queries."""
+    from cascade.data.shapes import coverage
+
+    fine = size * oversample
+    masks = np.zeros((len(scene["objects"]), fine, fine), dtype=np.float32)
+    for k, obj in enumerate(scene["objects"]):
+        rows, cols, alpha = coverage(obj["shape"], *obj["center"], obj["radius"], fine)
+        masks[k, rows, cols] = alpha
+    masks = masks.reshape(len(masks), size, oversample, size, oversample).mean((2, 4))
+    masks /= np.maximum(masks.max((1, 2), keepdims=True), 1e-6)
+    return torch.from_numpy(masks.reshape(len(masks), -1))
+
+
+def grounding_targets(captions: list[str], scenes: list[dict[str, Any]], tokenizer, max_len: int,
+                      ) -> list[list[tuple[list[int], int]]]:
+    """Per sample, [(the context indices of object k's colour and shape tokens, k)]: token i of the
+    caption is context token 1 + i (the decoder's context starts with its null token). Empty for a sample
+    whose caption does not name its objects (`object_token_spans`)."""
+    enc = tokenizer(list(captions), truncation=True, max_length=max_len, return_offsets_mapping=True)
+    out = []
+    for caption, scene, offsets in zip(captions, scenes, enc["offset_mapping"]):
+        spans = object_token_spans(caption, scene)
+        targets = []
+        for k, span in enumerate(spans or []):
+            tokens = [1 + i for i, (a, b) in enumerate(offsets) if b > a and any(
+                a < end and b > start for start, end in (span[:2], span[2:]))]
+            if tokens:
+                targets.append((tokens, k))
+        out.append(targets)
+    return out
+
+
+def grounding_loss(maps: list[torch.Tensor], targets: list[list[tuple[list[int], int]]],
+                   scenes: list[dict[str, Any]], keep_text: torch.Tensor) -> torch.Tensor:
+    """Mean over objects' tokens and attention maps of L(j) above; `maps` are (B, HW, L) shares of each
+    query's attention per context token, one per attention block; rows where `keep_text` is False add
+    nothing. Zero (with a graph) when nothing in the batch has a target."""
+    losses = []
+    cache: dict[tuple[int, int], torch.Tensor] = {}
+    for attention in maps:
+        size = int(round(attention.shape[1] ** 0.5))
+        for b, sample in enumerate(targets):
+            if not sample or not bool(keep_text[b]):
+                continue
+            if (b, size) not in cache:
+                cache[(b, size)] = object_masks(scenes[b], size).to(attention.device, attention.dtype)
+            masks = cache[(b, size)]
+            for tokens, k in sample:
+                a = attention[b, :, tokens]  # (HW, T)
+                inside = (masks[k][:, None] * a).sum(0)
+                losses.append(1 - inside / a.sum(0).clamp_min(1e-6))
+    if not losses:
+        return maps[0].sum() * 0 if maps else torch.zeros(())
+    return torch.cat(losses).mean()

@@ -1,0 +1,133 @@
+"""Token grounding (`grounding_loss`, decoder/grounding.py): each shapes object's colour and shape tokens found
+in its caption, its coverage at each attention resolution, the loss against its closed form, the recorded
+attention against SDPA's, and the decoder's loss with it: the diffusion loss plus the weight times the term,
+which training lowers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bundle_helpers import DECODER, seeded_stage
+from cascade.data.shapes import scene_for
+from decoder.grounding import grounding_loss, grounding_targets, object_masks, object_token_spans
+
+IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 48}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from cascade.encoders.frozen_text import frozen_text_encoder
+
+    return frozen_text_encoder("minilm_l6", 48, "cpu").tokenizer
+
+
+def test_each_objects_colour_and_shape_tokens_are_found_in_scene_order(tokenizer):
+    captions, scenes = zip(*[scene_for(0, i) for i in range(300)])
+    targets = grounding_targets(list(captions), list(scenes), tokenizer, 48)
+    ids = tokenizer(list(captions), truncation=True, max_length=48)["input_ids"]
+    for caption, scene, sample, row in zip(captions, scenes, targets, ids):
+        assert [k for _, k in sample] == list(range(len(scene["objects"]))), caption  # every phrasing
+        for tokens, k in sample:
+            words = tokenizer.convert_ids_to_tokens([row[j - 1] for j in tokens])  # context j = token j - 1
+            assert words == [scene["objects"][k]["color"], scene["objects"][k]["shape"]], caption
+    star = {"objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "circle"}]}
+    assert object_token_spans("a red star above a blue circle", star) == [(2, 5, 6, 10), (19, 23, 24, 30)]
+    assert object_token_spans("a blue circle below a red star", star) is None  # not in the json's order
+    assert object_token_spans("a red circle", {"source": "emoji"}) is None  # not a shapes scene
+    assert grounding_targets(["a grinning face"], [{}], tokenizer, 48) == [[]]
+
+
+def test_object_masks_are_the_renderers_coverage_scaled_to_one():
+    _, scene = next(scene_for(0, i) for i in range(50) if len(scene_for(0, i)[1]["objects"]) == 3)
+    for size in (8, 16):
+        masks = object_masks(scene, size)
+        assert masks.shape == (3, size * size) and torch.allclose(masks.amax(1), torch.ones(3))
+        for mask, obj in zip(masks, scene["objects"]):
+            rows, cols = divmod(int(mask.argmax()), size)
+            cx, cy = obj["center"]
+            assert abs((cols + 0.5) / size - cx) <= 1 / size and abs((rows + 0.5) / size - cy) <= 1 / size
+            ys, xs = ((torch.arange(size) + 0.5) / size).reshape(-1, 1), ((torch.arange(size) + 0.5) / size)
+            far = (xs - cx).abs().maximum((ys - cy).abs()) > obj["radius"] + 1 / size
+            assert (mask.reshape(size, size)[far] == 0).all()  # nothing beyond the object's own square
+
+
+def test_the_loss_is_the_share_of_each_tokens_attention_outside_its_object():
+    _, scene = next(scene_for(0, i) for i in range(50) if len(scene_for(0, i)[1]["objects"]) == 2)
+    mask = object_masks(scene, 8)
+    length = 6
+    targets = [[([2, 3], 0), ([4, 5], 1)]]
+    inside = torch.zeros(1, 64, length)
+    inside[0, mask[0].argmax(), 2:4] = 0.5
+    inside[0, mask[1].argmax(), 4:6] = 0.5
+    keep = torch.ones(1, dtype=torch.bool)
+    assert grounding_loss([inside], targets, [scene], keep).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = inside.clone()
+    swapped[..., 2:4], swapped[..., 4:6] = inside[..., 4:6], inside[..., 2:4]
+    assert grounding_loss([swapped], targets, [scene], keep).item() == pytest.approx(1.0, abs=1e-6)
+    uniform = torch.full((1, 64, length), 0.01)
+    want = 1 - (mask[0].mean() + mask[1].mean()) / 2
+    assert grounding_loss([uniform], targets, [scene], keep).item() == pytest.approx(want.item(), rel=1e-5)
+    # two maps (two blocks) average; a row whose text was dropped adds nothing
+    assert grounding_loss([inside, swapped], targets, [scene], keep).item() == pytest.approx(0.5, abs=1e-6)
+    assert grounding_loss([swapped], targets, [scene], ~keep).item() == 0.0
+
+
+def test_recorded_attention_is_what_sdpa_computes():
+    from cascade.nn.attention import SelfAttention2d
+
+    torch.manual_seed(0)
+    block = SelfAttention2d(16, head_dim=8, context_dim=12, size=4)
+    torch.nn.init.normal_(block.proj.weight, std=0.1)
+    x, context = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    plain = block(x, context, mask)
+    block.record = maps = []
+    recorded = block(x, context, mask)
+    torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-6)
+    (shares,) = maps
+    assert shares.shape == (2, 16, 5) and (shares[1, :, 3:] == 0).all()  # masked tokens get nothing
+    assert ((shares.sum(-1) > 0) & (shares.sum(-1) < 1)).all()  # the rest went to the image's own positions
+    with torch.no_grad():
+        block(x, context, mask)
+    assert len(maps) == 1  # no recording without gradients (a self-conditioning estimate, sampling)
+
+
+def test_the_decoders_loss_adds_the_weighted_term_and_training_lowers_it():
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render
+
+    captions, scenes = zip(*[scene_for(0, i) for i in range(40) if len(scene_for(0, i)[1]["objects"]) >= 2][:4])
+    batch = {"image_64": torch.stack([image_to_tensor(render(s, 64)) for s in scenes]), "txt": list(captions),
+             "json": list(scenes)}
+    plain = seeded_stage("decoder", **IMAGEN)
+    grounded = seeded_stage("decoder", **IMAGEN, grounding_loss=1.0)
+    grounded.load_state_dict(plain.state_dict())
+
+    def term(seed: int) -> float:
+        """The grounded loss minus the plain one, the same weights and draws: the weight (1) times the term."""
+        plain.load_state_dict(grounded.state_dict())
+        torch.manual_seed(seed)
+        total = grounded.loss(batch)  # with gradients: the attention is recorded only then
+        torch.manual_seed(seed)
+        return (total - plain.loss(batch)).item()
+
+    first = term(0) + term(1)
+    assert 0.1 < first < 2.0  # two shares in (0, 1]
+    opt = torch.optim.Adam(grounded.parameters(), lr=3e-3)
+    for step in range(15):
+        torch.manual_seed(step % 2)
+        loss = grounded.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert term(0) + term(1) < 0.8 * first
+
+
+def test_grounding_needs_the_imagen_decoder_and_no_checkpointing():
+    from cascade.config import ConfigError
+    from decoder.config import DecoderConfig
+
+    with pytest.raises((ValueError, ConfigError), match="conditioning: imagen"):
+        DecoderConfig(grounding_loss=0.1)
+    with pytest.raises((ValueError, ConfigError), match="gradient_checkpointing"):
+        DecoderConfig(conditioning="imagen", grounding_loss=0.1, gradient_checkpointing=True)
