@@ -176,8 +176,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     decoder on val captions (shapes score; CLIP score under the bundle's CLIP and each of `clip_models`,
     "open_clip_name:weights_file"), on `one_object` generated one-object prompts, and the placement probe;
     an Imagen-style decoder the same without the prior (text -> decoder). With `binding`, the binding
-    benchmark (`binding_report`; with `regions`, also under per-object guidance); with `photos`, the SR stages also on held-out photographs
-    (`superres.photos`: keys psnr_photos, psnr_photos_bicubic, ssim_ alike).
+    benchmark (`binding_report`; with `regions`, also under per-object guidance); with `photos`, the SR
+    stages also on held-out photographs (`superres.photos`: keys psnr_photos, psnr_photos_bicubic, ssim_
+    alike).
     Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest
     from cascade.data.reader import find_shards, make_val_batches
