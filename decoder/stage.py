@@ -8,6 +8,7 @@ here from the batch's `txt` (`cascade.encoders.frozen_text`); no image embedding
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -122,11 +123,15 @@ class Decoder(Stage):
         """imagen: the frozen language model's (pooled, tokens, mask) of `texts`, on this stage's device. The
         model is not a submodule (`cascade.encoders.frozen_text`): it is built on first use, on this stage's
         device (fp32; on the CPU for a meta-device stage), and never saved with the decoder."""
+        return self._text_encoder().encode(list(texts), device=self.device)
+
+    def _text_encoder(self):
+        """imagen: the shared frozen language model and its tokenizer, on this stage's device (the CPU for a
+        meta-device stage)."""
         from cascade.encoders.frozen_text import frozen_text_encoder
 
         home = "cpu" if self.device.type == "meta" else self.device
-        encoder = frozen_text_encoder(self.config.text_encoder, self.config.text_len, home)
-        return encoder.encode(list(texts), device=self.device)
+        return frozen_text_encoder(self.config.text_encoder, self.config.text_len, home)
 
     def _condition(self, source: dict[str, Any], keep_image: torch.Tensor, keep_text: torch.Tensor):
         if self.config.conditioning == "imagen":
@@ -167,38 +172,34 @@ class Decoder(Stage):
                                                        None if extra is None else extra[rows])
             return self._unet(torch.cat([x_t, estimate], dim=1), t_, emb, context, mask, extra)
 
-        if not self.config.grounding_loss:
-            return diffusion.diffusion_loss(
+        grounding = self.config.grounding_loss  # token grounding: from the attention this pass records
+        with self._recording_attention() if grounding else nullcontext() as maps:
+            loss = diffusion.diffusion_loss(
                 self.schedule, model, x0, t, noise, self.config.prediction,
                 learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
                 snr_plus_one=self.config.snr_plus_one)
-        return self._grounded_loss(batch, model, x0, t, noise, keep_text)
-
-    def _grounded_loss(self, batch: dict[str, Any], model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                       keep_text: torch.Tensor) -> torch.Tensor:
-        """The diffusion loss plus grounding_loss times `decoder.grounding`'s token grounding, from the
-        attention maps the same forward pass records."""
-        from cascade.encoders.frozen_text import frozen_text_encoder
-        from cascade.nn.attention import SelfAttention2d
+        if not grounding:
+            return loss
         from decoder.grounding import grounding_loss, grounding_targets
 
-        scenes = list(batch.get("json") or [{}] * x0.shape[0])
-        tokenizer = frozen_text_encoder(self.config.text_encoder, self.config.text_len,
-                                        "cpu" if self.device.type == "meta" else self.device).tokenizer
-        targets = grounding_targets(batch["txt"], scenes, tokenizer, self.config.text_len)
+        scenes = list(batch.get("json") or [{}] * b)
+        targets = grounding_targets(batch["txt"], scenes, self._text_encoder().tokenizer, self.config.text_len)
+        return loss + grounding * grounding_loss(maps, targets, scenes, keep_text)
+
+    @contextmanager
+    def _recording_attention(self):
+        """A list that every text-reading attention block appends its attention shares to, while inside."""
+        from cascade.nn.attention import SelfAttention2d
+
         blocks = [m for m in self.unet.modules() if isinstance(m, SelfAttention2d) and m.context_kv is not None]
         maps: list[torch.Tensor] = []
         for block in blocks:
             block.record = maps
         try:
-            loss = diffusion.diffusion_loss(
-                self.schedule, model, x0, t, noise, self.config.prediction,
-                learned_variance=self.config.learned_variance, snr_gamma=self.config.snr_gamma,
-                snr_plus_one=self.config.snr_plus_one)
+            yield maps
         finally:
             for block in blocks:
                 block.record = None
-        return loss + self.config.grounding_loss * grounding_loss(maps, targets, scenes, keep_text)
 
     def _x0_estimate(self, x_t: torch.Tensor, t: torch.Tensor, estimate: torch.Tensor, emb: torch.Tensor,
                      context: torch.Tensor, mask: torch.Tensor | None,
