@@ -1,10 +1,12 @@
 """How the sr1024 network's cost grows with image size: one sampling step (= one forward) at 256^2 and
-at 1024^2, whole-image and in blended tiles (the config's and twice as large), with peak memory;
-issue #21's targets are a 1024/256 time ratio <= 16 for 16x the pixels and <= 200 MB at 1024^2.
+at 1024^2, whole-image, in blended tiles (256 px and twice as large) and row-streamed
+(`superres.streaming`, bands of --stream-rows), with peak memory; issue #21's targets are a 1024/256
+time ratio <= 16 for 16x the pixels and <= 200 MB at 1024^2. The 256^2 step every ratio divides by is
+one whole-image pass, the fastest way to run it.
 Also the full 1024x1024 forward time of the tiny net and of the DALL-E 2-shaped sr1024 net (the latter
 timed at 128^2 and scaled by its pixels, since one full forward of a 284M-parameter net at 1024^2 takes
 tens of minutes here), and the max |tiled - untiled| difference of the tiny net with random weights at
-the configured margin.
+the configured margin, and of the streamed forward (float rounding only).
 
 All timings are medians over interleaved repeats in one process, so load from other processes
 affects every setting alike. Peak memory is measured in a fresh child process per setting: its
@@ -16,7 +18,7 @@ children: freed feature maps then stay in the heap for the next allocation, inst
 the kernel and being faulted in again page by page. That is most of what makes the whole-image step
 slow per pixel (docs/results.md, 2026-12-05). The default leaves the allocator as every command has it.
 
-    python -m benchmarks.sr_scaling [--runs 5] [--threads 1] [--skip-dalle2] [--keep-freed-memory]
+    python -m benchmarks.sr_scaling [--runs 5] [--threads 1] [--stream-rows 32] [--skip-dalle2] [--keep-freed-memory]
 """
 from __future__ import annotations
 
@@ -113,20 +115,19 @@ def step_fn(stage, size: int) -> Callable[[], torch.Tensor]:
     return run
 
 
-def _child_peak(config: str, tile_size: int | None, size: int, threads: int, keep: bool, queue) -> None:
+def _child_peak(config: str, overrides: dict, size: int, threads: int, keep: bool, queue) -> None:
     torch.set_num_threads(threads)
     if keep:
         keep_freed_memory()
-    stage = build(config) if tile_size == -1 else build(config, tile_size=tile_size)
-    run = step_fn(stage, size)
+    run = step_fn(build(config, **overrides), size)
     queue.put(peak_rss_growth_mb(run))
 
 
-def peak_memory_mb(config: str, tile_size: int | None, size: int, threads: int, keep: bool = False) -> float:
-    """Peak resident growth of one step in a fresh process (tile_size -1: as configured)."""
+def peak_memory_mb(config: str, overrides: dict, size: int, threads: int, keep: bool = False) -> float:
+    """Peak resident growth of one step in a fresh process, the config's model section updated by `overrides`."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child_peak, args=(config, tile_size, size, threads, keep, queue))
+    proc = ctx.Process(target=_child_peak, args=(config, overrides, size, threads, keep, queue))
     proc.start()
     value = queue.get()
     proc.join()
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--config", default="configs/tiny/sr1024.yaml")
+    parser.add_argument("--stream-rows", type=int, default=32, help="band height of the streamed setting")
     parser.add_argument("--skip-dalle2", action="store_true")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="raise glibc's mmap and trim thresholds to 1 GiB (see above)")
@@ -148,48 +150,56 @@ def main() -> None:
     if args.keep_freed_memory:
         keep_freed_memory()
 
-    tiled = build(args.config)
-    randomise(tiled)
-    cfg = tiled.config
-    big = 2 * cfg.tile_size if cfg.tile_size else 512
-    untiled, big_tiles = build(args.config, tile_size=None), build(args.config, tile_size=big)
-    for other in (untiled, big_tiles):
-        other.load_state_dict(tiled.state_dict())
-    fns = {"256": step_fn(tiled, 256), "1024_tiled": step_fn(tiled, 1024),
-           "1024_tiled_big": step_fn(big_tiles, 1024), "1024_untiled": step_fn(untiled, 1024)}
+    cfg = build(args.config).config
+    tile = cfg.tile_size or 256
+    settings = {"256": (256, {"tile_size": None, "stream_rows": None}),
+                "1024_tiled": (1024, {"tile_size": tile, "stream_rows": None}),
+                "1024_tiled_big": (1024, {"tile_size": 2 * tile, "stream_rows": None}),
+                "1024_untiled": (1024, {"tile_size": None, "stream_rows": None}),
+                "1024_streamed": (1024, {"tile_size": tile, "stream_rows": args.stream_rows})}
+    stages = {name: build(args.config, **over) for name, (_, over) in settings.items()}
+    randomise(stages["256"])
+    for stage in stages.values():
+        stage.load_state_dict(stages["256"].state_dict())
+    fns = {name: step_fn(stages[name], size) for name, (size, _) in settings.items()}
     med = interleaved_medians(fns, args.runs)
     keep = args.keep_freed_memory
-    mem = {"256": peak_memory_mb(args.config, -1, 256, args.threads, keep),
-           "1024_tiled": peak_memory_mb(args.config, -1, 1024, args.threads, keep),
-           "1024_tiled_big": peak_memory_mb(args.config, big, 1024, args.threads, keep),
-           "1024_untiled": peak_memory_mb(args.config, None, 1024, args.threads, keep)}
-    diff = (fns["1024_tiled"]() - fns["1024_untiled"]()).abs()
+    mem = {name: peak_memory_mb(args.config, over, size, args.threads, keep) for name, (size, over) in settings.items()}
+    whole = fns["1024_untiled"]()
+    diff = (fns["1024_tiled"]() - whole).abs()
+    stream_diff = (fns["1024_streamed"]() - whole).abs()
     record: dict[str, Any] = {
         "benchmark": "sr_scaling",
         "config": args.config,
         "threads": args.threads,
         "runs": args.runs,
         "keep_freed_memory": keep,
-        "params": sum(p.numel() for p in tiled.parameters()),
-        "tile_size": cfg.tile_size,
+        "params": sum(p.numel() for p in stages["256"].parameters()),
+        "configured": {"tile_size": cfg.tile_size, "stream_rows": cfg.stream_rows},
+        "tile_size": tile,
         "tile_margin": cfg.tile_margin,
-        "big_tile_size": big,
+        "big_tile_size": 2 * tile,
+        "stream_rows": args.stream_rows,
         "s_per_step_256": round(med["256"], 4),
         "s_per_step_1024_tiled": round(med["1024_tiled"], 4),
         "s_per_step_1024_tiled_big": round(med["1024_tiled_big"], 4),
         "s_per_step_1024_untiled": round(med["1024_untiled"], 4),
+        "s_per_step_1024_streamed": round(med["1024_streamed"], 4),
         "ratio_tiled": round(med["1024_tiled"] / med["256"], 2),
         "ratio_tiled_big": round(med["1024_tiled_big"] / med["256"], 2),
         "ratio_untiled": round(med["1024_untiled"] / med["256"], 2),
+        "ratio_streamed": round(med["1024_streamed"] / med["256"], 2),
         "target_ratio": 16.0,
         "target_peak_mem_mb": 200.0,
         "peak_mem_mb_256": round(mem["256"], 1),
         "peak_mem_mb_1024_tiled": round(mem["1024_tiled"], 1),
         "peak_mem_mb_1024_tiled_big": round(mem["1024_tiled_big"], 1),
         "peak_mem_mb_1024_untiled": round(mem["1024_untiled"], 1),
+        "peak_mem_mb_1024_streamed": round(mem["1024_streamed"], 1),
         "tiled_vs_untiled_max_abs": float(diff.max()),
         "tiled_vs_untiled_mean_abs": float(diff.mean()),
-        "output_std": float(fns["1024_untiled"]().std()),
+        "streamed_vs_untiled_max_abs": float(stream_diff.max()),
+        "output_std": float(whole.std()),
     }
     if not args.skip_dalle2:
         big = build("configs/dalle2/sr1024.yaml")

@@ -40,9 +40,14 @@ class SRConfig(DiffusionConfig):
     blur_sigma: float = 0.6
     # random aligned crops for training, as the high-res crop size (None: whole images)
     train_crop: int | None = None
-    # tiled inference (None: one pass over the whole image); sizes in high-res pixels
+    # images larger than tile_size run in pieces (None: every image in one pass); sizes in high-res
+    # pixels. The pieces are blended tiles of tile_size with tile_margin of context, or, when stream_rows
+    # is set, bands of stream_rows rows (superres.streaming): every pixel computed once, only a band of
+    # each feature map in memory, the whole-image output exactly. With tile_size None, stream_rows
+    # streams every image taller than it. Training (with autograd) never streams.
     tile_size: int | None = None
     tile_margin: int = 16
+    stream_rows: int | None = Field(None, ge=1)
     # sampling defaults (the cascade's): DDIM, 20 steps, no guidance
     steps: int = Field(20, ge=1)
     # evaluation

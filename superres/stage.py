@@ -6,7 +6,8 @@ mix of blur, resize and JPEG for 256 -> 1024), upsampled bicubically to the outp
 a forward-diffusion step at a random augmentation level s, and the network, told s and the
 timestep, learns to denoise the high-res image given it. sr1024 trains on aligned random crops and
 runs on whole images (the network is fully convolutional; see `superres.unet`), in tiles when
-`tile_size` is set (see `superres.tiling`).
+`tile_size` is set (see `superres.tiling`), or in bands of rows when `stream_rows` is (see
+`superres.streaming`).
 
 Sampling: `sample({"low_res": (B, 3, h, w)[, "clip_tokens", "clip_mask"]}, aug_level=0.2)`.
 The config is `superres.config`; evaluation (PSNR and SSIM against the real high-res image, beside
@@ -29,6 +30,7 @@ from superres.config import SR1024Config, SRConfig
 from superres.degradations import mixed_degradation, random_blur
 from superres.evaluation import eval_pairs, evaluate_superres
 from superres.metrics import bicubic_upsample
+from superres.streaming import streamed_forward
 from superres.tiling import tiled_apply
 from superres.unet import EfficientUNet
 
@@ -115,9 +117,14 @@ class SuperResStage(Stage):
 
     def forward(self, x_t: torch.Tensor, low_up: torch.Tensor, t: torch.Tensor, aug_level: torch.Tensor,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The network output (eps, x0 or v per config), tiled over large images when configured."""
+        """The network output (eps, x0 or v per config); over large images row-streamed or tiled when
+        configured (streaming only without autograd: training runs the whole patch)."""
         c = self.config
-        if c.tile_size is None or max(x_t.shape[-2:]) <= c.tile_size:
+        big = c.tile_size is not None and max(x_t.shape[-2:]) > c.tile_size
+        if (c.stream_rows is not None and (big or c.tile_size is None) and x_t.shape[-2] > c.stream_rows
+                and not torch.is_grad_enabled()):
+            return streamed_forward(self.net, x_t, low_up, t, aug_level, text, text_mask, rows=c.stream_rows)
+        if not big:
             return self.net(x_t, low_up, t, aug_level, text, text_mask)
         return tiled_apply(self.net, [x_t, low_up], tile=c.tile_size, margin=c.tile_margin,
                            align=self.net.downsample_factor, t=t, aug_level=aug_level, text=text,

@@ -1,0 +1,260 @@
+"""Row-streamed inference for the super-resolution U-Net: every pixel computed once, in bounded memory.
+
+Two ways to run `EfficientUNet` on a 1024x1024 image were measured before (docs/results.md): the whole
+image at once keeps every feature map of the forward alive (620 MB at 1024^2 for the tiny net), and
+blended tiles recompute their margins (256-px tiles with 16-px margins: 1.2x the pixels). Streaming
+does neither. Every layer of the net is local in space, and an output row of a 3x3 convolution needs
+three rows of its input. So the forward runs from the top of the image to the bottom in bands of output
+rows, and each feature map of the forward is a `_Rows` node that
+
+* computes the rows it is asked for once, pulling the rows it needs from the nodes it reads;
+* keeps them while some consumer may still ask for them (a convolution's next band re-reads the last
+  rows of the previous one; a skip connection is read by the up path long after the down path used it);
+* drops the rows every consumer has moved past.
+
+What stays alive is a band of every feature map plus, per level, the rows by which the down path runs
+ahead of the up path (the receptive field of the levels below), which the skip connection must keep:
+74 MB of buffers at 1024^2 for the tiny net in bands of 32 rows, however tall the image. The output
+equals the whole-image forward up to float rounding (the convolutions see the same numbers in
+differently shaped calls).
+
+`streamed_forward(net, ...)` takes the arguments of `EfficientUNet.forward` and a band height; the
+graph of nodes mirrors `EfficientUNet.forward` (keep the two in step).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from superres.unet import AUG_SCALE, EfficientUNet
+
+CL = torch.channels_last
+
+
+class _Rows:
+    """Rows [0, height) of one (1, C, height, W) feature map, computed on demand from top to bottom.
+
+    Subclasses compute rows [a, b) in `_compute(a, b, out)`, into `out` (a view of the buffer) when it
+    is given. A consumer registers once (`reader()`) and then asks for rows with `get(a, b, reader)`; its
+    requests must not move up the image. Rows above the first row that every consumer last asked for
+    are dropped. When the buffer is full, the rows still needed move to a new buffer twice their size
+    (with the rows to come), so that move happens once in several bands.
+    """
+
+    def __init__(self, height: int):
+        self.height = height
+        self.start = self.end = 0  # rows [start, end) are kept, at buffer rows [offset, offset + end - start)
+        self.buffer: torch.Tensor | None = None
+        self.offset = 0
+        self.readers: list[int] = []  # the first row each consumer last asked for
+        self.band: int | None = None  # rows computed per call (set by streamed_forward)
+
+    def reader(self) -> int:
+        self.readers.append(0)
+        return len(self.readers) - 1
+
+    def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _reserve(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Buffer rows for the next n rows (after dropping the rows every reader has passed)."""
+        first = min(self.readers) if self.readers else self.end
+        if first > self.start:
+            self.offset += first - self.start
+            self.start = first
+        kept = self.end - self.start
+        if self.buffer is None or self.offset + kept + n > self.buffer.shape[-2]:
+            shape = like.shape[:2] + (2 * (kept + n), like.shape[-1])
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
+            if kept:
+                buffer[..., :kept, :] = self.buffer[..., self.offset:self.offset + kept, :]
+            self.buffer, self.offset = buffer, 0
+        return self.buffer[..., self.offset + kept:self.offset + kept + n, :]
+
+    def get(self, a: int, b: int, reader: int) -> torch.Tensor:
+        a, b = max(a, 0), min(b, self.height)
+        if a < self.start or a < self.readers[reader]:
+            raise RuntimeError(f"rows from {a} asked after they were dropped (first kept: {self.start})")
+        self.readers[reader] = a  # before computing, so that the rows this reader passed can go
+        while b > self.end:
+            # at most `band` rows per call: a request that reaches far ahead (the first band, which pulls
+            # the receptive field of the levels below) then does not make every node above hold as much
+            e = min(b, self.end + self.band) if self.band else b
+            if self.buffer is None:  # the first rows tell the channels, width and dtype
+                new = self._compute(self.end, e, None)
+                self._reserve(e - self.end, new).copy_(new)
+            else:
+                self._compute(self.end, e, self._reserve(e - self.end, self.buffer))
+            self.end = e
+        return self.buffer[..., self.offset + a - self.start:self.offset + b - self.start, :]
+
+
+class _Input(_Rows):
+    """A tensor that already exists whole (the network's inputs): rows are views, nothing is cached."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__(x.shape[-2])
+        self.x = x
+
+    def get(self, a: int, b: int, reader: int) -> torch.Tensor:
+        return self.x[..., max(a, 0):min(b, self.height), :]
+
+
+Post = Callable[[torch.Tensor, int, int, "torch.Tensor | None"], torch.Tensor]
+
+
+class _Conv(_Rows):
+    """post(conv(pre(inputs' rows)), a, b, out): one convolution (stride 1 or 2, odd kernel, 'same'-style
+    padding), optionally after a nearest 2x upsampling, with row-aligned maps before and after it.
+
+    `pre(*rows)` maps the inputs' rows to the convolution's input (concatenation, norm, SiLU);
+    `post(h, a, b, out)` maps its output rows [a, b) (FiLM, a residual sum that reads other nodes),
+    writing into `out` when given. The top and bottom zero padding of the whole-image convolution is
+    added where a band touches an edge of the image, so each output row sees exactly what it sees in
+    the whole-image forward.
+    """
+
+    def __init__(self, conv: nn.Conv2d, inputs: Sequence[_Rows], pre: Callable[..., torch.Tensor] | None = None,
+                 post: Post | None = None, upsample: bool = False, claims: Sequence[tuple[_Rows, int]] = ()):
+        k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        in_height = inputs[0].height * (2 if upsample else 1)
+        super().__init__((in_height + 2 * p - k) // s + 1)
+        self.conv, self.k, self.s, self.p, self.in_height = conv, k, s, p, in_height
+        # the weights in the activations' layout once, not on every band's call
+        self.weight = conv.weight.contiguous(memory_format=CL)
+        self.inputs = [(node, node.reader()) for node in inputs]
+        self.pre, self.post, self.upsample = pre, post, upsample
+        self.claims = list(claims)  # (node, reader) that `post` reads at this node's rows
+
+    def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+        for node, r in self.claims:  # `post` will ask from row a: the rows above may go while the inputs compute
+            node.readers[r] = max(node.readers[r], a)
+        lo, hi = a * self.s - self.p, (b - 1) * self.s - self.p + self.k  # rows of the conv's input
+        lo_c, hi_c = max(lo, 0), min(hi, self.in_height)
+        if self.upsample:
+            rows = [node.get(lo_c // 2, (hi_c + 1) // 2, r) for node, r in self.inputs]
+        else:
+            rows = [node.get(lo_c, hi_c, r) for node, r in self.inputs]
+        x = self.pre(*rows) if self.pre is not None else rows[0]
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            first = (lo_c // 2) * 2
+            x = x[..., lo_c - first:hi_c - first, :]
+        if lo < lo_c or hi > hi_c:
+            x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
+        x = x.contiguous(memory_format=CL)
+        conv = self.conv
+        h = F.conv2d(x, self.weight, conv.bias, stride=conv.stride, padding=(0, conv.padding[1]))
+        if self.post is not None:
+            return self.post(h, a, b, out)
+        return h if out is None else out.copy_(h)
+
+
+class _Map(_Rows):
+    """fn(rows of the input): a map that keeps rows aligned (each output row from the same input row)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], node: _Rows):
+        super().__init__(node.height)
+        self.fn, self.node, self.r = fn, node, node.reader()
+
+    def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+        y = self.fn(self.node.get(a, b, self.r))
+        return y if out is None else out.copy_(y)
+
+
+def _cat(*rows: torch.Tensor) -> torch.Tensor:
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+
+
+def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Rows:
+    """A `superres.blocks.LocalResBlock` on the channel concatenation of `inputs`: two conv nodes."""
+    scale, shift = block.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+    scale = 1 + scale
+
+    def pre(*rows):
+        return F.silu(block.norm(_cat(*rows)))
+
+    def film(h, a, b, out):
+        return F.silu(torch.addcmul(shift, h, scale, out=out), inplace=True)
+
+    inner = _Conv(block.conv1, inputs, pre=pre, post=film)
+    readers = [(node, node.reader()) for node in inputs]
+
+    def residual(h, a, b, out):
+        return torch.add(block.skip(_cat(*(node.get(a, b, r) for node, r in readers))), h, out=out)
+
+    return _Conv(block.conv2, [inner], post=residual, claims=readers)
+
+
+def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor,
+                     aug_level: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                     *, rows: int = 32) -> torch.Tensor:
+    """`net(x_t, low_res_up, t, aug_level, text, text_mask)` computed `rows` output rows at a time, one
+    image of the batch after the other. For inference: no autograd graph is kept across bands."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    emb = net.time_embed(t.float()) + net.aug_embed(aug_level.float() * AUG_SCALE)  # (B, E)
+    if text is not None and text_mask is None:
+        text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    out = None
+    for i in range(x_t.shape[0]):
+        one = slice(i, i + 1)
+        node = _graph(net, x_t[one], low_res_up[one], emb[one],
+                      None if text is None else text[one], None if text_mask is None else text_mask[one])
+        for n in _nodes(node):  # a band of output rows is this many rows of each feature map
+            n.band = -(-rows * n.height // node.height)
+        for a in range(0, node.height, rows):  # the output's rows go straight to `out`, unbuffered
+            b = min(a + rows, node.height)
+            if out is None:
+                band = node._compute(a, b, None)
+                out = band.new_empty((x_t.shape[0], band.shape[1], node.height, band.shape[-1]))
+                out[one, :, a:b, :] = band
+            else:
+                node._compute(a, b, out[one, :, a:b, :])
+    return out
+
+
+def _nodes(out: _Rows) -> list[_Rows]:
+    """Every node `out` reads, directly or not, and `out`."""
+    seen, todo = [], [out]
+    while todo:
+        node = todo.pop()
+        if not any(node is n for n in seen):
+            seen.append(node)
+            if isinstance(node, _Conv):
+                todo += [n for n, _ in node.inputs]
+            elif isinstance(node, _Map):
+                todo.append(node.node)
+    return seen
+
+
+def _graph(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, emb: torch.Tensor,
+           text: torch.Tensor | None, text_mask: torch.Tensor | None) -> _Rows:
+    """The nodes of `EfficientUNet.forward` for one image; returns the output's node."""
+    dtype = net.conv_in.weight.dtype
+    h: _Rows = _Conv(net.conv_in, [_Input(x_t), _Input(low_res_up)],
+                     pre=lambda x, low: torch.cat([x, low], dim=1).to(dtype))
+    skips = []
+    for sampler, blocks in zip(net.down_samplers, net.down_blocks):
+        if not isinstance(sampler, nn.Identity):
+            h = _Conv(sampler.conv, [h])
+        for block in blocks:
+            h = _block(block, [h], emb)
+        skips.append(h)
+    h = _block(net.mid1, [h], emb)
+    if net.cross_attn is not None and text is not None:
+        attn, tokens = net.cross_attn, text.to(dtype)
+        h = _Map(lambda x: attn(x, tokens, text_mask), h)
+    h = _block(net.mid2, [h], emb)
+    for i in reversed(range(net.levels)):
+        inputs = [h, skips[i]]
+        for block in net.up_blocks[i]:
+            h = _block(block, inputs, emb)
+            inputs = [h]
+        sampler = net.up_samplers[i]
+        if not isinstance(sampler, nn.Identity):
+            h = _Conv(sampler.conv, [h], upsample=True)
+    return _Conv(net.conv_out, [h], pre=lambda x: F.silu(net.norm_out(x)))

@@ -1,0 +1,161 @@
+"""Row-streamed inference of the super-resolution U-Net (`superres.streaming`): the same output as the
+whole-image forward, in memory that does not grow with the image's height, on the device and dtype asked."""
+import os
+
+import pytest
+import torch
+
+from cascade.config import parse_config
+from cascade.errors import UserError
+from cascade.registry import get_stage
+from superres.streaming import _Conv, _graph, streamed_forward
+from superres.unet import AUG_SCALE, EfficientUNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DEVICE = torch.device(os.environ.get("CASCADE_TEST_DEVICE", "cpu"))
+
+
+def _net(seed=0, **kw):
+    """A small random net whose every parameter is non-zero (the zero-initialised output layers too)."""
+    torch.manual_seed(seed)
+    args = dict(base_channels=8, channel_mults=[1, 2, 4], num_res_blocks=[1, 1, 2])
+    net = EfficientUNet(**{**args, **kw}).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+def _inputs(b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 3, h, w, generator=g), torch.randn(b, 3, h, w, generator=g),
+            torch.randint(0, 1000, (b,), generator=g), torch.rand(b, generator=g))
+
+
+@pytest.mark.parametrize("h,w,rows", [(64, 64, 16), (96, 40, 7), (48, 64, 1), (32, 32, 100), (128, 64, 32)])
+def test_streamed_forward_equals_the_whole_image_forward(h, w, rows):
+    """Bands that do not divide the height, one row at a time, a band taller than the image, a wide image."""
+    net = _net()
+    x, low, t, s = _inputs(2, h, w)
+    with torch.no_grad():
+        whole = net(x, low, t, s)
+        streamed = streamed_forward(net, x, low, t, s, rows=rows)
+    assert streamed.shape == whole.shape and streamed.is_contiguous()
+    assert whole.abs().max() > 0.1  # the random output layers make a non-trivial output
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_streamed_forward_with_text_cross_attention_matches_and_reads_the_text():
+    net = _net(text_dim=12, head_dim=8)
+    x, low, t, s = _inputs(2, 64, 48)
+    text = torch.randn(2, 5, 12)
+    mask = torch.tensor([[True, True, True, False, False], [False] * 5])  # the second image has no text
+    with torch.no_grad():
+        whole = net(x, low, t, s, text, mask)
+        streamed = streamed_forward(net, x, low, t, s, text, mask, rows=16)
+        other = streamed_forward(net, x, low, t, s, torch.randn(2, 5, 12), mask, rows=16)
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(other[0], streamed[0])  # the first image's text reaches the output
+    torch.testing.assert_close(other[1], streamed[1])  # a fully masked text adds nothing
+
+
+def _drive(net, h, w, rows):
+    """Run the graph of one image band by band; the largest number of rows any node kept at once."""
+    x, low, t, s = _inputs(1, h, w)
+    emb = net.time_embed(t.float()) + net.aug_embed(s.float() * AUG_SCALE)
+    out = _graph(net, x, low, emb, None, None)
+    nodes, todo = [], [out]
+    while todo:  # every node the output depends on
+        node = todo.pop()
+        if isinstance(node, _Conv) and node not in nodes:
+            nodes.append(node)
+            todo += [n for n, _ in node.inputs]
+    peak = 0
+    with torch.no_grad():
+        for a in range(0, h, rows):
+            out._compute(a, min(a + rows, h), None)
+            peak = max(peak, max(n.end - n.start for n in nodes))
+    return peak, len(nodes)
+
+
+def test_streaming_keeps_a_band_of_rows_however_tall_the_image():
+    """Memory is bounded by the band and the receptive field, not the height: a 4x taller image keeps no
+    more rows of any feature map."""
+    net = _net()
+    short, n_nodes = _drive(net, 128, 32, 16)
+    tall, _ = _drive(net, 512, 32, 16)
+    assert n_nodes > 20  # every conv of the U-Net is a node
+    assert tall == short and short < 128
+
+
+def test_rows_asked_again_after_they_were_dropped_are_an_error():
+    net = _net()
+    x, low, t, s = _inputs(1, 64, 32)
+    emb = net.time_embed(t.float()) + net.aug_embed(s.float() * AUG_SCALE)
+    out = _graph(net, x, low, emb, None, None)
+    reader = out.reader()
+    with torch.no_grad():
+        out.get(0, 16, reader)
+        out.get(16, 32, reader)
+        with pytest.raises(RuntimeError, match="dropped"):
+            out.get(0, 8, reader)
+    with pytest.raises(ValueError):
+        streamed_forward(net, x, low, t, s, rows=0)
+
+
+def _sr1024(**overrides):
+    cls = get_stage("sr1024")
+    base = dict(base_channels=8, channel_mults=[1, 2, 4], num_res_blocks=[1, 1, 2], train_crop=64,
+                residual=True, prediction="x0")
+    return cls(parse_config(cls.Config, {**base, **overrides}))
+
+
+def test_the_stage_streams_when_configured_and_samples_what_the_whole_image_gives():
+    streamed = _sr1024(stream_rows=32, tile_size=None)
+    whole = _sr1024(tile_size=None)
+    whole.load_state_dict(streamed.state_dict())
+    for stage in (streamed, whole):
+        with torch.no_grad():
+            for p in stage.net.conv_out.parameters():  # a fresh x0 model outputs exactly zero
+                p.add_(0.05)
+    low = torch.rand(1, 3, 32, 32) * 2 - 1
+    a = streamed.sample({"low_res": low}, steps=2, generator=torch.Generator().manual_seed(0))
+    b = whole.sample({"low_res": low}, steps=2, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # training keeps the whole patch (streaming runs only without autograd), and the gradient flows
+    batch = {"sr_low": low[..., :16, :16], "sr_high": torch.rand(1, 3, 64, 64) * 2 - 1}
+    streamed.loss(batch).backward()
+    assert streamed.net.conv_in.weight.grad is not None
+
+
+def test_streaming_runs_only_on_images_larger_than_tile_size(monkeypatch):
+    import superres.stage
+
+    calls = []
+    real = superres.stage.streamed_forward
+    monkeypatch.setattr(superres.stage, "streamed_forward", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    stage = _sr1024(stream_rows=16, tile_size=64)
+    with torch.no_grad():
+        for size in (64, 128):
+            x = torch.randn(1, 3, size, size)
+            stage(x, x, torch.tensor([10]), torch.tensor([0.1]))
+    assert calls == [(1, 3, 128, 128)]
+
+
+def test_stream_rows_below_one_is_a_config_error():
+    with pytest.raises(UserError, match="stream_rows"):
+        _sr1024(stream_rows=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_forward_stays_on_the_device_and_dtype_of_the_net(dtype):
+    net = _net().to(DEVICE, dtype)
+    x, low, t, s = (v.to(DEVICE) for v in _inputs(1, 64, 32))
+    with torch.no_grad():
+        whole = net(x, low, t, s)
+        streamed = streamed_forward(net, x, low, t, s, rows=16)
+    assert streamed.device.type == DEVICE.type and streamed.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(streamed.float(), whole.float(), atol=tol, rtol=tol)
