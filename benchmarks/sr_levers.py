@@ -6,7 +6,8 @@ from the config's (random weights; the same network for the numerical levers, so
 model, only faster").
 
 Levers: channels-last memory format; bf16 weights and inputs; torch.compile (inductor; its compile time is
-reported apart); the tile size (128, 384 and untiled beside the config's 256); and a cheaper network per
+reported apart); blended tiles (128, 256 and 384 px; the config streams rows, `superres.streaming`) and
+the whole image in one pass; and a cheaper network per
 pixel in the spirit of Imagen's Efficient U-Net (fewer channels at full resolution, more blocks at the low
 ones: a different model, so its difference is not comparable and it would need training).
 
@@ -28,7 +29,7 @@ from cascade.process_defaults import set_process_defaults
 
 CONFIG = "configs/tiny/sr1024.yaml"
 CHEAP = dict(base_channels=8, channel_mults=[1, 3, 6], num_res_blocks=[1, 2, 3])
-LEVERS = ("config", "channels_last", "bf16", "compile", "tile128", "tile384", "untiled", "cheap_net")
+LEVERS = ("config", "channels_last", "bf16", "compile", "tile128", "tile256", "tile384", "untiled", "cheap_net")
 
 
 def _inputs(size: int, dtype=torch.float32, channels_last: bool = False):
@@ -44,9 +45,9 @@ def lever(name: str, size: int) -> tuple[Callable[[], torch.Tensor], int, float]
     """(one step, parameter count, seconds spent preparing it: compile time) for lever `name`."""
     overrides: dict[str, Any] = {}
     if name.startswith("tile"):
-        overrides["tile_size"] = int(name[4:])
+        overrides.update(tile_size=int(name[4:]), stream_rows=None)
     elif name == "untiled":
-        overrides["tile_size"] = None
+        overrides.update(tile_size=None, stream_rows=None)
     elif name == "cheap_net":
         overrides.update(CHEAP)
     torch.manual_seed(0)  # the same initial weights for every lever of the same network
