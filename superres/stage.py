@@ -122,13 +122,20 @@ class SuperResStage(Stage):
         c = self.config
         big = c.tile_size is not None and max(x_t.shape[-2:]) > c.tile_size
         if (c.stream_rows is not None and (big or c.tile_size is None) and x_t.shape[-2] > c.stream_rows
-                and not torch.is_grad_enabled()):
+                and not torch.is_grad_enabled() and self._weights_at(x_t.device)):
             return streamed_forward(self.net, x_t, low_up, t, aug_level, text, text_mask, rows=c.stream_rows)
         if not big:
             return self.net(x_t, low_up, t, aug_level, text, text_mask)
         return tiled_apply(self.net, [x_t, low_up], tile=c.tile_size, margin=c.tile_margin,
                            align=self.net.downsample_factor, t=t, aug_level=aug_level, text=text,
                            text_mask=text_mask)
+
+    def _weights_at(self, device: torch.device) -> bool:
+        """Whether every weight of the net is materialised on `device`. Streaming reads the convolutions'
+        weights outside their modules' forward calls, so it cannot run where a forward hook brings them
+        in: accelerate's sequential offload (weights on the meta device until then) and ZeRO-3
+        partitioning (`ds_id`). There the configured tiles (or the whole image) run instead."""
+        return all(p.device == device and not hasattr(p, "ds_id") for p in self.net.parameters())
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """`cascade.diffusion`'s loss (MSE to the prediction target, min-SNR weighted when configured) at a

@@ -32,7 +32,7 @@ def small_bundle(root: Path) -> Path:
                             steps=CONFIG_STEPS["prior"]), root / "prior")
     save_stage(seeded_stage("decoder", **DECODER, steps=CONFIG_STEPS["decoder"]), root / "decoder")
     save_stage(seeded_stage("sr256", **SR, steps=CONFIG_STEPS["sr256"]), root / "sr256")
-    save_stage(seeded_stage("sr1024", **SR, train_crop=64, tile_size=256, steps=CONFIG_STEPS["sr1024"]),
+    save_stage(seeded_stage("sr1024", **SR, train_crop=64, tile_size=256, stream_rows=32, steps=CONFIG_STEPS["sr1024"]),
                root / "sr1024")
     write_manifest(root)
     return root

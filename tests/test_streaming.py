@@ -144,6 +144,37 @@ def test_streaming_runs_only_on_images_larger_than_tile_size(monkeypatch):
     assert calls == [(1, 3, 128, 128)]
 
 
+def test_weights_brought_in_by_forward_hooks_fall_back_to_the_tiles(monkeypatch):
+    """accelerate's sequential offload keeps the weights on the meta device until each module's forward,
+    and ZeRO-3 gathers them in one: streaming, which reads them directly, must not run there."""
+    from accelerate import cpu_offload
+
+    import superres.stage
+
+    calls = []
+    real = superres.stage.streamed_forward
+    monkeypatch.setattr(superres.stage, "streamed_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = _sr1024(stream_rows=16, tile_size=64, tile_margin=32)
+    with torch.no_grad():
+        for p in plain.net.conv_out.parameters():
+            p.add_(0.05)
+    x = torch.randn(1, 3, 128, 128)
+    args = (x, x, torch.tensor([10]), torch.tensor([0.1]))
+    with torch.no_grad():
+        expected = plain(*args)
+        assert calls == [1]
+        offloaded = _sr1024(stream_rows=16, tile_size=64, tile_margin=32)
+        offloaded.load_state_dict(plain.state_dict())
+        cpu_offload(offloaded, execution_device=torch.device("cpu"))
+        got = offloaded(*args)
+        assert calls == [1]  # the tiles ran
+        torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)  # 32-px margins: seams within rounding
+        sharded = _sr1024(stream_rows=16, tile_size=64)
+        next(sharded.net.parameters()).ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
+        sharded(*args)
+        assert calls == [1]
+
+
 def test_stream_rows_below_one_is_a_config_error():
     with pytest.raises(UserError, match="stream_rows"):
         _sr1024(stream_rows=0)
