@@ -122,7 +122,7 @@ class SuperResStage(Stage):
         c = self.config
         big = c.tile_size is not None and max(x_t.shape[-2:]) > c.tile_size
         if (c.stream_rows is not None and (big or c.tile_size is None) and x_t.shape[-2] > c.stream_rows
-                and not torch.is_grad_enabled() and self._weights_at(x_t.device)):
+                and not torch.is_grad_enabled() and self._streamable(x_t.device)):
             return streamed_forward(self.net, x_t, low_up, t, aug_level, text, text_mask, rows=c.stream_rows)
         if not big:
             return self.net(x_t, low_up, t, aug_level, text, text_mask)
@@ -130,11 +130,14 @@ class SuperResStage(Stage):
                            align=self.net.downsample_factor, t=t, aug_level=aug_level, text=text,
                            text_mask=text_mask)
 
-    def _weights_at(self, device: torch.device) -> bool:
-        """Whether every weight of the net is materialised on `device`. Streaming reads the convolutions'
-        weights outside their modules' forward calls, so it cannot run where a forward hook brings them
-        in: accelerate's sequential offload (weights on the meta device until then) and ZeRO-3
-        partitioning (`ds_id`). There the configured tiles (or the whole image) run instead."""
+    def _streamable(self, device: torch.device) -> bool:
+        """Whether streaming can run the net here. It reads the convolutions' weights outside their modules'
+        forward calls, so not where a forward hook brings them in (accelerate's sequential offload: meta
+        weights until then; ZeRO-3 partitioning: `ds_id`), and it runs eagerly, so not when the net was
+        compiled (`compile_networks`: the compiled whole-image or tiled call is what was asked for). There
+        the configured tiles (or the whole image) run instead."""
+        if getattr(self.net, "_compiled_call_impl", None) is not None:
+            return False
         return all(p.device == device and not hasattr(p, "ds_id") for p in self.net.parameters())
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -144,9 +144,10 @@ def test_streaming_runs_only_on_images_larger_than_tile_size(monkeypatch):
     assert calls == [(1, 3, 128, 128)]
 
 
-def test_weights_brought_in_by_forward_hooks_fall_back_to_the_tiles(monkeypatch):
+def test_weights_brought_in_by_forward_hooks_or_a_compiled_net_fall_back_to_the_tiles(monkeypatch):
     """accelerate's sequential offload keeps the weights on the meta device until each module's forward,
-    and ZeRO-3 gathers them in one: streaming, which reads them directly, must not run there."""
+    and ZeRO-3 gathers them in one: streaming, which reads them directly, must not run there; nor on a
+    compiled net, whose compiled call is what was asked for."""
     from accelerate import cpu_offload
 
     import superres.stage
@@ -172,6 +173,10 @@ def test_weights_brought_in_by_forward_hooks_fall_back_to_the_tiles(monkeypatch)
         sharded = _sr1024(stream_rows=16, tile_size=64)
         next(sharded.net.parameters()).ds_id = 0  # what ZeRO-3 marks its partitioned parameters with
         sharded(*args)
+        assert calls == [1]
+        compiled = _sr1024(stream_rows=16, tile_size=64)
+        compiled.compile_networks(backend="eager")  # the compiled call is what --compile asks for
+        compiled(*args)
         assert calls == [1]
 
 
