@@ -28,10 +28,8 @@ class PixelNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's rms_norm over the last dim of the (B, H, W, C) view: for channels-last activations (the
-        # U-Net's) the reduction runs over contiguous memory, 3x faster on this CPU than a mean over dim 1
-        y = F.rms_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight.to(x.dtype), self.eps)
-        return y.permute(0, 3, 1, 2)
+        inv_rms = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
+        return x * inv_rms * self.weight[:, None, None]
 
 
 class LocalResBlock(nn.Module):
