@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from superres.unet import AUG_SCALE, EfficientUNet
+from superres.unet import EfficientUNet
 
 CL = torch.channels_last
 
@@ -196,7 +196,7 @@ def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Te
     image of the batch after the other. For inference: no autograd graph is kept across bands."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    emb = net.time_embed(t.float()) + net.aug_embed(aug_level.float() * AUG_SCALE)  # (B, E)
+    emb = net.embed(t, aug_level)  # (B, E)
     if text is not None and text_mask is None:
         text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
     out = None

@@ -76,11 +76,15 @@ class EfficientUNet(nn.Module):
         """Input height and width must be multiples of this."""
         return 2 ** (self.levels - 1)
 
+    def embed(self, t: torch.Tensor, aug_level: torch.Tensor) -> torch.Tensor:
+        """The vector every block is modulated by: timestep and augmentation level, (B,), (B,) -> (B, E)."""
+        return self.time_embed(t.float()) + self.aug_embed(aug_level.float() * AUG_SCALE)
+
     def forward(self, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor, aug_level: torch.Tensor,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_t, low_res_up: (B, 3, H, W); t: (B,) timesteps; aug_level: (B,) in [0, 1];
         text: (B, L, D_text) with text_mask (B, L) bool, or None -> (B, 3, H, W)."""
-        emb = self.time_embed(t.float()) + self.aug_embed(aug_level.float() * AUG_SCALE)  # (B, E)
+        emb = self.embed(t, aug_level)
         # channels-last runs oneDNN's convolutions ~1.5x faster on this CPU than NCHW
         # in the weights' dtype (bf16 under mixed precision)
         h = torch.cat([x_t, low_res_up], dim=1).to(self.conv_in.weight.dtype).contiguous(memory_format=torch.channels_last)

@@ -8,8 +8,8 @@ import torch
 from cascade.config import parse_config
 from cascade.errors import UserError
 from cascade.registry import get_stage
-from superres.streaming import _Conv, _graph, streamed_forward
-from superres.unet import AUG_SCALE, EfficientUNet
+from superres.streaming import _Conv, _graph, _nodes, streamed_forward
+from superres.unet import EfficientUNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DEVICE = torch.device(os.environ.get("CASCADE_TEST_DEVICE", "cpu"))
@@ -63,14 +63,9 @@ def test_streamed_forward_with_text_cross_attention_matches_and_reads_the_text()
 def _drive(net, h, w, rows):
     """Run the graph of one image band by band; the largest number of rows any node kept at once."""
     x, low, t, s = _inputs(1, h, w)
-    emb = net.time_embed(t.float()) + net.aug_embed(s.float() * AUG_SCALE)
+    emb = net.embed(t, s)
     out = _graph(net, x, low, emb, None, None)
-    nodes, todo = [], [out]
-    while todo:  # every node the output depends on
-        node = todo.pop()
-        if isinstance(node, _Conv) and node not in nodes:
-            nodes.append(node)
-            todo += [n for n, _ in node.inputs]
+    nodes = [n for n in _nodes(out) if isinstance(n, _Conv)]  # every conv the output depends on
     peak = 0
     with torch.no_grad():
         for a in range(0, h, rows):
@@ -92,7 +87,7 @@ def test_streaming_keeps_a_band_of_rows_however_tall_the_image():
 def test_rows_asked_again_after_they_were_dropped_are_an_error():
     net = _net()
     x, low, t, s = _inputs(1, 64, 32)
-    emb = net.time_embed(t.float()) + net.aug_embed(s.float() * AUG_SCALE)
+    emb = net.embed(t, s)
     out = _graph(net, x, low, emb, None, None)
     reader = out.reader()
     with torch.no_grad():
