@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo demo-quick bench clean
+.PHONY: install test test-slow demo demo-quick demo-unclip demo-quick-unclip bench clean
 
 install: $(STAMP)
 
@@ -28,8 +28,14 @@ bench: install
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-demo: install
+demo: install  # the Imagen-style system (text -> decoder -> SR) into bundles/tiny-imagen
 	$(OFFLINE) $(PY) -m cascade.demo
 
 demo-quick: install
 	$(OFFLINE) $(PY) -m cascade.demo --quick
+
+demo-unclip: install  # the unCLIP system (CLIP, prior): the one that can vary, interpolate and textdiff
+	$(OFFLINE) $(PY) -m cascade.demo --unclip
+
+demo-quick-unclip: install
+	$(OFFLINE) $(PY) -m cascade.demo --quick --unclip

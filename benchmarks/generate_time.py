@@ -5,7 +5,8 @@ Each timed run is a fresh `cascade generate` process, as a user runs it; the set
 run, so a change of load hits all of them alike. The load is one busy Python loop (one core's worth of
 work), started before a loaded round and stopped after it. Settings (see `SETTINGS`): the defaults; one
 torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinning, which is what costs
-most when another process wants the core); and sr1024 at 2 sampling steps instead of its config's.
+most when another process wants the core); sr1024 at 2 sampling steps instead of its config's; and sr1024
+in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed).
 Prints one JSON line: per setting the median seconds quiet and loaded and their ratio.
 
     python -m benchmarks.generate_time --model bundles/tiny [--runs 3] [--settings default,threads1,...]
@@ -14,6 +15,7 @@ Prints one JSON line: per setting the median seconds quiet and loaded and their 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -25,13 +27,36 @@ from pathlib import Path
 from benchmarks.common import emit
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> (extra environment, extra arguments)
+# name -> (extra environment, extra arguments, changes to the bundle's stage configs {stage: {key: value}})
 SETTINGS = {
-    "default": ({}, []),
-    "threads1": ({"OMP_NUM_THREADS": "1"}, []),
-    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
-    "sr1024_steps2": ({}, ["--steps", "sr1024=2"]),
+    "default": ({}, [], {}),
+    "threads1": ({"OMP_NUM_THREADS": "1"}, [], {}),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, [], {}),
+    "sr1024_steps2": ({}, ["--steps", "sr1024=2"], {}),
+    "tiles": ({}, [], {"sr1024": {"stream_rows": None}}),  # the sr1024 config before streaming (session 23)
 }
+
+
+def bundle_variant(model: str, name: str, changes: dict, tmp: Path) -> str:
+    """`model` itself, or with `changes` a bundle in `tmp` of links to its files whose changed stages get
+    their own config.json (the weights stay links)."""
+    if not changes:
+        return model
+    variant = tmp / f"bundle-{name}"
+    variant.mkdir()
+    for item in Path(model).iterdir():
+        if item.name not in changes:
+            (variant / item.name).symlink_to(item.resolve())
+            continue
+        (variant / item.name).mkdir()
+        for file in item.iterdir():
+            if file.name == "config.json":
+                data = json.loads(file.read_text())
+                data["config"].update(changes[item.name])
+                (variant / item.name / file.name).write_text(json.dumps(data, indent=2))
+            else:
+                (variant / item.name / file.name).symlink_to(file.resolve())
+    return str(variant)
 
 
 def timed_generate(model: str, out: str, env: dict[str, str], args: list[str]) -> float:
@@ -53,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting and load (default: %(default)s)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: "
                                                                   + ", ".join(SETTINGS))
+    p.add_argument("--loads", default="quiet,loaded", help="quiet, loaded or both (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="a small untrained bundle, one run each")
     args = p.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    loads = [x for x in args.loads.split(",") if x]
+    if not loads or set(loads) - {"quiet", "loaded"}:
+        p.error(f"--loads takes quiet, loaded or both; got '{args.loads}'")
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if args.smoke:
@@ -69,22 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             p.error("--model is required unless --smoke")
         times: dict[str, dict[str, list[float]]] = {n: {"quiet": [], "loaded": []} for n in names}
+        models = {n: bundle_variant(model, n, SETTINGS[n][2], Path(tmp)) for n in names}
         timed_generate(model, tmp, {}, [])  # warm the file cache once, untimed
         for _ in range(args.runs):
-            for load in ("quiet", "loaded"):
+            for load in loads:
                 busy = busy_process() if load == "loaded" else None
                 try:
                     for name in names:
-                        env, extra = SETTINGS[name]
-                        times[name][load].append(timed_generate(model, tmp, env, extra))
+                        env, extra, _ = SETTINGS[name]
+                        times[name][load].append(timed_generate(models[name], tmp, env, extra))
                 finally:
                     if busy is not None:
                         busy.kill()
                         busy.wait()
     result = {"bench": "generate_time", "model": args.model or "smoke", "runs": args.runs, "cpus": os.cpu_count()}
     for name in names:
-        quiet, loaded = statistics.median(times[name]["quiet"]), statistics.median(times[name]["loaded"])
-        result[name] = {"quiet_s": round(quiet, 2), "loaded_s": round(loaded, 2), "ratio": round(loaded / quiet, 2)}
+        result[name] = {f"{load}_s": round(statistics.median(times[name][load]), 2) for load in loads}
+        if len(loads) == 2:
+            result[name]["ratio"] = round(result[name]["loaded_s"] / result[name]["quiet_s"], 2)
     emit(result)
     return 0
 

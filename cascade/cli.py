@@ -15,7 +15,12 @@ from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
 # cascade.diffusion.SAMPLERS, spelled out so that `--help` needs no torch import (a test keeps them equal)
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun")
 
-DEMO_BUNDLES = ("bundles/tiny", "bundles/quick")  # what `make demo` and `make demo-quick` build
+# What the demo builds, in the order a command without --model looks for them: `make demo` and `make
+# demo-quick` build the Imagen-style system (the demo's default since it bound better, docs/results.md),
+# `make demo-unclip` and `make demo-quick-unclip` the unCLIP one.
+DEMO_BUNDLES = ("bundles/tiny-imagen", "bundles/tiny", "bundles/quick-imagen", "bundles/quick")
+# the commands that work on CLIP image embeddings, which only an unCLIP bundle has
+EMBEDDING_COMMANDS = ("vary", "interpolate", "textdiff")
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
 
@@ -90,8 +95,9 @@ def _prepare(args) -> None:
 
 
 def resolve_model(args) -> None:
-    """--model, else $CASCADE_MODEL, else the bundle the demo built (bundles/tiny, else bundles/quick);
-    when the user gave no --model, one line on stderr says which bundle this run uses."""
+    """--model, else $CASCADE_MODEL, else the first bundle of DEMO_BUNDLES the demo built (for vary,
+    interpolate and textdiff the first unCLIP one); when the user gave no --model, one line on stderr says
+    which bundle this run uses."""
     if args.model is not None:
         return
     if os.environ.get("CASCADE_MODEL"):
@@ -99,11 +105,31 @@ def resolve_model(args) -> None:
     else:
         found = [b for b in DEMO_BUNDLES if (Path(b) / "cascade.json").is_file()]
         if not found:
-            raise UserError(f"no --model given and no model bundle in {' or '.join(DEMO_BUNDLES)}: make one with "
+            raise UserError(f"no --model given and no model bundle in {', '.join(DEMO_BUNDLES)}: make one with "
                             "`make demo-quick` (or `make demo`), or pass --model BUNDLE")
+        command = getattr(args, "command", None)
+        if command in EMBEDDING_COMMANDS:
+            unclip = [b for b in found if not decoder_text_only(b)]
+            if not unclip:
+                raise UserError(f"{command} works on CLIP image embeddings, and the demo's bundle ({found[0]}) is "
+                                "Imagen-style, which has none: make an unCLIP one with `make demo-quick-unclip` "
+                                "(or `make demo-unclip`), or pass --model BUNDLE")
+            found = unclip
         args.model, why = found[0], "the demo's bundle; pass --model to choose another"
     if os.environ.get("RANK", "0") == "0":
         print(f"cascade: using model {args.model} ({why})", file=sys.stderr)
+
+
+def decoder_text_only(bundle: str | Path) -> bool:
+    """Whether `bundle`'s decoder is Imagen-style (reads its config, not its weights); a bundle whose
+    decoder config cannot be read counts as not, and its load says what is wrong."""
+    from cascade.bundle import saved_config
+    from cascade.stage import text_only
+
+    try:
+        return text_only(saved_config(Path(bundle) / "decoder"))
+    except UserError:
+        return False
 
 
 def slug(text: str) -> str:
@@ -361,7 +387,8 @@ def cmd_textdiff(args) -> int:
 def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--model", default=None,
                    help="model bundle directory (default: $CASCADE_MODEL if set, else the bundle the demo "
-                        "built: bundles/tiny, else bundles/quick)")
+                        "built: bundles/tiny-imagen, tiny, quick-imagen or quick, the first found; an unCLIP one "
+                        "for vary, interpolate and textdiff)")
     p.add_argument("--out", default="out", help="output directory for the PNGs (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's files of the same names (default: name the new set "

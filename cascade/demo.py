@@ -3,11 +3,14 @@ one model bundle, and generate 1024x1024 images for example prompts.
 
     python -m cascade.demo            # the full run (budget: 90 minutes on a 2-core CPU)
     python -m cascade.demo --quick    # the same path with less data and fewer steps (target: 10 minutes)
-    python -m cascade.demo --imagen   # the Imagen-style system: text -> decoder -> SR, no CLIP, no prior
+    python -m cascade.demo --unclip   # the unCLIP system: text -> CLIP -> prior -> decoder -> SR
 
-Run again, it reuses what exists: built shards, finished stages (their exported folder), and
-interrupted training runs resume from their last checkpoint. The Imagen-style run shares the plan's data
-and copies the upsamplers of the unCLIP bundle when that one has them (the SR stages read no text).
+The default is the Imagen-style system (text -> decoder -> SR, no CLIP, no prior) into bundles/<plan>-imagen:
+at equal compute it bound colour, shape and place better than unCLIP (docs/results.md). The unCLIP one,
+into bundles/<plan>, is the one that can vary, interpolate and textdiff. Run again, it reuses what
+exists: built shards, finished stages (their exported folder), and interrupted training runs resume from
+their last checkpoint. The two systems share the plan's data, and each copies the other's upsamplers when
+that one has them (the SR stages read no text).
 """
 from __future__ import annotations
 
@@ -162,41 +165,50 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cascade.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="less data and fewer steps (target: 10 minutes)")
     p.add_argument("--root", default=".", help="where data/, runs/, bundles/ and out/ go (default: .)")
-    p.add_argument("--imagen", action="store_true",
-                   help="train the Imagen-style system instead (configs/tiny/decoder-imagen.yaml: the frozen "
-                        "MiniLM's text into the decoder, no CLIP, no prior) into bundles/<plan>-imagen; it "
-                        "trains faster and put colour and place right more often in the measurements so far "
-                        "(docs/results.md), but cannot vary, interpolate or textdiff")
+    p.add_argument("--unclip", action="store_true",
+                   help="train the unCLIP system (CLIP, its embeddings, the prior and configs/tiny/decoder.yaml) "
+                        "into bundles/<plan> instead of the default Imagen-style one (configs/tiny/"
+                        "decoder-imagen.yaml: the frozen MiniLM's text into the decoder, no CLIP, no prior) into "
+                        "bundles/<plan>-imagen; unCLIP binds less well (docs/results.md) but can vary, "
+                        "interpolate and textdiff")
+    p.add_argument("--imagen", action="store_true", help=argparse.SUPPRESS)  # the default; before, an option
     args = p.parse_args(argv)
-    return run_cli("demo", lambda: demo(QUICK if args.quick else FULL, Path(args.root), imagen=args.imagen),
+    if args.unclip and args.imagen:
+        p.error("--unclip and --imagen name two systems; give one (the default is Imagen-style)")
+    return run_cli("demo", lambda: demo(QUICK if args.quick else FULL, Path(args.root), unclip=args.unclip),
                    interrupted="interrupted; run it again to go on from where it stopped")
 
 
-def share_upsamplers(unclip: Path, bundle: Path) -> None:
-    """Copy the unCLIP bundle's SR stages into the Imagen-style `bundle` (the upsamplers read no text)."""
+def share_upsamplers(other: Path, bundle: Path) -> None:
+    """Copy the other system's SR stages from bundle `other` into `bundle` (the upsamplers read no text)."""
     from cascade.bundle import write_manifest
 
     for stage in ("sr256", "sr1024"):
-        if (unclip / stage / "model.safetensors").is_file() and not (bundle / stage / "model.safetensors").is_file():
-            print(f"= {stage}: shared with {unclip / stage}")
+        if (other / stage / "model.safetensors").is_file() and not (bundle / stage / "model.safetensors").is_file():
+            print(f"= {stage}: shared with {other / stage}")
             partial = bundle / f".{stage}.partial"  # renamed when complete: a stop leaves no half stage
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(bundle / stage, ignore_errors=True)
-            shutil.copytree(unclip / stage, partial)
+            shutil.copytree(other / stage, partial)
             partial.rename(bundle / stage)
             write_manifest(bundle)
 
 
-def demo(plan: Plan, root: Path, *, imagen: bool = False) -> int:
-    name = plan.name + ("-imagen" if imagen else "")
+def bundle_name(plan: Plan, *, unclip: bool) -> str:
+    """bundles/<this>: the unCLIP system's is named after the plan, the Imagen-style one's adds -imagen."""
+    return plan.name + ("" if unclip else "-imagen")
+
+
+def demo(plan: Plan, root: Path, *, unclip: bool = False) -> int:
+    imagen = not unclip
+    name = bundle_name(plan, unclip=unclip)
     data_root, runs, bundle, out = (root / "data" / plan.name, root / "runs" / name,
                                     root / "bundles" / name, root / "out" / name)
     cli = [sys.executable, "-m", "cascade.cli"]
     start = time.monotonic()
     data = build_data(plan, data_root)
-    if imagen:
-        share_upsamplers(root / "bundles" / plan.name, bundle)
-    else:
+    share_upsamplers(root / "bundles" / bundle_name(plan, unclip=not unclip), bundle)  # the other system's
+    if unclip:
         train("clip", plan, data, runs, bundle)
         run(cli + ["data", "embed", "--data", str(data), "--clip", str(bundle / "clip")], "data: embed")
     # The decoder trains after sr256, so that its previews can go through the whole cascade to 256x256.

@@ -211,6 +211,43 @@ def test_without_model_the_demo_bundle_is_used_and_named(bundle, tmp_path, monke
     assert f"using model {bundle} (from $CASCADE_MODEL)" in capsys.readouterr().err
 
 
+def test_without_model_the_imagen_style_demo_bundle_comes_first_but_vary_takes_an_unclip_one(bundle, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """The demo's default system is Imagen-style (bundles/<plan>-imagen); the commands that need CLIP image
+    embeddings (vary, interpolate, textdiff) pass over it to an unCLIP bundle, or say how to make one."""
+    import json
+
+    from cascade.cli import resolve_model
+    from cascade.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CASCADE_MODEL", raising=False)
+    imagen = tmp_path / "bundles" / "tiny-imagen"
+    shutil.copytree(bundle, imagen)
+    config = json.loads((imagen / "decoder" / "config.json").read_text())
+    config["config"]["conditioning"] = "imagen"
+    (imagen / "decoder" / "config.json").write_text(json.dumps(config))
+
+    def resolved(command):
+        args = argparse.Namespace(model=None, command=command)
+        resolve_model(args)
+        return args.model
+
+    assert resolved("generate") == "bundles/tiny-imagen"
+    for command in ("vary", "interpolate", "textdiff"):
+        with pytest.raises(UserError, match=f"{command} works on CLIP image embeddings.*make demo-quick-unclip"):
+            resolved(command)
+    shutil.copytree(bundle, tmp_path / "bundles" / "quick")  # the unCLIP quick demo's bundle
+    assert resolved("generate") == "bundles/tiny-imagen" and resolved("inpaint") == "bundles/tiny-imagen"
+    assert resolved("vary") == resolved("interpolate") == resolved("textdiff") == "bundles/quick"
+    capsys.readouterr()
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    shutil.rmtree(tmp_path / "bundles" / "quick")
+    assert main(["vary", "--image", str(image), "--out", str(tmp_path / "o")]) == 2  # one line, no traceback
+    assert "Imagen-style, which has none" in _error(capsys)
+
+
 # ---------------------------------------------------------------------------------------------- stages loaded
 def test_a_corrupt_later_stage_does_not_block_an_earlier_until(bundle, image, tmp_path, capsys):
     broken = tmp_path / "broken"

@@ -35,12 +35,12 @@ def test_an_exported_stage_is_not_trained_again(tmp_path, monkeypatch, capsys):
 
 
 def test_the_decoder_trains_after_prior_and_sr256_and_previews_through_them(tmp_path, monkeypatch):
-    """The demo's order puts every stage a preview needs (clip, prior, sr256) in the bundle before the
+    """The unCLIP demo's order puts every stage a preview needs (clip, prior, sr256) in the bundle before the
     decoder trains, and the decoder's command asks for previews of the three prompts into out/<plan>/progress."""
     commands = []
     monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
     (tmp_path / "out" / "quick" / "eval").mkdir(parents=True)
-    assert demo.demo(demo.QUICK, tmp_path) == 0
+    assert demo.demo(demo.QUICK, tmp_path, unclip=True) == 0
     trained = [cmd[cmd.index("--stage") + 1] for cmd in commands if "--stage" in cmd]
     assert sorted(trained) == sorted(demo.STAGES)
     assert trained.index("decoder") > max(trained.index("clip"), trained.index("prior"), trained.index("sr256"))
@@ -73,7 +73,7 @@ def test_source_view_links_only_the_named_parts_of_the_mixed_set(tmp_path):
 def test_the_quick_plan_trains_its_decoder_on_one_object_shapes_scenes(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
-    (tmp_path / "out" / "quick" / "eval").mkdir(parents=True)
+    (tmp_path / "out" / "quick-imagen" / "eval").mkdir(parents=True)
     demo.demo(demo.QUICK, tmp_path)
     (build,) = [cmd for cmd in commands if "build" in cmd and "shapes:single" in cmd]
     assert build[build.index("--count") + 1] == str(demo.QUICK.shapes)
@@ -81,18 +81,22 @@ def test_the_quick_plan_trains_its_decoder_on_one_object_shapes_scenes(tmp_path,
     assert decoder[decoder.index("--data") + 1] == str(tmp_path / "data" / "quick" / "mixed-shapes")
 
 
-def test_the_imagen_demo_trains_no_clip_or_prior_and_shares_the_upsamplers(tmp_path, monkeypatch):
-    """--imagen: the plan's data, the Imagen-style decoder config, no clip / embed / prior, its own bundle;
-    the unCLIP bundle's exported SR stages are copied in, not trained again."""
+def _stage_folder(bundle: Path, stage: str, weights: bytes) -> None:
+    (bundle / stage).mkdir(parents=True)
+    (bundle / stage / "model.safetensors").write_bytes(weights)
+    (bundle / stage / "config.json").write_text("{}")
+
+
+def test_the_default_demo_is_imagen_style_trains_no_clip_or_prior_and_shares_the_upsamplers(tmp_path, monkeypatch):
+    """No option: the Imagen-style system (issue #25: the binding benchmark's winner is the demo's default),
+    with the plan's data, the Imagen-style decoder config, no clip / embed / prior, its own bundle; the
+    unCLIP bundle's exported SR stages are copied in, not trained again."""
     commands = []
     monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
-    unclip = tmp_path / "bundles" / "quick"
-    (unclip / "sr256").mkdir(parents=True)
-    (unclip / "sr256" / "model.safetensors").write_bytes(b"weights")
-    (unclip / "sr256" / "config.json").write_text("{}")
+    _stage_folder(tmp_path / "bundles" / "quick", "sr256", b"weights")
     (tmp_path / "out" / "quick-imagen" / "eval").mkdir(parents=True)
     monkeypatch.setattr("cascade.bundle.write_manifest", lambda bundle: None)
-    assert demo.demo(demo.QUICK, tmp_path, imagen=True) == 0
+    assert demo.demo(demo.QUICK, tmp_path) == 0
     trained = [cmd[cmd.index("--stage") + 1] for cmd in commands if "--stage" in cmd]
     assert trained == ["decoder", "sr1024"]  # sr256 came from the unCLIP bundle
     assert not any("embed" in cmd for cmd in commands)
@@ -108,3 +112,34 @@ def test_the_imagen_demo_trains_no_clip_or_prior_and_shares_the_upsamplers(tmp_p
     generate = [cmd for cmd in commands if "generate" in cmd]
     assert len(generate) == len(demo.PROMPTS)
     assert all(cmd[cmd.index("--model") + 1] == str(tmp_path / "bundles" / "quick-imagen") for cmd in generate)
+
+
+def test_the_unclip_demo_shares_the_imagen_style_bundles_upsamplers(tmp_path, monkeypatch):
+    """--unclip after the default demo: clip, embed, prior and the unCLIP decoder train into bundles/<plan>;
+    the SR stages the Imagen-style run exported are copied in, not trained again."""
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    for stage in ("sr256", "sr1024"):
+        _stage_folder(tmp_path / "bundles" / "quick-imagen", stage, stage.encode())
+    (tmp_path / "out" / "quick" / "eval").mkdir(parents=True)
+    monkeypatch.setattr("cascade.bundle.write_manifest", lambda bundle: None)
+    assert demo.demo(demo.QUICK, tmp_path, unclip=True) == 0
+    trained = [cmd[cmd.index("--stage") + 1] for cmd in commands if "--stage" in cmd]
+    assert trained == ["clip", "prior", "decoder"]
+    assert sum("embed" in cmd for cmd in commands) == 1
+    for stage in ("sr256", "sr1024"):
+        assert (tmp_path / "bundles" / "quick" / stage / "model.safetensors").read_bytes() == stage.encode()
+    (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
+    rc = load_run_config(Path(decoder[decoder.index("--config") + 1]), "decoder")
+    assert rc.model.conditioning == "unclip"
+    assert decoder[decoder.index("--export") + 1] == str(tmp_path / "bundles" / "quick")
+
+
+def test_the_demo_command_line_picks_the_system(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(demo, "demo", lambda plan, root, *, unclip=False: calls.append((plan.name, unclip)) or 0)
+    assert demo.main(["--quick"]) == 0 and demo.main(["--unclip"]) == 0 and demo.main(["--imagen"]) == 0
+    assert calls == [("quick", False), ("tiny", True), ("tiny", False)]
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--unclip", "--imagen"])
+    assert stop.value.code == 2 and "give one" in capsys.readouterr().err

@@ -31,11 +31,11 @@ def add_parser(sub) -> None:
                     "progress bar per stage, a queue (one job at a time; the others show their place), cancel, "
                     "and a gallery whose downloads are PNGs with the same text chunks as `cascade generate` "
                     "writes. It listens on 127.0.0.1 only unless --host says otherwise; Ctrl-C stops it.", 100),
-        epilog="example:\n  cascade serve --model bundles/quick          # then open http://127.0.0.1:7860\n"
-               "  cascade serve --model bundles/tiny --port 8000 --device cuda")
+        epilog="example:\n  cascade serve --model bundles/quick-imagen   # then open http://127.0.0.1:7860\n"
+               "  cascade serve --model bundles/tiny --port 8000 --device cuda   # unCLIP: vary, interpolate, textdiff")
     p.add_argument("--model", default=None,
                    help="model bundle directory (default: $CASCADE_MODEL if set, else the bundle the demo built: "
-                        "bundles/tiny, else bundles/quick)")
+                        "bundles/tiny-imagen, tiny, quick-imagen or quick, the first found)")
     p.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 lets every "
                         "machine that can reach this one use the studio and its CPU)")
