@@ -211,6 +211,10 @@ def test_generate_shows_progress_images_settings_and_downloads_with_text_chunks(
 
 def test_per_object_guidance_is_offered_for_an_imagen_style_bundle_and_recorded(browser, imagen_server):
     open_page(browser, imagen_server)
+    for name in ("vary", "interpolate", "textdiff"):  # they work on CLIP image embeddings: unCLIP bundles only
+        button = browser.find_element("css selector", f"#tabs button[data-tab='{name}']")
+        assert not button.is_enabled() and "unCLIP" in button.get_attribute("title")
+    assert browser.find_element("css selector", "#tabs button[data-tab='img2img']").is_enabled()
     field = browser.find_element("id", "regions-field")
     assert field.is_displayed()
     tab(browser, "img2img")
@@ -225,6 +229,9 @@ def test_per_object_guidance_is_offered_for_an_imagen_style_bundle_and_recorded(
     shown = dict(zip([e.text for e in group.find_elements("css selector", ".settings dt")],
                      [e.text for e in group.find_elements("css selector", ".settings dd")]))
     assert shown["regions"] == "2" and shown["layout_prompt"] == "a red star at the top and a blue circle at the bottom"
+    group.find_elements("css selector", ".card button.use")[0].click()  # from generate: img2img, not vary
+    assert browser.find_element("css selector", "#tabs button.active").get_attribute("data-tab") == "img2img"
+    tab(browser, "generate")
     fill(browser, "prompt", "a red star")  # one object: no layout, one line under the form
     browser.find_element("id", "run").click()
     error = wait(lambda: browser.find_element("id", "form-error").text, what="the error")

@@ -22,6 +22,7 @@ const HINTS = {
   inpaint: "Repaint part of an image: choose it, paint the mask, write what goes there.",
 };
 let tab = "generate";
+const EMBEDDING_TABS = ["vary", "interpolate", "textdiff"];  // unCLIP bundles only
 let info = null;
 const slots = {image: null, image_b: null};  // gallery items chosen as inputs
 let nextSlot = "image";
@@ -68,6 +69,12 @@ function fillStageTable() {
   if (!info.text_only) {  // per-object guidance needs a decoder that reads the text itself
     $("#regions-field").dataset.tabs = "";
     $("#regions-field").hidden = true;
+  } else {  // and an Imagen-style decoder reads no CLIP image embedding, which these three work on
+    for (const name of EMBEDDING_TABS) {
+      const button = $(`#tabs button[data-tab='${name}']`);
+      button.disabled = true;
+      button.title = "needs an unCLIP bundle (CLIP image embeddings); this one is Imagen-style";
+    }
   }
 }
 
@@ -142,7 +149,7 @@ function setSlot(name, item) {
 }
 
 function useAsInput(item) {
-  if (tab === "generate") selectTab("vary");
+  if (tab === "generate") selectTab(info.text_only ? "img2img" : "vary");
   let name = "image";
   if (tab === "interpolate") {
     name = nextSlot;
