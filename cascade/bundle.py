@@ -29,6 +29,7 @@ import cascade
 from cascade.atomic_files import replace_dir, use_umask_mode, write_text_atomic
 from cascade.config import parse_config
 from cascade.errors import UserError
+from cascade.stage import text_only
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -129,6 +130,13 @@ def saved_config(stage_dir: str | Path, data: dict[str, Any] | None = None):
     stage_dir = Path(stage_dir)
     data = read_stage_config(stage_dir) if data is None else data
     return parse_config(get_stage(data["stage"]).Config, stage_config_dict(data), str(stage_dir / CONFIG_FILE))
+
+
+def decoder_text_only(bundle_dir: str | Path) -> bool:
+    """Whether the bundle's decoder is Imagen-style (`conditioning: imagen`), read from its saved config
+    without the weights; False for a bundle without a decoder folder (an unreadable config is a UserError)."""
+    decoder = Path(bundle_dir) / "decoder"
+    return decoder.is_dir() and text_only(saved_config(decoder))
 
 
 def load_stage(stage_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:

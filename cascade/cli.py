@@ -109,7 +109,7 @@ def resolve_model(args) -> None:
                             "`make demo-quick` (or `make demo`), or pass --model BUNDLE")
         command = getattr(args, "command", None)
         if command in EMBEDDING_COMMANDS:
-            unclip = [b for b in found if not decoder_text_only(b)]
+            unclip = [b for b in found if _unclip_bundle(b)]
             if not unclip:
                 raise UserError(f"{command} works on CLIP image embeddings, and the demo's bundle ({found[0]}) is "
                                 "Imagen-style, which has none: make an unCLIP one with `make demo-quick-unclip` "
@@ -120,16 +120,15 @@ def resolve_model(args) -> None:
         print(f"cascade: using model {args.model} ({why})", file=sys.stderr)
 
 
-def decoder_text_only(bundle: str | Path) -> bool:
-    """Whether `bundle`'s decoder is Imagen-style (reads its config, not its weights); a bundle whose
-    decoder config cannot be read counts as not, and its load says what is wrong."""
-    from cascade.bundle import saved_config
-    from cascade.stage import text_only
+def _unclip_bundle(bundle: str) -> bool:
+    """Whether a demo bundle's decoder reads CLIP image embeddings; one whose decoder config cannot be read
+    counts as one, and its load says what is wrong."""
+    from cascade.bundle import decoder_text_only
 
     try:
-        return text_only(saved_config(Path(bundle) / "decoder"))
+        return not decoder_text_only(bundle)
     except UserError:
-        return False
+        return True
 
 
 def slug(text: str) -> str:

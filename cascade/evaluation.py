@@ -330,7 +330,7 @@ def add_parser(sub) -> None:
 def _check_regions(args: Any) -> None:
     """--regions' mistakes in one line, before any model loads: no --binding, a scale out of range, a bundle
     whose decoder does not read the text itself (unCLIP)."""
-    from cascade.bundle import check_bundle_dir, saved_config
+    from cascade.bundle import check_bundle_dir, decoder_text_only
     from cascade.cli import check_guidance
 
     if not args.binding:
@@ -338,7 +338,7 @@ def _check_regions(args: Any) -> None:
     check_guidance(args.regions, f"--regions {args.regions:g}")
     bundle = Path(args.model)
     check_bundle_dir(bundle)
-    if not (bundle / "decoder").is_dir() or not text_only(saved_config(bundle / "decoder")):
+    if not decoder_text_only(bundle):
         raise UserError(f"--regions needs an Imagen-style bundle (its decoder reads the text itself); "
                         f"{bundle} has {'an unCLIP decoder' if (bundle / 'decoder').is_dir() else 'no decoder'}")
 
