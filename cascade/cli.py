@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cascade.errors import UserError, run_cli
-from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
+from cascade.registry import EMBEDDING_JOBS, IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
 
 # cascade.diffusion.SAMPLERS, spelled out so that `--help` needs no torch import (a test keeps them equal)
 SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun")
@@ -19,8 +19,6 @@ SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", 
 # demo-quick` build the Imagen-style system (the demo's default since it bound better, docs/results.md),
 # `make demo-unclip` and `make demo-quick-unclip` the unCLIP one.
 DEMO_BUNDLES = ("bundles/tiny-imagen", "bundles/tiny", "bundles/quick-imagen", "bundles/quick")
-# the commands that work on CLIP image embeddings, which only an unCLIP bundle has
-EMBEDDING_COMMANDS = ("vary", "interpolate", "textdiff")
 INPUT_SIZE = 256  # source images are centre-cropped square and resized to this before the CLIP image tower
 
 
@@ -108,7 +106,7 @@ def resolve_model(args) -> None:
             raise UserError(f"no --model given and no model bundle in {', '.join(DEMO_BUNDLES)}: make one with "
                             "`make demo-quick` (or `make demo`), or pass --model BUNDLE")
         command = getattr(args, "command", None)
-        if command in EMBEDDING_COMMANDS:
+        if command in EMBEDDING_JOBS:
             unclip = [b for b in found if _unclip_bundle(b)]
             if not unclip:
                 raise UserError(f"{command} works on CLIP image embeddings, and the demo's bundle ({found[0]}) is "

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from cascade.errors import UserError
-from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES, image_stages_until
+from cascade.registry import EMBEDDING_JOBS, IMAGE_STAGES, SAMPLED_STAGES, SUPERRES_STAGES, image_stages_until
 from cascade.stage import reads_clip, text_only
 
 MAX_PROMPT_CHARS = 300
@@ -281,6 +281,8 @@ class Cascade:
         return decoder is not None and text_only(decoder.config)
 
     def _need_image_embedding(self, job: str) -> None:
+        """Refuse one of `EMBEDDING_JOBS` (the CLI and the studio list the same ones) for an Imagen-style bundle."""
+        assert job in EMBEDDING_JOBS, job
         if self.text_only:
             raise UserError(f"{job} works on CLIP image embeddings, which this bundle's Imagen-style decoder "
                             "(conditioning: imagen) does not read; use an unCLIP bundle")

@@ -22,6 +22,9 @@ STAGE_ORDER = tuple(_BUILTIN)  # every stage of a bundle, in the order they run 
 SAMPLED_STAGES = STAGE_ORDER[1:]  # the diffusion stages the pipeline samples (clip is an encoder)
 IMAGE_STAGES = ("decoder", "sr256", "sr1024")  # the stages that make images; a run may stop after any
 SUPERRES_STAGES = IMAGE_STAGES[1:]
+# The jobs that work on CLIP image embeddings, which only an unCLIP bundle's decoder reads: the CLI's commands
+# of these names, the pipeline's methods and the studio's tabs (an Imagen-style bundle refuses or disables them).
+EMBEDDING_JOBS = ("vary", "interpolate", "textdiff")
 
 
 def image_stages_until(until: str) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cascade.cli import build_parser, main
 from cascade.pipeline import Cascade, Result
+from cascade.registry import EMBEDDING_JOBS
 
 FAST = "prior=2,decoder=2"
 
@@ -234,7 +235,7 @@ def test_without_model_the_imagen_style_demo_bundle_comes_first_but_vary_takes_a
         return args.model
 
     assert resolved("generate") == "bundles/tiny-imagen"
-    for command in ("vary", "interpolate", "textdiff"):
+    for command in EMBEDDING_JOBS:
         with pytest.raises(UserError, match=f"{command} works on CLIP image embeddings.*make demo-quick-unclip"):
             resolved(command)
     shutil.copytree(bundle, tmp_path / "bundles" / "quick")  # the unCLIP quick demo's bundle
@@ -263,3 +264,16 @@ def test_a_corrupt_later_stage_does_not_block_an_earlier_until(bundle, image, tm
     for command in _commands(image)[1:]:
         num = ["--frames", "2"] if command[0] != "vary" else ["--num-images", "1"]
         assert main([*command, *num, "--until", "decoder", *common]) == 0
+
+
+def test_embedding_jobs_are_commands_pipeline_methods_and_studio_tabs(capsys):
+    """One list (cascade.registry.EMBEDDING_JOBS) says which jobs need an unCLIP bundle: the CLI's default-bundle
+    lookup, the pipeline's refusal and the studio's disabled tabs all read it, so each must be all three."""
+    html = (Path(__file__).parents[1] / "cascade" / "serve" / "static" / "index.html").read_text()
+    assert set(EMBEDDING_JOBS) == {"vary", "interpolate", "textdiff"}
+    for job in EMBEDDING_JOBS:
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([job, "--help"])
+        assert done.value.code == 0 and f"usage: cascade {job}" in capsys.readouterr().out
+        assert callable(getattr(Cascade, job))
+        assert f'data-tab="{job}"' in html

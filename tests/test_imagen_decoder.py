@@ -14,6 +14,7 @@ import yaml
 
 from bundle_helpers import CONFIG_STEPS, DECODER, SR, seeded_stage, small_bundle
 from cascade.errors import UserError
+from cascade.registry import EMBEDDING_JOBS
 
 IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 16}
 PROMPTS = ["a big red star at the top left", "a small blue circle below a green heart on a cream background"]
@@ -142,7 +143,7 @@ def test_cascade_runs_text_to_base_to_sr_without_a_prior(imagen_bundle, tmp_path
     assert "conditioning: imagen" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("job", ["vary", "interpolate", "textdiff"])
+@pytest.mark.parametrize("job", EMBEDDING_JOBS)
 def test_image_embedding_jobs_name_the_imagen_decoder_before_a_missing_upsampler(imagen_bundle, job):
     """A decoder-only Imagen-style bundle asked for the default --until sr1024: the error is the one that
     matters (no image embeddings), not that the bundle lacks sr256."""

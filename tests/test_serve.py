@@ -97,6 +97,7 @@ def test_info_names_the_bundle_the_stages_their_defaults_and_eval(base, bundle):
     assert "ddim" in info["samplers"] and info["eval"].startswith("# eval")
     assert info["inpaint"] == "replace"  # the small bundle's decoder was not trained for inpainting
     assert info["text_only"] is False  # unCLIP: the page hides per-object guidance
+    assert info["embedding_jobs"] == ["vary", "interpolate", "textdiff"]  # the tabs an Imagen-style bundle disables
 
 
 # ---------------------------------------------------------------- jobs and their images

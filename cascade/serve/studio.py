@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import UserError
+from cascade.registry import EMBEDDING_JOBS
 from cascade.serve import forms
 from cascade.serve.gallery import Gallery, animated_png
 from cascade.serve.jobs import Job, JobQueue
@@ -49,7 +50,8 @@ class Studio:
                 "image_stages": [s for s in forms.IMAGE_STAGES if s in self.cascade.stages],
                 "samplers": list(SAMPLER_CHOICES), "inpaint": forms.default_inpaint_method(self.cascade),
                 "eval": self.eval_text, "max_upload_bytes": self.max_upload_bytes, "max_pixels": MAX_PIXELS,
-                "max_queued": self.queue.max_queued, "text_only": self.cascade.text_only}
+                "max_queued": self.queue.max_queued, "text_only": self.cascade.text_only,
+                "embedding_jobs": list(EMBEDDING_JOBS)}
 
     def upload(self, data: bytes, name: str, kind: str = "image") -> dict[str, Any]:
         """A checked upload into the gallery: an input image (centre-cropped square) or a drawn mask."""

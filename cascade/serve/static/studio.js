@@ -22,7 +22,6 @@ const HINTS = {
   inpaint: "Repaint part of an image: choose it, paint the mask, write what goes there.",
 };
 let tab = "generate";
-const EMBEDDING_TABS = ["vary", "interpolate", "textdiff"];  // unCLIP bundles only
 let info = null;
 const slots = {image: null, image_b: null};  // gallery items chosen as inputs
 let nextSlot = "image";
@@ -70,7 +69,7 @@ function fillStageTable() {
     $("#regions-field").dataset.tabs = "";
     $("#regions-field").hidden = true;
   } else {  // and an Imagen-style decoder reads no CLIP image embedding, which these three work on
-    for (const name of EMBEDDING_TABS) {
+    for (const name of info.embedding_jobs) {
       const button = $(`#tabs button[data-tab='${name}']`);
       button.disabled = true;
       button.title = "needs an unCLIP bundle (CLIP image embeddings); this one is Imagen-style";
