@@ -69,6 +69,8 @@ class DecoderConfig(DiffusionConfig):
     # loss asking each shapes object's colour and shape tokens to be attended from inside that object, in
     # every attention block. 0: off (the attention then runs on SDPA's fused path).
     grounding_loss: float = Field(0.0, ge=0.0)
+    # and the words that name an object's cell ("top left", "center"), where the caption names it, as its tokens
+    grounding_places: bool = False
     # Sampling defaults (previews, evaluation and the cascade): DDIM, 50 steps, guidance 3.
     guidance: float = Field(3.0, ge=0.0)
     # x0 clipping while sampling: None, "static" ([-1, 1]) or a dynamic thresholding percentile in (0, 1)
@@ -86,6 +88,8 @@ class DecoderConfig(DiffusionConfig):
                              f"{FROZEN_TEXT_ENCODERS[self.text_encoder]}-wide token states")
         if self.grounding_loss and self.conditioning != "imagen":
             raise ValueError("grounding_loss needs conditioning: imagen (it grounds the caption's own tokens)")
+        if self.grounding_places and not self.grounding_loss:
+            raise ValueError("grounding_places adds words to the grounding loss: set grounding_loss too")
         if self.grounding_loss and self.gradient_checkpointing:
             raise ValueError("grounding_loss records attention maps in the forward pass: it cannot be combined "
                              "with gradient_checkpointing")

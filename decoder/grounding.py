@@ -11,7 +11,9 @@ j (averaged over heads), a token's loss is the share of its attention that falls
     L(j) = 1 - sum_p M_k(p) A(p, j) / sum_p A(p, j),
 
 averaged over the objects' tokens and the attention blocks. Only the caption's tokens are read; samples
-whose text was dropped (classifier-free guidance) or that are not shapes scenes add nothing.
+whose text was dropped (classifier-free guidance) or that are not shapes scenes add nothing. With
+`grounding_places` the words naming an object's cell ("top left" in "at the top left", "center") count
+as its tokens too, where the caption names the cell (not for the pair a relation places).
 """
 from __future__ import annotations
 
@@ -24,14 +26,34 @@ import torch
 _WORD = re.compile(r"[a-z]+")
 
 
-def object_token_spans(caption: str, scene: dict[str, Any]) -> list[tuple[int, int, int, int]] | None:
-    """[(colour start, colour end, shape start, shape end)] character spans of each object's colour and shape
-    word in `caption`, in the json's object order, or None when the caption does not name them that way (not
-    a shapes caption, or another order)."""
+def place_spans(words: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]]:
+    """{cell name: (start, end)} of every cell a caption names, from its (word, start, end) list: the words
+    after "at the" / "on the" / "in the" that make a cell's name, the longest first ("top left", not "top")."""
+    from cascade.data.shapes import position_name
+
+    names = {position_name(row, col) for row in range(3) for col in range(3)}
+    found = {}
+    for i in range(len(words) - 2):
+        if words[i][0] in ("at", "on", "in") and words[i + 1][0] == "the":
+            for n in (2, 1):
+                part = words[i + 2: i + 2 + n]
+                name = " ".join(w for w, _, _ in part)
+                if len(part) == n and name in names:
+                    found.setdefault(name, (part[0][1], part[-1][2]))
+                    break
+    return found
+
+
+def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False,
+                       ) -> list[list[tuple[int, int]]] | None:
+    """Per object, in the json's order, the (start, end) character spans in `caption` of its colour and shape
+    words, and with `places` of its cell's name where the caption names that cell; None when the caption does
+    not name the objects that way (not a shapes caption, or another order)."""
     objects = scene.get("objects") if isinstance(scene, dict) else None
     if not objects or not all(isinstance(o, dict) and "shape" in o and "color" in o for o in objects):
         return None
     words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(caption.lower())]
+    cells = place_spans(words) if places else {}
     spans, i = [], 0
     for obj in objects:
         while i < len(words) and not (words[i][0] in (obj["shape"], obj["shape"] + "s") and i > 0
@@ -39,7 +61,13 @@ def object_token_spans(caption: str, scene: dict[str, Any]) -> list[tuple[int, i
             i += 1
         if i == len(words):
             return None
-        spans.append((words[i - 1][1], words[i - 1][2], words[i][1], words[i][2]))
+        spans.append([words[i - 1][1:], words[i][1:]])
+        if places and "cell" in obj:
+            from cascade.data.shapes import position_name
+
+            place = cells.get(position_name(*obj["cell"]))  # cells are unique in a scene: one name, one object
+            if place:
+                spans[-1].append(place)
         i += 1
     return spans
 
@@ -61,18 +89,18 @@ def object_masks(scene: dict[str, Any], size: int, oversample: int = 4) -> torch
 
 
 def grounding_targets(captions: list[str], scenes: list[dict[str, Any]], tokenizer, max_len: int,
-                      ) -> list[list[tuple[list[int], int]]]:
-    """Per sample, [(the context indices of object k's colour and shape tokens, k)]: token i of the
-    caption is context token 1 + i (the decoder's context starts with its null token). Empty for a sample
-    whose caption does not name its objects (`object_token_spans`)."""
+                      places: bool = False) -> list[list[tuple[list[int], int]]]:
+    """Per sample, [(the context indices of object k's colour and shape tokens, and with `places` its cell's,
+    k)]: token i of the caption is context token 1 + i (the decoder's context starts with its null token).
+    Empty for a sample whose caption does not name its objects (`object_token_spans`)."""
     enc = tokenizer(list(captions), truncation=True, max_length=max_len, return_offsets_mapping=True)
     out = []
     for caption, scene, offsets in zip(captions, scenes, enc["offset_mapping"]):
-        spans = object_token_spans(caption, scene)
+        spans = object_token_spans(caption, scene, places)
         targets = []
-        for k, span in enumerate(spans or []):
+        for k, obj_spans in enumerate(spans or []):
             tokens = [1 + i for i, (a, b) in enumerate(offsets) if b > a and any(
-                a < end and b > start for start, end in (span[:2], span[2:]))]
+                a < end and b > start for start, end in obj_spans)]
             if tokens:
                 targets.append((tokens, k))
         out.append(targets)

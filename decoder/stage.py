@@ -183,7 +183,8 @@ class Decoder(Stage):
         from decoder.grounding import grounding_loss, grounding_targets
 
         scenes = list(batch.get("json") or [{}] * b)
-        targets = grounding_targets(batch["txt"], scenes, self._text_encoder().tokenizer, self.config.text_len)
+        targets = grounding_targets(batch["txt"], scenes, self._text_encoder().tokenizer, self.config.text_len,
+                                    places=self.config.grounding_places)
         return loss + grounding * grounding_loss(maps, targets, scenes, keep_text)
 
     @contextmanager

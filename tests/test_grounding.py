@@ -31,10 +31,43 @@ def test_each_objects_colour_and_shape_tokens_are_found_in_scene_order(tokenizer
             words = tokenizer.convert_ids_to_tokens([row[j - 1] for j in tokens])  # context j = token j - 1
             assert words == [scene["objects"][k]["color"], scene["objects"][k]["shape"]], caption
     star = {"objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "circle"}]}
-    assert object_token_spans("a red star above a blue circle", star) == [(2, 5, 6, 10), (19, 23, 24, 30)]
+    assert object_token_spans("a red star above a blue circle", star) == [[(2, 5), (6, 10)], [(19, 23), (24, 30)]]
     assert object_token_spans("a blue circle below a red star", star) is None  # not in the json's order
     assert object_token_spans("a red circle", {"source": "emoji"}) is None  # not a shapes scene
     assert grounding_targets(["a grinning face"], [{}], tokenizer, 48) == [[]]
+
+
+def test_grounding_places_adds_the_words_naming_each_objects_cell(tokenizer):
+    """`grounding_places`: an object's cell name ("top left", "center") joins its colour and shape tokens where the
+    caption names its cell; the pair a relation places gets none, and "at the top" is not read inside "at the top
+    left"."""
+    scene = {"objects": [{"color": "red", "shape": "star", "cell": [0, 0]},
+                         {"color": "blue", "shape": "circle", "cell": [0, 1]},
+                         {"color": "green", "shape": "heart", "cell": [1, 1]}]}
+    caption = "a big red star at the top left, a small blue circle at the top and a green heart in the center"
+    spans = object_token_spans(caption, scene, places=True)
+    assert [[caption[a:b] for a, b in obj] for obj in spans] == [
+        ["red", "star", "top left"], ["blue", "circle", "top"], ["green", "heart", "center"]]
+    assert object_token_spans(caption, scene) == [obj[:2] for obj in spans]  # off: colour and shape only
+    relation = "a big red star to the left of a small blue circle, and a green heart in the center"
+    spans = object_token_spans(relation, scene, places=True)
+    assert [[relation[a:b] for a, b in obj] for obj in spans] == [
+        ["red", "star"], ["blue", "circle"], ["green", "heart", "center"]]
+    # every phrasing of real scenes ("at the bottom, a large pink heart" too): each object's tokens are its colour
+    # and shape words, and its cell's words where the caption names its cell
+    captions, scenes = zip(*[scene_for(0, i) for i in range(300)])
+    targets = grounding_targets(list(captions), list(scenes), tokenizer, 48, places=True)
+    ids = tokenizer(list(captions), truncation=True, max_length=48)["input_ids"]
+    named = 0
+    for caption, scene, sample, row in zip(captions, scenes, targets, ids):
+        assert [k for _, k in sample] == list(range(len(scene["objects"]))), caption
+        for tokens, k in sample:
+            obj = scene["objects"][k]
+            words = tokenizer.convert_ids_to_tokens([row[j - 1] for j in tokens])
+            noun = [obj["color"], obj["shape"]]
+            assert sorted(words) in (sorted(noun), sorted(noun + obj["position"].split())), caption
+            named += len(words) > 2
+    assert named > 300  # most objects' captions name their cell
 
 
 def test_object_masks_are_the_renderers_coverage_scaled_to_one():
@@ -92,7 +125,8 @@ def test_recorded_attention_is_what_sdpa_computes():
     assert len(maps) == 1  # no recording without gradients (a self-conditioning estimate, sampling)
 
 
-def test_the_decoders_loss_adds_the_weighted_term_and_training_lowers_it():
+@pytest.mark.parametrize("places", [False, True])
+def test_the_decoders_loss_adds_the_weighted_term_and_training_lowers_it(places):
     from cascade.data.reader import image_to_tensor
     from cascade.data.shapes import render
 
@@ -100,8 +134,15 @@ def test_the_decoders_loss_adds_the_weighted_term_and_training_lowers_it():
     batch = {"image_64": torch.stack([image_to_tensor(render(s, 64)) for s in scenes]), "txt": list(captions),
              "json": list(scenes)}
     plain = seeded_stage("decoder", **IMAGEN)
-    grounded = seeded_stage("decoder", **IMAGEN, grounding_loss=1.0)
+    grounded = seeded_stage("decoder", **IMAGEN, grounding_loss=1.0, grounding_places=places)
     grounded.load_state_dict(plain.state_dict())
+    if places:  # the term reads the cell words as well: not the colour-and-shape term of the same weights
+        words = seeded_stage("decoder", **IMAGEN, grounding_loss=1.0)
+        words.load_state_dict(plain.state_dict())
+        torch.manual_seed(0)
+        with_places = grounded.loss(batch).item()
+        torch.manual_seed(0)
+        assert with_places != pytest.approx(words.loss(batch).item(), abs=1e-4)
 
     def term(seed: int) -> float:
         """The grounded loss minus the plain one, the same weights and draws: the weight (1) times the term."""
@@ -131,3 +172,5 @@ def test_grounding_needs_the_imagen_decoder_and_no_checkpointing():
         DecoderConfig(grounding_loss=0.1)
     with pytest.raises((ValueError, ConfigError), match="gradient_checkpointing"):
         DecoderConfig(conditioning="imagen", grounding_loss=0.1, gradient_checkpointing=True)
+    with pytest.raises((ValueError, ConfigError), match="set grounding_loss too"):
+        DecoderConfig(conditioning="imagen", grounding_places=True)
