@@ -49,6 +49,8 @@ def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False
     """Per object, in the json's order, the (start, end) character spans in `caption` of its colour and shape
     words, and with `places` of its cell's name where the caption names that cell; None when the caption does
     not name the objects that way (not a shapes caption, or another order)."""
+    from cascade.data.shapes import position_name
+
     objects = scene.get("objects") if isinstance(scene, dict) else None
     if not objects or not all(isinstance(o, dict) and "shape" in o and "color" in o for o in objects):
         return None
@@ -63,8 +65,6 @@ def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False
             return None
         spans.append([words[i - 1][1:], words[i][1:]])
         if places and "cell" in obj:
-            from cascade.data.shapes import position_name
-
             place = cells.get(position_name(*obj["cell"]))  # cells are unique in a scene: one name, one object
             if place:
                 spans[-1].append(place)
