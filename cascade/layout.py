@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from cascade.data.shapes import SHAPES, position_phrase
+from cascade.data.shapes import SHAPES, position_name, position_phrase
 
 _CELLS = {position_phrase(r, c): (r, c) for r in range(3) for c in range(3)}
 # longest first, so that "at the top left" wins over "at the top"
@@ -28,6 +28,17 @@ _PLANS = {"above": [((0, c), (2, c)) for c in (1, 0, 2)] + [((0, c), (1, c)) for
           "to the left of": [((r, 0), (r, 2)) for r in (1, 0, 2)] + [((r, 0), (r, 1)) for r in (1, 0, 2)]
           + [((r, 1), (r, 2)) for r in (1, 0, 2)]}
 _JOIN = re.compile(r"^[\s,]*(and\b)?[\s,]*")
+
+
+def named_cells(text: str) -> dict[tuple[int, int], tuple[int, int]]:
+    """{(row, column): (start, end)} of the cell's name ("top left" of "at the top left") for each cell phrase in
+    `text` (lower case), its first mention; the phrases `object_cells` reads, so "at the top" is not found inside
+    "at the top left"."""
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    for match in _POSITION.finditer(text):
+        cell = _CELLS[match.group(1)]
+        found.setdefault(cell, (match.end(1) - len(position_name(*cell)), match.end(1)))
+    return found
 
 
 def object_cells(prompt: str) -> list[tuple[str, int, int]] | None:

@@ -26,36 +26,18 @@ import torch
 _WORD = re.compile(r"[a-z]+")
 
 
-def place_spans(words: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]]:
-    """{cell name: (start, end)} of every cell a caption names, from its (word, start, end) list: the words
-    after "at the" / "on the" / "in the" that make a cell's name, the longest first ("top left", not "top")."""
-    from cascade.data.shapes import position_name
-
-    names = {position_name(row, col) for row in range(3) for col in range(3)}
-    found = {}
-    for i in range(len(words) - 2):
-        if words[i][0] in ("at", "on", "in") and words[i + 1][0] == "the":
-            for n in (2, 1):
-                part = words[i + 2: i + 2 + n]
-                name = " ".join(w for w, _, _ in part)
-                if len(part) == n and name in names:
-                    found.setdefault(name, (part[0][1], part[-1][2]))
-                    break
-    return found
-
-
 def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False,
                        ) -> list[list[tuple[int, int]]] | None:
     """Per object, in the json's order, the (start, end) character spans in `caption` of its colour and shape
     words, and with `places` of its cell's name where the caption names that cell; None when the caption does
     not name the objects that way (not a shapes caption, or another order)."""
-    from cascade.data.shapes import position_name
+    from cascade.layout import named_cells
 
     objects = scene.get("objects") if isinstance(scene, dict) else None
     if not objects or not all(isinstance(o, dict) and "shape" in o and "color" in o for o in objects):
         return None
     words = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(caption.lower())]
-    cells = place_spans(words) if places else {}
+    cells = named_cells(caption.lower()) if places else {}
     spans, i = [], 0
     for obj in objects:
         while i < len(words) and not (words[i][0] in (obj["shape"], obj["shape"] + "s") and i > 0
@@ -65,7 +47,7 @@ def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False
             return None
         spans.append([words[i - 1][1:], words[i][1:]])
         if places and "cell" in obj:
-            place = cells.get(position_name(*obj["cell"]))  # cells are unique in a scene: one name, one object
+            place = cells.get(tuple(obj["cell"]))  # cells are unique in a scene: one phrase, one object
             if place:
                 spans[-1].append(place)
         i += 1

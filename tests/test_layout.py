@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cascade.layout import cell_mask, object_cells, planned_cells, prompt_regions, region_cells
+from cascade.layout import cell_mask, named_cells, object_cells, planned_cells, prompt_regions, region_cells
 
 
 def test_each_object_gets_its_own_phrase_and_cell():
@@ -118,3 +118,10 @@ def test_cell_masks_cover_their_cell_and_a_margin(size):
     regions = prompt_regions("a red star at the top left and a blue circle at the bottom right", size)
     assert [phrase for phrase, _ in regions] == ["a red star at the top left", "a blue circle at the bottom right"]
     assert torch.equal(regions[1][1], corner) and regions[0][1].shape == (size, size)
+
+
+def test_named_cells_are_the_spans_of_each_cell_name_longest_first():
+    text = "a red star at the top left, a blue circle at the top and a green heart in the center"
+    spans = named_cells(text)
+    assert {cell: text[a:b] for cell, (a, b) in spans.items()} == {(0, 0): "top left", (0, 1): "top", (1, 1): "center"}
+    assert named_cells("a red star above a blue circle") == {}
