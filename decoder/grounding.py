@@ -111,3 +111,28 @@ def grounding_loss(maps: list[torch.Tensor], targets: list[list[tuple[list[int],
     if not losses:
         return maps[0].sum() * 0 if maps else torch.zeros(())
     return torch.cat(losses).mean()
+
+
+def cell_word_targets(captions: list[str], scenes: list[dict[str, Any]], tokenizer, max_len: int,
+                      ) -> list[list[tuple[list[int], int]]]:
+    """Per sample, [(the context indices of object k's cell words only, k)]: `grounding_targets` with places,
+    less its colour and shape tokens. Empty for an object whose cell the caption does not name."""
+    words = grounding_targets(captions, scenes, tokenizer, max_len)
+    both = grounding_targets(captions, scenes, tokenizer, max_len, places=True)
+    out = []
+    for noun, every in zip(words, both):
+        named = {k: set(tokens) for tokens, k in noun}
+        sample = [([j for j in tokens if j not in named.get(k, ())], k) for tokens, k in every]
+        out.append([(tokens, k) for tokens, k in sample if tokens])
+    return out
+
+
+def inside_share(maps: list[torch.Tensor], targets: list[list[tuple[list[int], int]]],
+                 scenes: list[dict[str, Any]]) -> float | None:
+    """The mean, over the targets' tokens and the attention maps, of the share of a token's attention that
+    comes from inside its object (1 - the loss, every row's text kept); None when nothing has a target.
+    Attention spread evenly over the image gives the objects' mean coverage."""
+    if not any(targets):
+        return None
+    keep = torch.ones(len(targets), dtype=torch.bool)
+    return 1.0 - float(grounding_loss(maps, targets, scenes, keep))

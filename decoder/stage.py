@@ -187,6 +187,24 @@ class Decoder(Stage):
                                     places=self.config.grounding_places)
         return loss + grounding * grounding_loss(maps, targets, scenes, keep_text)
 
+    def text_attention(self, x_t: torch.Tensor, t: torch.Tensor, texts: list[str]) -> list[torch.Tensor]:
+        """imagen: one forward of the U-Net at (x_t, t) reading `texts`, and per text-reading attention block
+        the (B, HW, L) shares of each query's attention per context token (averaged over heads; token i of a
+        text is context token 1 + i, after the null token). What the grounding loss reads; for diagnostics
+        (`benchmarks/grounding_share.py`). No gradients are kept."""
+        if self.config.conditioning != "imagen":
+            raise ValueError("text_attention reads the token states of an Imagen-style decoder (conditioning: imagen)")
+        keep = torch.ones(len(texts), dtype=torch.bool, device=self.device)
+        with torch.no_grad():
+            emb, context, mask = self._condition({"txt": list(texts)}, keep, keep)
+        x_t, t = x_t.to(self.device, torch.float32), t.to(self.device)
+        extra = self.inpaint_channels(None, None, x_t.shape, self.device) if self.config.inpaint else None
+        if self.config.self_condition:  # the first sampling step's input: no estimate yet
+            x_t = torch.cat([x_t, torch.zeros_like(x_t)], dim=1)
+        with torch.enable_grad(), self._recording_attention() as maps:  # blocks record only with gradients on
+            self._unet(x_t, t, emb, context, mask, extra)
+        return [m.detach() for m in maps]
+
     @contextmanager
     def _recording_attention(self):
         """A list that every text-reading attention block appends its attention shares to, while inside."""

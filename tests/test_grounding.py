@@ -1,7 +1,7 @@
 """Token grounding (`grounding_loss`, decoder/grounding.py): each shapes object's colour and shape tokens found
 in its caption, its coverage at each attention resolution, the loss against its closed form, the recorded
 attention against SDPA's, and the decoder's loss with it: the diffusion loss plus the weight times the term,
-which training lowers."""
+which training lowers; and the diagnostic that reads the same shares (`benchmarks/grounding_share.py`)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,8 @@ import torch
 
 from bundle_helpers import DECODER, seeded_stage
 from cascade.data.shapes import scene_for
-from decoder.grounding import grounding_loss, grounding_targets, object_masks, object_token_spans
+from decoder.grounding import (cell_word_targets, grounding_loss, grounding_targets, inside_share, object_masks,
+                               object_token_spans)
 
 IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 48}
 
@@ -174,3 +175,67 @@ def test_grounding_needs_the_imagen_decoder_and_no_checkpointing():
         DecoderConfig(conditioning="imagen", grounding_loss=0.1, gradient_checkpointing=True)
     with pytest.raises((ValueError, ConfigError), match="set grounding_loss too"):
         DecoderConfig(conditioning="imagen", grounding_places=True)
+
+
+def test_cell_word_targets_are_the_place_tokens_without_colour_and_shape(tokenizer):
+    captions, scenes = zip(*[scene_for(0, i) for i in range(120)])
+    cells = cell_word_targets(list(captions), list(scenes), tokenizer, 48)
+    ids = tokenizer(list(captions), truncation=True, max_length=48)["input_ids"]
+    named = 0
+    for caption, scene, sample, row in zip(captions, scenes, cells, ids):
+        for tokens, k in sample:
+            words = tokenizer.convert_ids_to_tokens([row[j - 1] for j in tokens])
+            assert words == scene["objects"][k]["position"].split(), caption  # "top left", never "red star"
+            named += 1
+    assert named > 100
+
+
+def test_inside_share_is_one_minus_the_loss_and_the_coverage_for_even_attention():
+    _, scene = next(scene_for(0, i) for i in range(50) if len(scene_for(0, i)[1]["objects"]) == 2)
+    mask = object_masks(scene, 8)
+    targets = [[([2], 0), ([3], 1)]]
+    inside = torch.zeros(1, 64, 4)
+    inside[0, mask[0].argmax(), 2] = inside[0, mask[1].argmax(), 3] = 0.5
+    assert inside_share([inside], targets, [scene]) == pytest.approx(1.0, abs=1e-6)
+    swapped = inside[..., [0, 1, 3, 2]]
+    assert inside_share([swapped], targets, [scene]) == pytest.approx(0.0, abs=1e-6)
+    even = inside_share([torch.ones(1, 64, 4)], targets, [scene])
+    assert even == pytest.approx(((mask[0].mean() + mask[1].mean()) / 2).item(), rel=1e-5)
+    assert inside_share([inside], [[]], [scene]) is None
+
+
+def test_text_attention_is_one_recorded_map_per_text_block_without_gradients():
+    stage = seeded_stage("decoder", **IMAGEN).eval()
+    captions, scenes = zip(*[scene_for(0, i) for i in range(2)])
+    x_t, t = torch.randn(2, 3, 64, 64), torch.tensor([10, 900])
+    maps = stage.text_attention(x_t, t, list(captions))
+    blocks = [m for m in stage.unet.modules() if getattr(m, "context_kv", None) is not None]
+    assert len(maps) == len(blocks) >= 1
+    for m in maps:
+        assert m.shape[0] == 2 and m.shape[2] == 1 + 48 and not m.requires_grad  # null token + text_len
+        assert (m >= 0).all() and (m.sum(-1) <= 1 + 1e-5).all()  # the rest of each query's attention: the image
+    assert all(b.record is None for b in blocks)  # the recording is switched off again
+    with pytest.raises(ValueError, match="imagen"):
+        seeded_stage("decoder", **DECODER).text_attention(x_t, t, list(captions))
+
+
+def test_grounding_share_benchmark_prints_each_models_shares(tmp_path, capsys):
+    import json
+
+    from benchmarks.grounding_share import main
+    from bundle_helpers import small_bundle
+    from cascade.bundle import save_stage, write_manifest
+
+    bundle = tmp_path / "imagen"
+    save_stage(seeded_stage("decoder", **IMAGEN), bundle / "decoder")
+    write_manifest(bundle)
+    assert main(["--model", f"tiny={bundle}", "--scenes", "3", "--t", "100,900"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    scores = line["models"]["tiny"]
+    assert line["scenes"] == 3 and line["bench"] == "grounding_share"
+    assert {"colour_shape@t100", "colour_shape@t900", "even"} <= set(scores)
+    assert all(0.0 <= v <= 1.0 for k, v in scores.items() if k != "seconds")
+    assert main(["--model", str(small_bundle(tmp_path / "unclip"))]) == 2
+    assert "not Imagen-style" in capsys.readouterr().err
+    assert main(["--model", str(bundle), "--t", "1000"]) == 2
+    assert "timesteps must be in [0, 1000)" in capsys.readouterr().err
