@@ -67,14 +67,14 @@ def shares(stage, captions: list[str], scenes: list[dict], times: list[int], see
     maps = []
     for t_ in times:
         t = torch.full((len(scenes),), t_, dtype=torch.long)
-        maps = stage.text_attention(q_sample(stage.schedule, x0, t, noise), t, captions)
+        maps = [m.cpu() for m in stage.text_attention(q_sample(stage.schedule, x0, t, noise), t, captions)]
         if not maps:
             raise UserError("this decoder has no attention block that reads the text")
         for name, targets in (("colour_shape", words), ("cell_words", cells)):
-            share = inside_share([m.cpu() for m in maps], targets, scenes)
+            share = inside_share(maps, targets, scenes)
             if share is not None:
                 out[f"{name}@t{t_}"] = share
-    out["even"] = inside_share([torch.ones_like(m).cpu() for m in maps], words, scenes)  # every query alike
+    out["even"] = inside_share([torch.ones_like(m) for m in maps], words, scenes)  # every query alike
     return out
 
 

@@ -194,15 +194,10 @@ class Decoder(Stage):
         (`benchmarks/grounding_share.py`). No gradients are kept."""
         if self.config.conditioning != "imagen":
             raise ValueError("text_attention reads the token states of an Imagen-style decoder (conditioning: imagen)")
-        keep = torch.ones(len(texts), dtype=torch.bool, device=self.device)
         with torch.no_grad():
-            emb, context, mask = self._condition({"txt": list(texts)}, keep, keep)
-        x_t, t = x_t.to(self.device, torch.float32), t.to(self.device)
-        extra = self.inpaint_channels(None, None, x_t.shape, self.device) if self.config.inpaint else None
-        if self.config.self_condition:  # the first sampling step's input: no estimate yet
-            x_t = torch.cat([x_t, torch.zeros_like(x_t)], dim=1)
+            denoise = self.denoiser({"txt": list(texts)})  # the first sampling step's inputs, text kept
         with torch.enable_grad(), self._recording_attention() as maps:  # blocks record only with gradients on
-            self._unet(x_t, t, emb, context, mask, extra)
+            denoise(x_t.to(self.device, torch.float32), t.to(self.device))
         return [m.detach() for m in maps]
 
     @contextmanager
