@@ -71,6 +71,10 @@ class DecoderConfig(DiffusionConfig):
     grounding_loss: float = Field(0.0, ge=0.0)
     # and the words that name an object's cell ("top left", "center"), where the caption names it, as its tokens
     grounding_places: bool = False
+    # Colour dropout (imagen; a caption augmentation for held-out colour-shape pairs): each shapes object's
+    # colour word is cut from the training caption with this probability ("a big star at the top left"),
+    # so its shape word is also read without a colour beside it. The image keeps its colours.
+    p_drop_colour: float = Field(0.0, ge=0.0, le=1.0)
     # Sampling defaults (previews, evaluation and the cascade): DDIM, 50 steps, guidance 3.
     guidance: float = Field(3.0, ge=0.0)
     # x0 clipping while sampling: None, "static" ([-1, 1]) or a dynamic thresholding percentile in (0, 1)
@@ -88,6 +92,9 @@ class DecoderConfig(DiffusionConfig):
                              f"{FROZEN_TEXT_ENCODERS[self.text_encoder]}-wide token states")
         if self.grounding_loss and self.conditioning != "imagen":
             raise ValueError("grounding_loss needs conditioning: imagen (it grounds the caption's own tokens)")
+        if self.p_drop_colour and self.conditioning != "imagen":
+            raise ValueError("p_drop_colour rewrites the captions the decoder reads: it needs conditioning: imagen "
+                             "(unclip reads stored CLIP embeddings)")
         if self.grounding_places and not self.grounding_loss:
             raise ValueError("grounding_places adds words to the grounding loss: set grounding_loss too")
         if self.grounding_loss and self.gradient_checkpointing:

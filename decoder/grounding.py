@@ -14,6 +14,9 @@ averaged over the objects' tokens and the attention blocks. Only the caption's t
 whose text was dropped (classifier-free guidance) or that are not shapes scenes add nothing. With
 `grounding_places` the words naming an object's cell ("top left" in "at the top left", "center") count
 as its tokens too, where the caption names the cell (not for the pair a relation places).
+
+`drop_colours` is the decoder's `p_drop_colour` augmentation: it cuts objects' colour words from a training
+caption, which the spans above then skip.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ _WORD = re.compile(r"[a-z]+")
 def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False,
                        ) -> list[list[tuple[int, int]]] | None:
     """Per object, in the json's order, the (start, end) character spans in `caption` of its colour and shape
-    words, and with `places` of its cell's name where the caption names that cell; None when the caption does
-    not name the objects that way (not a shapes caption, or another order)."""
+    words (the shape's only where `drop_colours` cut the colour), and with `places` of its cell's name where
+    the caption names that cell; None when the caption does not name the objects that way (not a shapes
+    caption, or another order)."""
     from cascade.layout import named_cells
 
     objects = scene.get("objects") if isinstance(scene, dict) else None
@@ -40,18 +44,37 @@ def object_token_spans(caption: str, scene: dict[str, Any], places: bool = False
     cells = named_cells(caption.lower()) if places else {}
     spans, i = [], 0
     for obj in objects:
+        named = obj.get("colour_in_caption", True)  # False: `drop_colours` cut its colour word
         while i < len(words) and not (words[i][0] in (obj["shape"], obj["shape"] + "s") and i > 0
-                                      and words[i - 1][0] == obj["color"]):
+                                      and (words[i - 1][0] == obj["color"] or not named)):
             i += 1
         if i == len(words):
             return None
-        spans.append([words[i - 1][1:], words[i][1:]])
+        spans.append([words[i - 1][1:], words[i][1:]] if named else [words[i][1:]])
         if places and "cell" in obj:
             place = cells.get(tuple(obj["cell"]))  # cells are unique in a scene: one phrase, one object
             if place:
                 spans[-1].append(place)
         i += 1
     return spans
+
+
+def drop_colours(caption: str, scene: dict[str, Any], drop) -> tuple[str, dict[str, Any]]:
+    """The caption without the colour word of each object k with `drop[k]` true ("a big red star above a
+    blue circle" -> "a big star above a blue circle"), and a copy of the scene whose dropped objects say
+    `colour_in_caption: False` (so `object_token_spans` still finds their shape word). The caption and
+    scene unchanged where the caption does not name its objects by colour and shape."""
+    spans = object_token_spans(caption, scene)
+    if spans is None or not any(drop[k] for k in range(len(spans))):
+        return caption, scene
+    cuts = [spans[k][0] for k in range(len(spans)) if drop[k]]
+    out, last = [], 0
+    for start, end in cuts:  # the colour word and the space after it
+        out.append(caption[last:start])
+        last = end + 1 if caption[end:end + 1] == " " else end
+    out.append(caption[last:])
+    objects = [dict(obj, colour_in_caption=False) if drop[k] else obj for k, obj in enumerate(scene["objects"])]
+    return "".join(out), dict(scene, objects=objects)
 
 
 def object_masks(scene: dict[str, Any], size: int, oversample: int = 4) -> torch.Tensor:

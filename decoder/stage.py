@@ -147,6 +147,8 @@ class Decoder(Stage):
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
         x0 = batch[f"image_{self.config.image_size}"].to(self.device, torch.float32)
         b = x0.shape[0]
+        if self.config.p_drop_colour and self.training:
+            batch = self._drop_colours(batch, b)
         keep_image = torch.rand(b, device=self.device) >= self.config.p_drop_image
         keep_text = torch.rand(b, device=self.device) >= self.config.p_drop_text
         emb, context, mask = self._condition(batch, keep_image, keep_text)
@@ -186,6 +188,19 @@ class Decoder(Stage):
         targets = grounding_targets(batch["txt"], scenes, self._text_encoder().tokenizer, self.config.text_len,
                                     places=self.config.grounding_places)
         return loss + grounding * grounding_loss(maps, targets, scenes, keep_text)
+
+    def _drop_colours(self, batch: dict[str, Any], b: int) -> dict[str, Any]:
+        """The batch with each shapes object's colour word cut from its caption with probability
+        `p_drop_colour` (`decoder.grounding.drop_colours`); one draw per sample and object slot."""
+        from decoder.grounding import drop_colours
+
+        scenes = list(batch.get("json") or [{}] * b)
+        slots = max((len(s.get("objects") or ()) for s in scenes if isinstance(s, dict)), default=0)
+        if not slots:
+            return batch
+        drop = (torch.rand(b, slots, device=self.device) < self.config.p_drop_colour).tolist()
+        rewritten = [drop_colours(text, scene, row) for text, scene, row in zip(batch["txt"], scenes, drop)]
+        return dict(batch, txt=[text for text, _ in rewritten], json=[scene for _, scene in rewritten])
 
     def text_attention(self, x_t: torch.Tensor, t: torch.Tensor, texts: list[str]) -> list[torch.Tensor]:
         """imagen: one forward of the U-Net at (x_t, t) reading `texts`, and per text-reading attention block

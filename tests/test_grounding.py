@@ -1,7 +1,8 @@
 """Token grounding (`grounding_loss`, decoder/grounding.py): each shapes object's colour and shape tokens found
 in its caption, its coverage at each attention resolution, the loss against its closed form, the recorded
 attention against SDPA's, and the decoder's loss with it: the diffusion loss plus the weight times the term,
-which training lowers; and the diagnostic that reads the same shares (`benchmarks/grounding_share.py`)."""
+which training lowers; the diagnostic that reads the same shares (`benchmarks/grounding_share.py`); and the
+colour dropout (`p_drop_colour`) that cuts colour words from training captions."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 from bundle_helpers import DECODER, seeded_stage
 from cascade.data.shapes import scene_for
-from decoder.grounding import (cell_word_targets, grounding_loss, grounding_targets, inside_share, object_masks,
-                               object_token_spans)
+from decoder.grounding import (cell_word_targets, drop_colours, grounding_loss, grounding_targets, inside_share,
+                               object_masks, object_token_spans)
 
 IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 48}
 
@@ -239,3 +240,59 @@ def test_grounding_share_benchmark_prints_each_models_shares(tmp_path, capsys):
     assert "not Imagen-style" in capsys.readouterr().err
     assert main(["--model", str(bundle), "--t", "1000"]) == 2
     assert "timesteps must be in [0, 1000)" in capsys.readouterr().err
+
+
+def test_drop_colours_cuts_the_chosen_objects_colour_words_and_the_spans_follow(tokenizer):
+    scene = {"objects": [{"color": "red", "shape": "star", "cell": [0, 0]},
+                         {"color": "red", "shape": "circle", "cell": [2, 2]}]}
+    caption = "a big red star at the top left and a small red circle at the bottom right on a red background"
+    text, dropped = drop_colours(caption, scene, [True, False])
+    assert text == "a big star at the top left and a small red circle at the bottom right on a red background"
+    assert dropped["objects"][0]["colour_in_caption"] is False and "colour_in_caption" not in scene["objects"][0]
+    spans = object_token_spans(text, dropped, places=True)
+    assert [[text[a:b] for a, b in obj] for obj in spans] == [["star", "top left"], ["red", "circle", "bottom right"]]
+    assert drop_colours(caption, scene, [False, False]) == (caption, scene)
+    assert drop_colours("a grinning face", {"source": "emoji"}, [True]) == ("a grinning face", {"source": "emoji"})
+    # every phrasing of real scenes: the dropped objects' tokens are their shape word alone, the others' unchanged
+    gen = torch.Generator().manual_seed(0)
+    captions, scenes, kept = [], [], []
+    for i in range(300):
+        caption, scene = scene_for(0, i)
+        drop = (torch.rand(len(scene["objects"]), generator=gen) < 0.5).tolist()
+        text, new = drop_colours(caption, scene, drop)
+        assert len(text) == len(caption) - sum(len(o["color"]) + 1 for o, d in zip(scene["objects"], drop) if d)
+        captions.append(text), scenes.append(new), kept.append(drop)
+    ids = tokenizer(captions, truncation=True, max_length=48)["input_ids"]
+    for caption, scene, sample, row, drop in zip(captions, scenes, grounding_targets(captions, scenes, tokenizer, 48),
+                                                  ids, kept):
+        assert [k for _, k in sample] == list(range(len(scene["objects"]))), caption
+        for tokens, k in sample:
+            obj = scene["objects"][k]
+            words = tokenizer.convert_ids_to_tokens([row[j - 1] for j in tokens])
+            assert words == ([obj["shape"]] if drop[k] else [obj["color"], obj["shape"]]), caption
+
+
+def test_the_decoder_reads_captions_without_dropped_colours_only_in_training():
+    from cascade.config import ConfigError
+    from cascade.data.reader import image_to_tensor
+    from cascade.data.shapes import render
+    from decoder.config import DecoderConfig
+
+    captions, scenes = zip(*[scene_for(0, i) for i in range(8)])
+    batch = {"image_64": torch.stack([image_to_tensor(render(s, 64)) for s in scenes]), "txt": list(captions),
+             "json": list(scenes)}
+    stage = seeded_stage("decoder", **IMAGEN, p_drop_colour=1.0, grounding_loss=0.5)
+    read = []
+    encode = stage.encode_text
+    stage.encode_text = lambda texts: read.append(list(texts)) or encode(texts)
+    stage.train()
+    loss = stage.loss(batch)
+    assert torch.isfinite(loss)
+    loss.backward()  # the grounding term runs on the shape tokens alone
+    assert read[-1] == [drop_colours(c, s, [True] * 3)[0] for c, s in zip(captions, scenes)]
+    assert batch["txt"] == list(captions) and "colour_in_caption" not in str(batch["json"])  # the batch untouched
+    stage.eval()
+    stage.loss(batch)
+    assert read[-1] == list(captions)  # evaluation reads the captions as they are
+    with pytest.raises((ValueError, ConfigError), match="conditioning: imagen"):
+        DecoderConfig(p_drop_colour=0.2)
