@@ -5,6 +5,8 @@ which training lowers; the diagnostic that reads the same shares (`benchmarks/gr
 colour dropout (`p_drop_colour`) that cuts colour words from training captions."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from cascade.data.shapes import scene_for
 from decoder.grounding import (cell_word_targets, drop_colours, grounding_loss, grounding_targets, inside_share,
                                object_masks, object_token_spans)
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGEN = {**DECODER, "conditioning": "imagen", "text_len": 48}
 
 
@@ -105,6 +108,46 @@ def test_the_loss_is_the_share_of_each_tokens_attention_outside_its_object():
     # two maps (two blocks) average; a row whose text was dropped adds nothing
     assert grounding_loss([inside, swapped], targets, [scene], keep).item() == pytest.approx(0.5, abs=1e-6)
     assert grounding_loss([swapped], targets, [scene], ~keep).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_batched_loss_is_the_per_object_sum_with_its_gradient(dtype):
+    """The loss as one batched product per map equals L(j) written out object by object, token by token
+    (value and gradient), over a batch mixing 1-3 object scenes, a dropped text, a non-shapes sample and
+    two map sizes; it is computed in the maps' dtype."""
+    scenes = [scene_for(3, i)[1] for i in range(40)]
+    batch = [next(s for s in scenes if len(s["objects"]) == n) for n in (3, 1, 2, 2)] + [{}]
+    targets = [[([1, 2], 0), ([4], 1), ([6, 7, 8], 2)], [([3, 5], 0)], [([1], 0), ([2, 3], 1)],
+               [([2], 1)], []]
+    keep = torch.tensor([True, True, True, False, True])
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(5, size * size, 10, generator=gen).to(dtype).requires_grad_() for size in (16, 8)]
+
+    def written_out(maps):
+        terms = []
+        for attention in maps:
+            size = int(attention.shape[1] ** 0.5)
+            for b, sample in enumerate(targets):
+                if not sample or not keep[b]:
+                    continue
+                masks = object_masks(batch[b], size).to(attention.dtype)
+                for tokens, k in sample:
+                    for j in tokens:
+                        a = attention[b, :, j]
+                        terms.append(1 - (masks[k] * a).sum() / a.sum())
+        return torch.stack(terms).mean()
+
+    got, want = grounding_loss(maps, targets, batch, keep), written_out(maps)
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got.item() == pytest.approx(want.item(), abs=tol)
+    g_got = torch.autograd.grad(got, maps)
+    g_want = torch.autograd.grad(want, maps)
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a.float(), b.float(), atol=tol * 1e-2 if dtype == torch.float32 else 1e-3)
+        assert b.float().abs().sum() > 0
+    # the dropped row and the non-shapes sample get no gradient
+    assert g_got[0][3:].abs().sum() == 0
 
 
 def test_recorded_attention_is_what_sdpa_computes():
@@ -240,6 +283,27 @@ def test_grounding_share_benchmark_prints_each_models_shares(tmp_path, capsys):
     assert "not Imagen-style" in capsys.readouterr().err
     assert main(["--model", str(bundle), "--t", "1000"]) == 2
     assert "timesteps must be in [0, 1000)" in capsys.readouterr().err
+
+
+def test_grounding_cost_benchmark_times_the_step_with_and_without_the_term(tmp_path, capsys):
+    import json
+
+    from benchmarks.grounding_cost import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--runs", "1", "--batches", "1", "--batch-size", "2", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets the process's threads
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["bench"] == "grounding_cost" and line["steps_each"] == 1
+    assert line["ms_per_step_on"] > 0 and line["ms_per_step_off"] > 0
+    assert line["ratio"] == pytest.approx(line["ms_per_step_on"] / line["ms_per_step_off"], rel=0.01)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text((ROOT / "configs/levers/decoder-imagen-ungrounded.yaml").read_text())
+    assert main(["--config", str(plain)]) == 2
+    assert "grounding_loss set" in capsys.readouterr().err
+    assert main(["--runs", "0"]) == 2
 
 
 def test_drop_colours_cuts_the_chosen_objects_colour_words_and_the_spans_follow(tokenizer):
