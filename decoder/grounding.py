@@ -135,13 +135,17 @@ def grounding_loss(maps: list[torch.Tensor], targets: list[list[tuple[list[int],
     r_idx, k_idx, j_idx = (torch.tensor(i, device=device) for i in (r_idx, k_idx, j_idx))
     rows_t = torch.tensor(rows, device=device)
     objects = max(len(scenes[b]["objects"]) for b in rows)
+    by_size: dict[int, torch.Tensor] = {}
     losses = []
     for attention in maps:
         size = int(round(attention.shape[1] ** 0.5))
-        masks = attention.new_zeros(len(rows), objects, size * size)
-        for r, b in enumerate(rows):
-            m = _cached_masks(_scene_key(scenes[b]), size)
-            masks[r, :len(m)] = m.to(device, attention.dtype)
+        if size not in by_size:  # (R, K, HW), drawn on the CPU and moved in one copy
+            masks = torch.zeros(len(rows), objects, size * size)
+            for r, b in enumerate(rows):
+                m = _cached_masks(_scene_key(scenes[b]), size)
+                masks[r, :len(m)] = m
+            by_size[size] = masks.to(device, attention.dtype)
+        masks = by_size[size]
         a = attention.index_select(0, rows_t)  # (R, HW, L)
         inside = torch.bmm(masks, a)  # (R, K, L): each object's share of each token's attention
         total = a.sum(1)  # (R, L)
