@@ -105,7 +105,9 @@ def test_the_default_demo_is_imagen_style_trains_no_clip_or_prior_and_shares_the
     (decoder,) = [cmd for cmd in commands if "--stage" in cmd and cmd[cmd.index("--stage") + 1] == "decoder"]
     rc = load_run_config(Path(decoder[decoder.index("--config") + 1]), "decoder")
     assert rc.model.conditioning == "imagen" and rc.model.steps == 25  # the quick plan's change, applied
-    assert rc.model.guidance == 3.0 != load_run_config(demo.IMAGEN_DECODER, "decoder").model.guidance
+    full = load_run_config(demo.IMAGEN_DECODER, "decoder").model
+    assert rc.model.guidance == 3.0 != full.guidance
+    assert rc.model.grounding_loss == 0.0 < full.grounding_loss  # grounding: the full demo's only
     assert decoder[decoder.index("--export") + 1] == str(tmp_path / "bundles" / "quick-imagen")
     data = Path(decoder[decoder.index("--data") + 1])
     assert data.parent == tmp_path / "data" / "quick"  # the plan's data, shared with the unCLIP run
