@@ -12,7 +12,9 @@ The held-out pairs are --holdout-pairs, else those --data's dataset.json records
 bundle's own. --regions 0,2 also scores each with per-object guidance at each scale W given (a column
 NAME+rW; 0: without; an Imagen-style bundle only): each object whose cell the prompt names gets its own
 guidance term inside its cell (`cascade.layout`), which reads the layout from the prompt, so such a column
-is layout-to-image, not the model binding by itself.
+is layout-to-image, not the model binding by itself. Those terms run at the noisiest share of the timesteps
+only, each decoder config's `region_share` (0.25), or each share --regions-share F[,F...] gives (1: every
+step; with more than one, a column NAME+rW/sF each).
 """
 from __future__ import annotations
 
@@ -38,6 +40,19 @@ def parse_scales(text: str | None, option: str = "--guidance") -> list[float | N
     return [check_guidance(g, f"{option} {text}") for g in scales]
 
 
+def parse_shares(text: str | None) -> list[float | None]:
+    """"0.25,1" -> [0.25, 1.0], each in (0, 1]; None -> [None] (each decoder config's region_share)."""
+    if text is None:
+        return [None]
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--regions-share {text}: give numbers separated by commas, e.g. 0.25,1") from None
+    if not all(0.0 < s <= 1.0 for s in shares):  # NaN fails too
+        raise UserError(f"--regions-share {text}: each share must be above 0 and at most 1 (1: every step)")
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
     set_process_defaults()
     p = argparse.ArgumentParser(prog="python -m benchmarks.binding", description=__doc__.split("\n\n")[0])
@@ -53,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regions", default=None, metavar="W[,W...]",
                    help="per-object guidance scales to score each model at as well (0: without; Imagen-style "
                         "bundles): a column NAME+rW each")
+    p.add_argument("--regions-share", default=None, metavar="F[,F...]",
+                   help="the noisiest shares of the timesteps the per-object terms run at (default: each "
+                        "decoder config's region_share, 0.25); more than one: a column NAME+rW/sF each")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -64,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         models = parse_models(args.model)
         scales = parse_scales(args.guidance)
         regions = [None if w == 0 else w for w in parse_scales(args.regions, "--regions")]
+        shares = parse_shares(args.regions_share)
+        if args.regions_share is not None and not any(regions):
+            raise UserError("--regions-share sets when --regions' terms run: give --regions W too")
         holdout = holdout_of(args.data, args.holdout_pairs)
         out = {"bench": "binding", "holdout_pairs": format_pairs(holdout), "seed": args.seed,
                "images_per_prompt": args.images, "models": {}}
@@ -73,14 +94,19 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             cascade = load_for_binding(bundle)  # once per model, whatever the number of scales
             for scale in scales:
-                for region in regions:
+                for region, share in [(r, s) for r in regions for s in ([None] if r is None else shares)]:
                     column = (name if scale is None else f"{name}@g{scale:g}") + ("" if region is None else f"+r{region:g}")
+                    if share is not None and len(shares) > 1:
+                        column += f"/s{share:g}"
                     settings = None if scale is None else Settings(guidance={"decoder": scale})
                     scores, images[column], cases = score_binding(cascade, holdout=holdout, seed=args.seed,
                                                                   repeats=args.images, settings=settings,
-                                                                  regions=region)
+                                                                  regions=region, region_share=share)
                     scores["seconds"] = time.monotonic() - started  # the first column's includes the loading
                     started = time.monotonic()
+                    if region is not None:
+                        scores["region_share"] = (cascade.stages["decoder"].config.region_share
+                                                  if share is None else share)
                     out["models"][column] = {k: round(v, 4) for k, v in scores.items()}
         if args.figure:
             out["figure"] = str(binding_figure(images, cases, args.figure))

@@ -188,14 +188,16 @@ def holdout_of(data: str | Path | None, pairs: str | None = None) -> tuple[tuple
 
 @torch.no_grad()
 def generate_cases(cascade, cases: list[BindingCase], *, seed: int = 0, chunk: int = 16, settings=None,
-                   progress=None, regions: float | None = None) -> torch.Tensor:
+                   progress=None, regions: float | None = None, region_share: float | None = None) -> torch.Tensor:
     """The decoder's 64x64 images of every case's caption (N, 3, 64, 64), through `cascade.generate` up to
-    the decoder, `chunk` prompts per call, call k with seed + k; `regions`: its per-object guidance."""
+    the decoder, `chunk` prompts per call, call k with seed + k; `regions`, `region_share`: its per-object
+    guidance."""
     out = []
     captions = [case.caption for case in cases]
+    per_object = {} if regions is None else {"regions": regions, "region_share": region_share}
     for k, start in enumerate(range(0, len(captions), chunk)):
         result = cascade.generate(captions[start:start + chunk], seed=seed + k, until="decoder", settings=settings,
-                                  progress=progress, **({} if regions is None else {"regions": regions}))
+                                  progress=progress, **per_object)
         out.append(result.images["decoder"].float().cpu())
     return torch.cat(out)
 
@@ -217,14 +219,16 @@ def evaluate_binding(bundle: str | Path, *, holdout: tuple[tuple[str, str], ...]
 
 
 def score_binding(cascade, *, holdout: tuple[tuple[str, str], ...], seed: int = 0, settings=None,
-                  repeats: int = 1, regions: float | None = None
+                  repeats: int = 1, regions: float | None = None, region_share: float | None = None
                   ) -> tuple[dict[str, float], torch.Tensor, list[BindingCase]]:
     """`evaluate_binding` on a loaded cascade (`load_for_binding`), so that one load serves many settings;
-    `regions`: per-object guidance at that scale (`Cascade.generate`)."""
+    `regions`: per-object guidance at that scale, at the noisiest `region_share` of the steps (default: the
+    decoder config's; `Cascade.generate`)."""
     if repeats < 1:
         raise UserError(f"images per prompt must be >= 1, got {repeats}")
     cases = binding_cases(holdout) * repeats
-    images = generate_cases(cascade, cases, seed=seed, settings=settings, regions=regions)
+    images = generate_cases(cascade, cases, seed=seed, settings=settings, regions=regions,
+                            region_share=region_share)
     scores = binding_scores(images, cases)
     scores["images"] = float(len(cases))
     return scores, images, cases

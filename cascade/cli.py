@@ -229,12 +229,19 @@ def cmd_generate(args) -> int:
             resolve_model(args)
         return generate_dry_run(args, settings)
     _prepare(args)
-    regions = args.regions
+    regions, share = args.regions, args.regions_share
+    if share is not None and regions is None:
+        raise UserError("--regions-share sets when --regions' per-object guidance runs: give --regions too")
+    if share is not None and not 0.0 < share <= 1.0:  # NaN fails too
+        raise UserError(f"--regions-share {share:g}: must be above 0 and at most 1 (1: every step)")
     layout = {} if regions is None else check_regions(regions, prompt, "--regions")
     cascade = _load(args)
+    per_object = {} if regions is None else {"regions": regions, "region_share": share}
     result = cascade.generate([prompt] * args.num_images, seed=args.seed, until=args.until, settings=settings,
-                              progress=_stage_bars(args), negative_prompt=negative,
-                              **({} if regions is None else {"regions": regions}))
+                              progress=_stage_bars(args), negative_prompt=negative, **per_object)
+    if regions is not None:  # the share it ran at, for the PNG
+        share = cascade.stages["decoder"].config.region_share if share is None else share
+        layout["regions_share"] = f"{share:g}"
     text = {"prompt": prompt, "seed": str(args.seed), "until": args.until, "model": str(args.model),
             **_negative_text(negative), **settings.as_text(cascade.stages),
             **layout}
@@ -449,6 +456,11 @@ def register_model_commands(sub) -> None:
                         "A pair placed by a relation (\"a red star above a blue circle\") gets two cells where "
                         "it holds, and the decoder reads the prompt rewritten to name them (stored in the PNG "
                         "as layout_prompt)")
+    p.add_argument("--regions-share", type=float, metavar="F",
+                   help="run --regions' terms at the noisiest share F of the timesteps only, where the layout "
+                        "is decided (t >= (1 - F) T), plain guidance after; 1: every step (default: the "
+                        "decoder config's region_share, 0.25: at every step they cost a model that binds by "
+                        "itself, docs/results.md)")
     _add_common(p, num_images=True)
     p.add_argument("--dry-run", action="store_true",
                    help="print each stage's parameters and the estimated GPU memory (fp32 and bf16, with and "

@@ -338,7 +338,7 @@ class Cascade:
                shared_noise: bool = False, progress: Progress | None = None, negative: dict | None = None,
                init: torch.Tensor | None = None, strength: float = 1.0,
                region: Region | None = None, regions: list | None = None,
-               region_guidance: float = 2.0) -> torch.Tensor:
+               region_guidance: float = 2.0, region_share: float | None = None) -> torch.Tensor:
         """64x64 images for image embeddings (N, D) (and text, when given); an Imagen-style decoder takes
         `image_emb` None and the prompts in `text["txt"]`. With `shared_noise` every row starts from the
         same x_T, so a deterministic sampler makes each image a function of its embedding alone. `negative`: the decoder conditioning guidance steers away from (its keys as the
@@ -360,7 +360,7 @@ class Cascade:
             options = {"known": known, "mask": mask, "inpaint_method": region.method,
                        "resample": region.resample, "jump": region.jump}
         if regions is not None:
-            options.update(regions=regions, region_guidance=region_guidance)
+            options.update(regions=regions, region_guidance=region_guidance, region_share=region_share)
         return self._sample("decoder", cond, settings=settings, generator=g, progress=progress, noise=noise,
                             negative=negative, **options)
 
@@ -402,14 +402,16 @@ class Cascade:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, seed: int = 0, until: str = "sr1024",
                  settings: Settings | None = None, progress: Progress | None = None,
-                 negative_prompt: str | None = None, regions: float | None = None) -> Result:
+                 negative_prompt: str | None = None, regions: float | None = None,
+                 region_share: float | None = None) -> Result:
         """Text -> images: CLIP text tower, prior, decoder, then super-resolution up to `until` (an
         Imagen-style decoder: the prompts straight into the decoder, no prior); with `negative_prompt`, the
         prior's and the decoder's guidance steer away from it. `regions` W (an Imagen-style decoder): each
         object whose cell the prompt names also gets its own guidance term, at scale W, inside its cell
         (`cascade.layout`), and a prompt that places a pair by a relation ("above") gets a planned layout, the
         decoder reading the prompt rewritten to name the planned cells (`layout_prompt`); other prompts are
-        sampled as without it."""
+        sampled as without it. The terms run at the noisiest `region_share` of the timesteps (default: the
+        decoder config's `region_share`, 0.25; `Decoder.sample`)."""
         settings = settings or Settings()
         prompts = [check_prompt(p) for p in prompts]
         self.stages_until(until)
@@ -423,7 +425,8 @@ class Cascade:
             layout = [prompt_regions(p, size) for p in prompts]
             texts = [layout_prompt(p) for p in prompts]  # a relation's prompt names its planned cells
         z_i, text, negative = self._text(texts, negative_prompt, settings, seed, progress)
-        per_object = {} if layout is None else {"regions": layout, "region_guidance": regions}
+        per_object = {} if layout is None else {"regions": layout, "region_guidance": regions,
+                                                "region_share": region_share}
         x = self.decode(z_i, settings=settings, seed=seed, text=text, progress=progress, negative=negative,
                         **per_object)
         return Result(self.upsample(x, until=until, settings=settings, seed=seed, text=text, progress=progress),

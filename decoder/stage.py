@@ -299,7 +299,8 @@ class Decoder(Stage):
                negative: dict[str, Any] | None = None, init: torch.Tensor | None = None,
                strength: float = 1.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                inpaint_method: str | None = None, resample: int = 1, jump: int = 1,
-               regions: list | None = None, region_guidance: float = 2.0) -> torch.Tensor:
+               regions: list | None = None, region_guidance: float = 2.0,
+               region_share: float | None = None) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
         "clip_mask": (B, L)]}, or for an imagen decoder {"txt": B captions} (other keys are ignored). sampler, steps and guidance left as None, and threshold left out, are the
         config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
@@ -318,7 +319,9 @@ class Decoder(Stage):
         Per-object guidance (an Imagen-style decoder; `cascade.layout.prompt_regions`): `regions` has, per
         row, None or [(an object's own caption, (S, S) mask of its place)]; each object's guidance term
         counts only inside its mask, eps = eps_u + w (eps_c - eps_u) + region_guidance * sum_k
-        M_k (eps_k - eps_u), one more forward pass per object and step."""
+        M_k (eps_k - eps_u), one more forward pass per object and step, at the steps whose t is in the
+        noisiest `region_share` of the schedule (t >= (1 - share) T; default: the config's), plain guidance
+        at the others."""
         sampler, steps, guidance = resolve_sampling(self.config, sampler, steps, guidance)
         threshold = self.config.threshold if threshold is CONFIG else threshold
         b, s = self.rows(conditioning), self.config.image_size
@@ -331,7 +334,11 @@ class Decoder(Stage):
                 raise UserError("per-object regions do not combine with inpainting or image to image")
             if len(regions) != b:
                 raise UserError(f"regions: one entry per image ({b}), got {len(regions)}")
-            denoise = self._regional(self.denoiser(conditioning, negative), regions, guidance, region_guidance)
+            share = self.config.region_share if region_share is None else region_share
+            if not 0.0 < share <= 1.0:  # NaN fails too
+                raise UserError(f"region share {share:g}: must be in (0, 1] (the noisiest share of the timesteps)")
+            denoise = self._regional(self.denoiser(conditioning, negative), regions, guidance, region_guidance,
+                                     share)
             x = diffusion.sample(denoise, (b, 3, s, s), schedule=self.schedule, sampler=sampler, steps=steps,
                                  x_T=noise, device=self.device, **{**options, "guidance": None})
             return x.clamp(-1.0, 1.0)
@@ -361,9 +368,11 @@ class Decoder(Stage):
                                  sampler=sampler, steps=steps, x_T=noise, device=self.device, **options)
         return x.clamp(-1.0, 1.0)
 
-    def _regional(self, base: Callable, regions: list, guidance: float | None, weight: float) -> Callable:
+    def _regional(self, base: Callable, regions: list, guidance: float | None, weight: float,
+                  share: float = 1.0) -> Callable:
         """A denoise function that does its own guidance: `base`'s (conditional and unconditional halves in
-        one call) plus each object's term inside its mask (see `sample`); no `cond_mask` is passed to it."""
+        one call) plus, at t >= (1 - share) T, each object's term inside its mask (see `sample`); no
+        `cond_mask` is passed to it."""
         from cascade.diffusion.guidance import combine_guidance, guidance_halves, split_output
 
         if self.config.conditioning != "imagen":
@@ -382,10 +391,13 @@ class Decoder(Stage):
             terms.append((torch.tensor(rows, device=self.device),
                           self.denoiser({"txt": [regions[i][k][0] for i in rows]}), masks.to(self.device)))
         w = 1.0 if guidance is None else float(guidance)
+        first = (1.0 - share) * self.schedule.timesteps  # the per-object terms from the noisiest t down to here
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond_mask: torch.Tensor | None = None):
             eps_c, eps_u, variance = guidance_halves(base, x, t)
             out = combine_guidance(eps_c, eps_u, w)
+            if float(t.max()) < first:  # past the layout: plain guidance, and no extra forward passes
+                return out if variance is None else (out, variance)
             for rows, term, masks in terms:
                 eps_k = split_output(term(x[rows], t[rows]))[0]
                 out = out.index_add(0, rows, weight * masks * (eps_k - eps_u[rows]))

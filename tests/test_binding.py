@@ -159,17 +159,27 @@ def test_benchmark_scores_each_model_with_and_without_per_object_guidance(tmp_pa
     bundle = small_bundle(tmp_path / "b")
     asked = []
 
-    def spy(cascade_, cases, **kwargs):  # the per-object scale each column asked the pipeline for
-        asked.append(kwargs["regions"])
+    def spy(cascade_, cases, **kwargs):  # the per-object scale (and share) each column asked the pipeline for
+        asked.append(kwargs["regions"] if kwargs.get("region_share") is None else
+                     (kwargs["regions"], kwargs["region_share"]))
         return torch.zeros(len(cases), 3, 64, 64)
 
     monkeypatch.setattr(cascade.binding, "generate_cases", spy)
-    assert bench.main(["--model", f"tiny={bundle}", "--holdout-pairs", "red:star,blue:circle,green:heart",
-                       "--guidance", "2", "--regions", "0,2.5"]) == 0
+    pairs = ["--holdout-pairs", "red:star,blue:circle,green:heart", "--guidance", "2"]
+    assert bench.main(["--model", f"tiny={bundle}", *pairs, "--regions", "0,2.5"]) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert list(line["models"]) == ["tiny@g2", "tiny@g2+r2.5"] and asked == [None, 2.5]
-    assert bench.main(["--model", str(bundle), "--regions", "x"]) == 2
-    assert "--regions x:" in capsys.readouterr().err
+    assert line["models"]["tiny@g2+r2.5"]["region_share"] == 0.25 and "region_share" not in line["models"]["tiny@g2"]
+    asked.clear()
+    assert bench.main(["--model", f"tiny={bundle}", *pairs, "--regions", "2", "--regions-share", "0.25,1"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert list(line["models"]) == ["tiny@g2+r2/s0.25", "tiny@g2+r2/s1"] and asked == [(2.0, 0.25), (2.0, 1.0)]
+    assert line["models"]["tiny@g2+r2/s1"]["region_share"] == 1.0
+    for bad, message in ((["--regions", "x"], "--regions x:"), (["--regions", "2", "--regions-share", "2"], "at most 1"),
+                         (["--regions-share", "0.5"], "give --regions W too")):
+        assert bench.main(["--model", str(bundle), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     monkeypatch.undo()
     assert bench.main(["--model", str(bundle), "--regions", "2"]) == 2  # an unCLIP bundle: one line
     err = capsys.readouterr().err

@@ -263,6 +263,38 @@ def test_each_objects_guidance_term_acts_only_inside_its_cell():
     assert not torch.allclose(regional[..., first], plain[..., first])
 
 
+def test_per_object_terms_run_only_at_the_noisiest_share_of_the_timesteps():
+    """region_share F: the objects' terms at t >= (1 - F) T, plain guidance (and no extra forward pass) below;
+    the config's 0.25 by default, 1 every step."""
+    from cascade.diffusion.guidance import guided_denoise
+    from cascade.layout import prompt_regions
+
+    decoder = _awake(seeded_stage("decoder", **IMAGEN, steps=4)).eval()
+    assert decoder.config.region_share == 0.25
+    regions = [prompt_regions(LAYOUT, 64)]
+    base = decoder.denoiser({"txt": [LAYOUT]})
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    calls = []
+    counted = decoder._regional(lambda *a, **k: calls.append(1) or base(*a, **k), regions, 2.0, 3.0, 0.25)
+    for t, regional in ((749, False), (750, True), (999, True)):
+        plain, _ = guided_denoise(base, x, torch.full((1,), t), 2.0)
+        got = counted(x, torch.full((1,), t))
+        assert torch.equal(got, plain) != regional, t
+    every = decoder._regional(base, regions, 2.0, 3.0, 1.0)(x, torch.full((1,), 0))
+    assert not torch.equal(every, guided_denoise(base, x, torch.full((1,), 0), 2.0)[0])
+    # sampling: the default share (the config's) is 0.25, neither plain guidance nor the terms at every step
+    noise = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = decoder.sample({"txt": [LAYOUT]}, guidance=2.0, noise=noise)
+    early = decoder.sample({"txt": [LAYOUT]}, guidance=2.0, noise=noise, regions=regions)
+    torch.testing.assert_close(early, decoder.sample({"txt": [LAYOUT]}, guidance=2.0, noise=noise, regions=regions,
+                                                     region_share=0.25))
+    always = decoder.sample({"txt": [LAYOUT]}, guidance=2.0, noise=noise, regions=regions, region_share=1.0)
+    assert not torch.allclose(early, plain) and not torch.allclose(early, always)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(UserError, match="region share"):
+            decoder.sample({"txt": [LAYOUT]}, noise=noise, regions=regions, region_share=bad)
+
+
 def test_regions_sample_per_row_and_their_mistakes_are_one_line():
     from cascade.layout import prompt_regions
 
@@ -324,6 +356,13 @@ def test_generate_with_regions_in_the_pipeline_and_the_cli(imagen_bundle, tmp_pa
     from PIL import Image
     (grid,) = (tmp_path / "r").glob("*-grid.png")
     assert Image.open(grid).info.get("regions") == "2" and "layout_prompt" not in Image.open(grid).info
+    assert Image.open(grid).info.get("regions_share") == "0.25"  # the config's, as it ran
+    assert main([*args, "--prompt", LAYOUT, "--regions", "2", "--regions-share", "1", "--out", str(tmp_path / "r1")]) == 0
+    (grid1,) = (tmp_path / "r1").glob("*-grid.png")
+    assert Image.open(grid1).info.get("regions_share") == "1"
+    every = cascade.generate([LAYOUT], seed=1, until="decoder", settings=settings, regions=2.0,
+                             region_share=1.0).images["decoder"]
+    assert not torch.allclose(every[0], regional[0])  # the share reaches the decoder
     assert main([*args, "--prompt", relation, "--regions", "2", "--out", str(tmp_path / "rel")]) == 0
     (grid,) = (tmp_path / "rel").glob("*-grid.png")
     assert Image.open(grid).info.get("layout_prompt") == planned and Image.open(grid).info["prompt"] == relation
@@ -331,6 +370,11 @@ def test_generate_with_regions_in_the_pipeline_and_the_cli(imagen_bundle, tmp_pa
     for prompt, value, message in (("a red star above a circle at the top", "2", "places two by a relation"),
                                    (PROMPTS[0], "2", "two or more objects"), (LAYOUT, "-1", "--regions -1")):
         assert main([*args, "--prompt", prompt, "--regions", value, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    for extra, message in ((["--regions-share", "0.5"], "give --regions too"),
+                           (["--regions", "2", "--regions-share", "0"], "--regions-share 0: must be above 0")):
+        assert main([*args, "--prompt", LAYOUT, *extra, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     unclip = small_bundle(tmp_path / "unclip")
@@ -407,7 +451,7 @@ def test_the_studio_generates_with_per_object_guidance_like_the_cli(imagen_bundl
                                 regions=2.5).final[0]
         assert np.array_equal(np.asarray(open_png(data).convert("RGB")), np.asarray(to_pil(want)))
         text = open_png(data).text
-        assert text["regions"] == "2.5" and text["prompt"] == relation
+        assert text["regions"] == "2.5" and text["regions_share"] == "0.25" and text["prompt"] == relation
         assert text["layout_prompt"] == "a red star on the left and a blue circle on the right"
         # the page's other text jobs run on such a bundle too (no prior to wait for)
         from PIL import Image

@@ -167,6 +167,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                 raise UserError("regions needs an Imagen-style bundle (its decoder reads the text itself)")
             regions = _float(body["regions"], "regions")
             layout = check_regions(regions, prompt, "regions")
+            layout["regions_share"] = f"{cascade.stages['decoder'].config.region_share:g}"  # the share it runs at
         per_object = {} if regions is None else {"regions": regions}
         return Spec(kind, [*text_stages, *image_stages], settings=settings,
                     call=lambda c, s, p: c.generate([prompt] * n, seed=seed, until=until, settings=s, progress=p,
