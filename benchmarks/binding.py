@@ -27,27 +27,27 @@ from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
 
 
+def _numbers(text: str, option: str, example: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{option} {text}: give numbers separated by commas, e.g. {example}") from None
+
+
 def parse_scales(text: str | None, option: str = "--guidance") -> list[float | None]:
     """"3,5" -> [3.0, 5.0]; None -> [None] (each bundle's own guidance)."""
     if text is None:
         return [None]
     from cascade.cli import check_guidance
 
-    try:
-        scales = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise UserError(f"{option} {text}: give numbers separated by commas, e.g. 3,5") from None
-    return [check_guidance(g, f"{option} {text}") for g in scales]
+    return [check_guidance(g, f"{option} {text}") for g in _numbers(text, option, "3,5")]
 
 
 def parse_shares(text: str | None) -> list[float | None]:
     """"0.25,1" -> [0.25, 1.0], each in (0, 1]; None -> [None] (each decoder config's region_share)."""
     if text is None:
         return [None]
-    try:
-        shares = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise UserError(f"--regions-share {text}: give numbers separated by commas, e.g. 0.25,1") from None
+    shares = _numbers(text, "--regions-share", "0.25,1")
     if not all(0.0 < s <= 1.0 for s in shares):  # NaN fails too
         raise UserError(f"--regions-share {text}: each share must be above 0 and at most 1 (1: every step)")
     return shares
