@@ -109,6 +109,7 @@ def binding_report(bundle: Path, data: Path, out: Path, *, seed: int, holdout_pa
         results["binding_regions"], columns[f"{bundle.name} --regions {regions:g}"], _ = score_binding(
             cascade, holdout=holdout, seed=seed, regions=regions)
         results["binding_regions"]["regions"] = regions
+        results["binding_regions"]["region_share"] = cascade.stages["decoder"].config.region_share
     binding_figure(columns, cases, out / "binding.png")
     return results
 
@@ -315,7 +316,8 @@ def add_parser(sub) -> None:
     p.add_argument("--regions", type=float, default=None, metavar="W",
                    help="with --binding and an Imagen-style bundle: score the benchmark again with per-object "
                         "guidance at scale W (generate --regions: each object guided inside its cell, the cells "
-                        "read from the prompt or planned for a relation), as section binding_regions")
+                        "read from the prompt or planned for a relation, at the noisiest share of the steps the "
+                        "decoder config's region_share gives), as section binding_regions")
     p.add_argument("--photos", action="store_true",
                    help="also score the SR stages on 14 photographs no stage trained on (scikit-image's bundled "
                         "ones: whole scenes 64 -> 256 for sr256, native-resolution detail for sr1024), beside "

@@ -412,6 +412,7 @@ def test_eval_scores_binding_with_and_without_per_object_guidance(imagen_bundle,
     n = len(binding_cases(parse_pairs("red:star,blue:circle")))
     assert asked == [(None, 0, n), (2.0, 0, n)]
     assert results["binding_regions"]["regions"] == 2.0 and results["binding"]["images"] == n
+    assert results["binding_regions"]["region_share"] == 0.25  # the decoder config's, as it ran
     assert {"binding_acc", "relation_acc", "count_acc"} <= set(results["binding_regions"])
     from PIL import Image
     assert Image.open(out / "binding.png").width >= 3 * 3 * 64  # asked, plain, --regions: three 3x tiles
