@@ -84,7 +84,7 @@ class DecoderConfig(DiffusionConfig):
     # Per-object guidance (imagen; `generate --regions`) runs only at the noisiest share of the schedule's
     # timesteps, t >= (1 - region_share) T, where the layout is decided; plain guidance after. At every
     # step (1) it cost a model that binds by itself 0.857 -> 0.630 on the binding benchmark; at 0.25 that
-    # model keeps 0.836 (placement 0.997) and the demo's decoder binds 0.151 against 0.109 and 0.088
+    # model keeps 0.836 (placement 0.997) and the demo's decoder binds 0.151 against 0.109 and 0.089
     # without (docs/results.md, 2026-12-06).
     region_share: float = Field(0.25, gt=0.0, le=1.0)
     eval_guidance: list[float] = [1.0, 3.0]
