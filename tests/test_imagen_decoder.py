@@ -439,7 +439,8 @@ def test_the_studio_generates_with_per_object_guidance_like_the_cli(imagen_bundl
     cascade = Cascade.from_bundle(imagen_bundle, ("decoder",))
     relation = "a red star to the left of a blue circle"
     with running(Studio(cascade, str(imagen_bundle))) as base:
-        assert call_json(f"{base}/api/info")[1]["text_only"] is True
+        info = call_json(f"{base}/api/info")[1]
+        assert info["text_only"] is True and info["region_share"] == 0.25
         body = {"kind": "generate", "prompt": relation, "until": "decoder", "num_images": 1, "seed": 4,
                 "steps": {"decoder": 2}, "regions": 2.5}
         status, job = call_json(f"{base}/api/jobs", body=body)
@@ -454,6 +455,13 @@ def test_the_studio_generates_with_per_object_guidance_like_the_cli(imagen_bundl
         text = open_png(data).text
         assert text["regions"] == "2.5" and text["regions_share"] == "0.25" and text["prompt"] == relation
         assert text["layout_prompt"] == "a red star on the left and a blue circle on the right"
+        # the share the terms run at: the form's, else the config's
+        status, job = call_json(f"{base}/api/jobs", body={**body, "regions_share": 1})
+        data = call(f"{base}/api/images/{wait_for_job(base, job['id'])['images'][0]}.png")[2]
+        every = cascade.generate([relation], seed=4, until="decoder", settings=Settings(steps={"decoder": 2}),
+                                 regions=2.5, region_share=1.0).final[0]
+        assert np.array_equal(np.asarray(open_png(data).convert("RGB")), np.asarray(to_pil(every)))
+        assert open_png(data).text["regions_share"] == "1" and not torch.equal(every, want)
         # the page's other text jobs run on such a bundle too (no prior to wait for)
         from PIL import Image
         from serve_helpers import png
@@ -463,6 +471,8 @@ def test_the_studio_generates_with_per_object_guidance_like_the_cli(imagen_bundl
                                                           "until": "decoder", "steps": {"decoder": 2}, "seed": 1})
         assert status == 202 and job["stages"] == ["decoder"] and wait_for_job(base, job["id"])["state"] == "done"
         for change, message in (({"prompt": "a red star"}, "regions needs a prompt of two or more objects"),
-                                ({"regions": "x"}, "regions must be a number"), ({"regions": 99}, "regions 99")):
+                                ({"regions": "x"}, "regions must be a number"), ({"regions": 99}, "regions 99"),
+                                ({"regions_share": 0}, "regions_share 0: must be above 0"),
+                                ({"regions": "", "regions_share": 0.5}, "give regions too")):
             status, answer = call_json(f"{base}/api/jobs", body={**body, **change})
             assert status == 400 and message in answer["error"], answer

@@ -222,6 +222,8 @@ def test_per_object_guidance_is_offered_for_an_imagen_style_bundle_and_recorded(
     tab(browser, "generate")
     fill(browser, "prompt", "a red star above a blue circle")
     fill(browser, "regions", 2)
+    assert browser.find_element("id", "regions_share").get_attribute("placeholder") == "0.25"  # the config's
+    fill(browser, "regions_share", 0.5)
     choose(browser, "until", "decoder")
     fill(browser, "seed", 3)
     job_id, state, _ = run(browser)
@@ -229,6 +231,7 @@ def test_per_object_guidance_is_offered_for_an_imagen_style_bundle_and_recorded(
     shown = dict(zip([e.text for e in group.find_elements("css selector", ".settings dt")],
                      [e.text for e in group.find_elements("css selector", ".settings dd")]))
     assert shown["regions"] == "2" and shown["layout_prompt"] == "a red star at the top and a blue circle at the bottom"
+    assert shown["regions_share"] == "0.5"  # the form's share reached the job
     group.find_elements("css selector", ".card button.use")[0].click()  # from generate: img2img, not vary
     assert browser.find_element("css selector", "#tabs button.active").get_attribute("data-tab") == "img2img"
     tab(browser, "generate")

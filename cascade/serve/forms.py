@@ -23,7 +23,7 @@ from cascade.registry import IMAGE_STAGES, SAMPLED_STAGES
 KINDS = ("generate", "vary", "img2img", "interpolate", "textdiff", "inpaint")
 SHARED = {"kind", "client", "seed", "until", "sampler", "steps", "guidance"}
 FIELDS = {
-    "generate": {"prompt", "negative_prompt", "num_images", "regions"},
+    "generate": {"prompt", "negative_prompt", "num_images", "regions", "regions_share"},
     "vary": {"image", "negative_prompt", "num_images"},
     "img2img": {"image", "prompt", "negative_prompt", "strength", "num_images"},
     "interpolate": {"image", "image_b", "frames"},
@@ -167,8 +167,15 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
                 raise UserError("regions needs an Imagen-style bundle (its decoder reads the text itself)")
             regions = _float(body["regions"], "regions")
             layout = check_regions(regions, prompt, "regions")
-            layout["regions_share"] = f"{cascade.stages['decoder'].config.region_share:g}"  # the share it runs at
-        per_object = {} if regions is None else {"regions": regions}
+            share = cascade.stages["decoder"].config.region_share  # the config's, unless the form sets one
+            if body.get("regions_share") not in (None, ""):
+                share = _float(body["regions_share"], "regions_share")
+                if not 0.0 < share <= 1.0:
+                    raise UserError(f"regions_share {share:g}: must be above 0 and at most 1 (1: every step)")
+            layout["regions_share"] = f"{share:g}"
+        elif body.get("regions_share") not in (None, ""):
+            raise UserError("regions_share sets when per-object guidance runs: give regions too")
+        per_object = {} if regions is None else {"regions": regions, "region_share": share}
         return Spec(kind, [*text_stages, *image_stages], settings=settings,
                     call=lambda c, s, p: c.generate([prompt] * n, seed=seed, until=until, settings=s, progress=p,
                                                     negative_prompt=negative, **per_object),

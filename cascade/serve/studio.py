@@ -46,11 +46,13 @@ class Studio:
             size = getattr(stage.config, "image_size", None) or getattr(stage, "high_size", None)
             if size:
                 stages[name]["size"] = size
+        decoder = self.cascade.stages.get("decoder")
         return {"model": self.model, "device": str(self.cascade.execution_device), "stages": stages,
                 "image_stages": [s for s in forms.IMAGE_STAGES if s in self.cascade.stages],
                 "samplers": list(SAMPLER_CHOICES), "inpaint": forms.default_inpaint_method(self.cascade),
                 "eval": self.eval_text, "max_upload_bytes": self.max_upload_bytes, "max_pixels": MAX_PIXELS,
                 "max_queued": self.queue.max_queued, "text_only": self.cascade.text_only,
+                "region_share": None if decoder is None else decoder.config.region_share,  # per-object guidance's
                 "embedding_jobs": list(EMBEDDING_JOBS)}
 
     def upload(self, data: bytes, name: str, kind: str = "image") -> dict[str, Any]:

@@ -69,6 +69,7 @@ function fillStageTable() {
     $("#regions-field").dataset.tabs = "";
     $("#regions-field").hidden = true;
   } else {  // and an Imagen-style decoder reads no CLIP image embedding, which these three work on
+    $("#regions_share").placeholder = info.region_share;  // the decoder config's
     for (const name of info.embedding_jobs) {
       const button = $(`#tabs button[data-tab='${name}']`);
       button.disabled = true;
@@ -106,7 +107,10 @@ function request() {
   }
   if (tab !== "generate") body.image = slots.image && slots.image.id;
   if (tab === "interpolate") body.image_b = slots.image_b && slots.image_b.id;
-  if (tab === "generate" && info.text_only && value("regions") !== "") body.regions = value("regions");
+  if (tab === "generate" && info.text_only && value("regions") !== "") {
+    body.regions = value("regions");
+    if (value("regions_share") !== "") body.regions_share = value("regions_share");
+  }
   if (tab === "img2img") body.strength = value("strength");
   if (tab === "interpolate" || tab === "textdiff") body.frames = value("frames");
   if (tab === "textdiff") Object.assign(body, {from: value("from"), to: value("to"), max_theta: value("max_theta")});
