@@ -47,10 +47,9 @@ def parse_shares(text: str | None) -> list[float | None]:
     """"0.25,1" -> [0.25, 1.0], each in (0, 1]; None -> [None] (each decoder config's region_share)."""
     if text is None:
         return [None]
-    shares = _numbers(text, "--regions-share", "0.25,1")
-    if not all(0.0 < s <= 1.0 for s in shares):  # NaN fails too
-        raise UserError(f"--regions-share {text}: each share must be above 0 and at most 1 (1: every step)")
-    return shares
+    from cascade.cli import check_region_share
+
+    return [check_region_share(s, f"--regions-share {text}") for s in _numbers(text, "--regions-share", "0.25,1")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,13 @@ def check_guidance(w: float, name: str) -> float:
     return w
 
 
+def check_region_share(share: float, name: str) -> float:
+    """The share of the timesteps per-object guidance runs at (`region_share`): above 0, at most 1."""
+    if not 0.0 < share <= 1.0:  # NaN fails too
+        raise UserError(f"{name}: must be above 0 and at most 1 (1: every step)")
+    return share
+
+
 def check_regions(w: float, prompt: str, name: str) -> dict[str, str]:
     """Per-object guidance's checks before any model loads (the scale; a prompt with a layout, named or
     planned: `cascade.layout.region_cells`) -> the PNG text it adds: regions and, for a relation's planned
@@ -230,10 +237,10 @@ def cmd_generate(args) -> int:
         return generate_dry_run(args, settings)
     _prepare(args)
     regions, share = args.regions, args.regions_share
-    if share is not None and regions is None:
-        raise UserError("--regions-share sets when --regions' per-object guidance runs: give --regions too")
-    if share is not None and not 0.0 < share <= 1.0:  # NaN fails too
-        raise UserError(f"--regions-share {share:g}: must be above 0 and at most 1 (1: every step)")
+    if share is not None:
+        if regions is None:
+            raise UserError("--regions-share sets when --regions' per-object guidance runs: give --regions too")
+        check_region_share(share, f"--regions-share {share:g}")
     layout = {} if regions is None else check_regions(regions, prompt, "--regions")
     cascade = _load(args)
     per_object = {} if regions is None else {"regions": regions, "region_share": share}

@@ -161,7 +161,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
         prompt = _text(body, "prompt")
         regions, layout = None, {}
         if body.get("regions") not in (None, ""):  # per-object guidance (an Imagen-style bundle)
-            from cascade.cli import check_regions
+            from cascade.cli import check_region_share, check_regions
 
             if not cascade.text_only:
                 raise UserError("regions needs an Imagen-style bundle (its decoder reads the text itself)")
@@ -170,8 +170,7 @@ def parse(body: Any, *, cascade, gallery, model: str) -> Spec:
             share = cascade.stages["decoder"].config.region_share  # the config's, unless the form sets one
             if body.get("regions_share") not in (None, ""):
                 share = _float(body["regions_share"], "regions_share")
-                if not 0.0 < share <= 1.0:
-                    raise UserError(f"regions_share {share:g}: must be above 0 and at most 1 (1: every step)")
+                check_region_share(share, f"regions_share {share:g}")
             layout["regions_share"] = f"{share:g}"
         elif body.get("regions_share") not in (None, ""):
             raise UserError("regions_share sets when per-object guidance runs: give regions too")
