@@ -2,9 +2,12 @@
 `grounding_loss` on and off, in one process, alternating, on the same shapes batches.
 
 The config is configs/tiny/decoder-imagen.yaml (which trains with grounding) unless --config says otherwise;
-"off" is the same decoder with `grounding_loss` 0. The batches are shapes scenes drawn by the renderer, so no
+"off" is the same decoder with `grounding_loss` 0, "explicit" the grounded one recording its attention
+shares from the explicit softmax everywhere (`cascade.nn.attention`'s path before the fused CPU kernel took
+the blocks of 256 positions and more). The batches are shapes scenes drawn by the renderer, so no
 data set is needed; they repeat, as a training set's scenes do from the second epoch on. Prints one JSON line:
-the median milliseconds per step of each and their ratio.
+the median milliseconds per step of each, the ratio on/off, and the median over steps of each explicit step's
+time over the fused step's on the same batch just before or after it (`explicit_over_fused`).
 
     python -m benchmarks.grounding_cost [--runs 7] [--batches 8] [--batch-size 16] [--threads 2]
 """
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import torch
 
+        import cascade.nn.attention as attention
         from cascade.registry import get_stage
         from cascade.training.config import load_run_config
 
@@ -68,27 +72,38 @@ def main(argv: list[str] | None = None) -> int:
         stages["off"].load_state_dict(stages["on"].state_dict())
         batches = shapes_batches(args.batches, args.batch_size, model.image_size)
 
-        def one_pass(stage) -> list[float]:
-            times = []
-            for batch in batches:
-                started = time.perf_counter()
-                stage.loss(batch).backward()
-                times.append(time.perf_counter() - started)
-            stage.zero_grad(set_to_none=True)
-            return times
+        fused_from = attention._FUSED_SHARES_FROM
+        ways = {"on": (stages["on"], fused_from), "off": (stages["off"], fused_from),
+                "explicit": (stages["on"], 2**62)}  # no block that large: every one records explicitly
 
-        for stage in stages.values():  # warm-up: the text encoder's cache, the masks' cache, allocations
-            stage.train()
-            one_pass(stage)
-        times: dict[str, list[float]] = {"on": [], "off": []}
-        for _ in range(args.runs):  # alternating, so a slow minute of the machine falls on both
-            for name, stage in stages.items():
-                times[name] += one_pass(stage)
+        def one_step(name: str, batch: dict) -> float:
+            stage, attention._FUSED_SHARES_FROM = ways[name]
+            started = time.perf_counter()
+            stage.loss(batch).backward()
+            elapsed = time.perf_counter() - started
+            stage.zero_grad(set_to_none=True)
+            return elapsed
+
+        try:
+            for stage in stages.values():  # warm-up: the text encoder's cache, the masks' cache, allocations
+                stage.train()
+            for name in ways:
+                for batch in batches:
+                    one_step(name, batch)
+            times: dict[str, list[float]] = {name: [] for name in ways}
+            for run in range(args.runs):  # each batch every way in turn, so a slow minute falls on all three
+                for batch in batches:
+                    for name in (("on", "explicit", "off") if run % 2 else ("explicit", "on", "off")):
+                        times[name].append(one_step(name, batch))
+        finally:
+            attention._FUSED_SHARES_FROM = fused_from
         ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
         emit({"bench": "grounding_cost", "config": Path(args.config).name, "threads": args.threads,
               "batch_size": args.batch_size, "steps_each": len(times["on"]),
               "ms_per_step_off": round(ms["off"], 1), "ms_per_step_on": round(ms["on"], 1),
-              "ratio": round(ms["on"] / ms["off"], 3)})
+              "ratio": round(ms["on"] / ms["off"], 3), "ms_per_step_explicit": round(ms["explicit"], 1),
+              "explicit_over_fused": round(statistics.median(
+                  e / f for e, f in zip(times["explicit"], times["on"])), 3)})
         return 0
 
     return run_cli("grounding_cost", run)

@@ -170,6 +170,43 @@ def test_recorded_attention_is_what_sdpa_computes():
     assert len(maps) == 1  # no recording without gradients (a self-conditioning estimate, sampling)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_fused_shares_and_their_gradients_equal_the_explicit_probabilities(monkeypatch, masked):
+    """From 256 queries on the CPU the shares come from the fused kernel's log-sum-exp; the attention's
+    output, the shares and every input's gradient must be the explicit softmax's."""
+    import cascade.nn.attention as attention
+
+    if attention._FLASH_CPU_BACKWARD is None:
+        pytest.skip("this torch build has no fused CPU attention backward")
+    torch.manual_seed(0)
+    n_self, n_ctx = 256, 7
+    q = torch.randn(2, 2, n_self, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, n_self + n_ctx, 16, requires_grad=True) for _ in range(2))
+    mask = None
+    if masked:  # the second row's last three context tokens are padding
+        mask = torch.ones(2, 1, 1, n_self + n_ctx, dtype=torch.bool)
+        mask[1, ..., -3:] = False
+    weights = torch.rand(2, 2, n_self, 16), torch.rand(2, n_self, n_ctx)
+    results = []
+    for fused_from in (256, 10**9):  # the fused path, then the explicit one
+        monkeypatch.setattr(attention, "_FUSED_SHARES_FROM", fused_from)
+        calls = []
+        monkeypatch.setattr(attention._AttentionLSE, "apply", lambda *a, f=attention._AttentionLSE.apply: (
+            calls.append(1), f(*a))[1])
+        out, shares = attention.attention_with_shares(q, k, v, mask, n_self)
+        ((out * weights[0]).sum() + (shares * weights[1]).sum()).backward()
+        results.append((calls, out.detach(), shares.detach(), *(t.grad.clone() for t in (q, k, v))))
+        for t in (q, k, v):
+            t.grad = None
+    (fused_calls, *fused), (explicit_calls, *explicit) = results
+    assert fused_calls == [1] and explicit_calls == []
+    if masked:
+        assert (fused[1][1, :, -3:] == 0).all() and fused[4][1, :, -3:].abs().sum() == 0  # no share, no value grad
+    for got, want in zip(fused, explicit):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert explicit[3][..., n_self:, :].abs().sum() > 0  # the shares' gradient reaches the context keys
+
+
 @pytest.mark.parametrize("places", [False, True])
 def test_the_decoders_loss_adds_the_weighted_term_and_training_lowers_it(places):
     from cascade.data.reader import image_to_tensor
@@ -288,6 +325,8 @@ def test_grounding_share_benchmark_prints_each_models_shares(tmp_path, capsys):
 def test_grounding_cost_benchmark_times_the_step_with_and_without_the_term(tmp_path, capsys):
     import json
 
+    import cascade.nn.attention as attention
+
     from benchmarks.grounding_cost import main
 
     threads = torch.get_num_threads()
@@ -299,6 +338,8 @@ def test_grounding_cost_benchmark_times_the_step_with_and_without_the_term(tmp_p
     assert line["bench"] == "grounding_cost" and line["steps_each"] == 1
     assert line["ms_per_step_on"] > 0 and line["ms_per_step_off"] > 0
     assert line["ratio"] == pytest.approx(line["ms_per_step_on"] / line["ms_per_step_off"], rel=0.01)
+    assert line["ms_per_step_explicit"] > 0 and line["explicit_over_fused"] > 0
+    assert attention._FUSED_SHARES_FROM == 256  # the benchmark puts the threshold back
     plain = tmp_path / "plain.yaml"
     plain.write_text((ROOT / "configs/levers/decoder-imagen-ungrounded.yaml").read_text())
     assert main(["--config", str(plain)]) == 2

@@ -24,6 +24,68 @@ def _key_mask(mask: torch.Tensor | None, n_self: int = 0) -> torch.Tensor | None
     return mask[:, None, None, :]
 
 
+# torch's fused CPU attention kernel and its backward, which also return and take the log-sum-exp of each
+# query's logits; None where this torch build lacks them (then the explicit path below serves)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# from this many queries on the fused kernel beats materialising the probabilities (at 8x8 it does not)
+_FUSED_SHARES_FROM = 256
+
+
+class _AttentionLSE(torch.autograd.Function):
+    """(out, lse) = attention(q, k, v) through the fused CPU kernel, lse (B, heads, N) the log of each
+    query's softmax normaliser, differentiable in both. The kernel's backward takes no gradient for lse;
+    since d lse_i / d logit_ij = p_ij, that gradient enters as an extra value column: v' = [v, 0],
+    out' = [out, 1], dout' = [dout, -dlse] turn the kernel's p_ij (dout_i . v_j - dout_i . out_i) into
+    p_ij (dout_i . v_j - dout_i . out_i + dlse_i), the exact gradient of both outputs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is None:
+            dlse = torch.zeros_like(lse)
+
+        def widen(t: torch.Tensor, value: float) -> torch.Tensor:  # the kernel wants one head size for q, k, v
+            return F.pad(t, (0, 1), value=value)
+
+        dout = torch.cat([dout, -dlse.unsqueeze(-1).to(dout.dtype)], dim=-1)
+        dq, dk, dv = _FLASH_CPU_BACKWARD(dout, widen(q, 0.0), widen(k, 0.0), widen(v, 0.0), widen(out, 1.0), lse,
+                                         0.0, False, attn_mask=bias, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
+
+
+def attention_with_shares(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          n_self: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output for (B, heads, N, d) queries over keys whose first `n_self` are the image's own and
+    the rest context tokens, and the (B, N, L) share of each query's attention on each context token,
+    averaged over heads, both differentiable. On the CPU from `_FUSED_SHARES_FROM` queries through the
+    fused kernel and its log-sum-exp (only the (N, L) context logits are formed); elsewhere from the
+    explicit (N, n_self + L) probabilities."""
+    scale = q.shape[-1] ** -0.5
+    if q.device.type == "cpu" and _FLASH_CPU_BACKWARD is not None and q.shape[-2] >= _FUSED_SHARES_FROM:
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask, float("-inf"))
+        out, lse = _AttentionLSE.apply(q, k, v, bias, scale)
+        logits = (q @ k[..., n_self:, :].transpose(-1, -2)) * scale  # (B, heads, N, L)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[..., n_self:], float("-inf"))
+        return out, torch.exp(logits - lse.unsqueeze(-1).to(logits.dtype)).mean(dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale  # (B, heads, N, n_self + L), as SDPA computes
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return probs @ v, probs[..., n_self:].mean(dim=1)
+
+
 def sincos_2d(size: int, channels: int, max_period: float = 100.0) -> torch.Tensor:
     """(size*size, channels) fixed 2D position features, row-major: the first half of the channels are
     sines and cosines of the column at geometric frequencies, the second half of the row."""
@@ -82,12 +144,8 @@ class SelfAttention2d(nn.Module):
             k, v = torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)  # (B, heads, HW + L, d)
             mask = _key_mask(context_mask, n_self=h * w)
         if self.record is not None and context is not None and self.context_kv is not None and torch.is_grad_enabled():
-            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, HW, HW + L), as SDPA computes
-            if mask is not None:
-                logits = logits.masked_fill(~mask, float("-inf"))
-            probs = logits.softmax(dim=-1)
-            self.record.append(probs[..., h * w:].mean(dim=1))
-            out = probs @ v
+            out, shares = attention_with_shares(q, k, v, mask, n_self=h * w)
+            self.record.append(shares)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
