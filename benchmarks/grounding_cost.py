@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in batches:
                     one_step(name, batch)
             times: dict[str, list[float]] = {name: [] for name in ways}
-            for run in range(args.runs):  # each batch every way in turn, so a slow minute falls on all three
+            for i in range(args.runs):  # each batch every way in turn, so a slow minute falls on all three
                 for batch in batches:
-                    for name in (("on", "explicit", "off") if run % 2 else ("explicit", "on", "off")):
+                    for name in (("on", "explicit", "off") if i % 2 else ("explicit", "on", "off")):
                         times[name].append(one_step(name, batch))
         finally:
             attention._FUSED_SHARES_FROM = fused_from
