@@ -187,12 +187,11 @@ def test_the_fused_shares_and_their_gradients_equal_the_explicit_probabilities(m
         mask = torch.ones(2, 1, 1, n_self + n_ctx, dtype=torch.bool)
         mask[1, ..., -3:] = False
     weights = torch.rand(2, 2, n_self, 16), torch.rand(2, n_self, n_ctx)
-    results = []
+    results, apply = [], attention._AttentionLSE.apply
     for fused_from in (256, 10**9):  # the fused path, then the explicit one
         monkeypatch.setattr(attention, "_FUSED_SHARES_FROM", fused_from)
         calls = []
-        monkeypatch.setattr(attention._AttentionLSE, "apply", lambda *a, f=attention._AttentionLSE.apply: (
-            calls.append(1), f(*a))[1])
+        monkeypatch.setattr(attention._AttentionLSE, "apply", lambda *a, calls=calls: (calls.append(1), apply(*a))[1])
         out, shares = attention.attention_with_shares(q, k, v, mask, n_self)
         ((out * weights[0]).sum() + (shares * weights[1]).sum()).backward()
         results.append((calls, out.detach(), shares.detach(), *(t.grad.clone() for t in (q, k, v))))
