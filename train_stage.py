@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed JSON (ZeRO stage, precision); default: ZeRO stage 0, fp32")
     p.add_argument("--export", type=Path, metavar="BUNDLE",
                    help="after training, write the EMA weights to BUNDLE/<stage>/ and list the stage "
-                        "in BUNDLE/cascade.json")
+                        "in BUNDLE/cascade.json; refused when the run is already trained past max_steps "
+                        "(the weights would be the longer run's)")
     p.add_argument("--init-from", type=Path, metavar="STAGE_DIR",
                    help="start a new run from the weights of a bundle's stage folder (fine-tuning), e.g. "
                         "--init-from bundles/tiny/decoder with model.inpaint: true to make an inpainting "

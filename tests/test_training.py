@@ -314,6 +314,26 @@ def test_a_time_budget_ends_the_run_like_max_steps_and_a_rerun_resumes(tmp_path,
         _train(tmp_path, "other", data, cfg, max_minutes=0)
 
 
+def test_export_of_a_run_trained_past_max_steps_is_refused_not_mislabelled(tmp_path, data):
+    """A two-phase run (3 steps, then resumed to 5) asked again for its 3-step export: the step-3
+    checkpoint is gone, so --export would write the 5-step weights; it is refused before any work, and the
+    bundle exported at step 3 stays as it was. The same command without --export, or at max_steps 5, works."""
+    cfg = lambda steps: write_config(tmp_path / f"c{steps}.yaml", max_steps=steps, log_every=1, ckpt_every=1,
+                                     eval_at_end=False)
+    bundle = tmp_path / "bundle"
+    _train(tmp_path, "run", data, cfg(3), export=bundle)
+    weights = sorted(bundle.rglob("*.safetensors"))
+    before = {p: p.read_bytes() for p in weights}
+    assert before and _train(tmp_path, "run", data, cfg(5)).step == 5
+    with pytest.raises(UserError, match="trained to step 5, past max_steps 3: --export would write the step-5"):
+        _train(tmp_path, "run", data, cfg(3), export=bundle)
+    assert {p: p.read_bytes() for p in weights} == before
+    assert _train(tmp_path, "run", data, cfg(3)).step == 5  # no export asked: "nothing to do", as before
+    again = _train(tmp_path, "run", data, cfg(5), export=bundle)
+    assert (again.start_step, again.step) == (5, 5) and again.export_dir is not None
+    assert {p: p.read_bytes() for p in weights} != before
+
+
 def test_sigterm_checkpoints_and_resume_reproduces_an_uninterrupted_run(tmp_path, data, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", max_steps=12, log_every=1, ckpt_every=5)
     straight = _train(tmp_path, "straight", data, cfg)

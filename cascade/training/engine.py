@@ -175,6 +175,14 @@ class Trainer:
             self.run.train.max_steps = args.max_steps
         self.train_cfg = self.run.train
         self.run_dir = Path(args.run_dir)
+        found = checkpoints.latest(self.run_dir)
+        done, max_steps = (found[1].step if found else 0), self.train_cfg.max_steps
+        if args.export is not None and done > max_steps:
+            # the checkpoint of step max_steps is gone (only the last few are kept): the newest one would
+            # go out as if it were the model this command asks for
+            raise UserError(f"{self.run_dir} is trained to step {done}, past max_steps {max_steps}: --export "
+                            f"would write the step-{done} weights to {args.export}. Give --max-steps {done} "
+                            f"(or more) to export them, or a new --run-dir to train a {max_steps}-step model")
         find_shards(args.data, "train")
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
