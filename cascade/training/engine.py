@@ -175,11 +175,11 @@ class Trainer:
             self.run.train.max_steps = args.max_steps
         self.train_cfg = self.run.train
         self.run_dir = Path(args.run_dir)
-        found = checkpoints.latest(self.run_dir)
-        done, max_steps = (found[1].step if found else 0), self.train_cfg.max_steps
-        if args.export is not None and done > max_steps:
+        found = checkpoints.latest(self.run_dir) if args.export is not None else None
+        if found is not None and found[1].step > self.train_cfg.max_steps:
             # the checkpoint of step max_steps is gone (only the last few are kept): the newest one would
             # go out as if it were the model this command asks for
+            done, max_steps = found[1].step, self.train_cfg.max_steps
             raise UserError(f"{self.run_dir} is trained to step {done}, past max_steps {max_steps}: --export "
                             f"would write the step-{done} weights to {args.export}. Give --max-steps {done} "
                             f"(or more) to export them, or a new --run-dir to train a {max_steps}-step model")
