@@ -40,8 +40,9 @@ class _Rows:
     Subclasses compute rows [a, b) in `_compute(a, b, out)`, into `out` (a view of the buffer) when it
     is given. A consumer registers once (`reader()`) and then asks for rows with `get(a, b, reader)`; its
     requests must not move up the image. Rows above the first row that every consumer last asked for
-    are dropped. When the buffer is full, the rows still needed move to a new buffer twice their size
-    (with the rows to come), so that move happens once in several bands.
+    are dropped. When the buffer is full, the rows still needed move to its top, so that move happens
+    once in several bands; only when they and the rows to come fill more than half of it do they move
+    to a new buffer twice their size.
     """
 
     def __init__(self, height: int):
@@ -67,8 +68,13 @@ class _Rows:
             self.start = first
         kept = self.end - self.start
         if self.buffer is None or self.offset + kept + n > self.buffer.shape[-2]:
-            shape = like.shape[:2] + (2 * (kept + n), like.shape[-1])
-            buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
+            if self.buffer is not None and self.buffer.shape[-2] >= 2 * (kept + n):
+                # large enough: the kept rows move to its top (they do not overlap where they go, since
+                # offset > kept + n), and no new buffer is allocated and faulted in for every few bands
+                buffer = self.buffer
+            else:
+                shape = like.shape[:2] + (2 * (kept + n), like.shape[-1])
+                buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
             if kept:
                 buffer[..., :kept, :] = self.buffer[..., self.offset:self.offset + kept, :]
             self.buffer, self.offset = buffer, 0
@@ -125,6 +131,7 @@ class _Conv(_Rows):
         self.conv, self.k, self.s, self.p, self.in_height = conv, k, s, p, in_height
         # the weights in the activations' layout once, not on every band's call
         self.weight = conv.weight.contiguous(memory_format=CL)
+        self.bias = conv.bias
         self.inputs = [(node, node.reader()) for node in inputs]
         self.pre, self.post, self.upsample = pre, post, upsample
         self.claims = list(claims)  # (node, reader) that `post` reads at this node's rows
@@ -147,7 +154,7 @@ class _Conv(_Rows):
             x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
         x = x.contiguous(memory_format=CL)
         conv = self.conv
-        h = F.conv2d(x, self.weight, conv.bias, stride=conv.stride, padding=(0, conv.padding[1]))
+        h = F.conv2d(x, self.weight, self.bias, stride=conv.stride, padding=(0, conv.padding[1]))
         if self.post is not None:
             return self.post(h, a, b, out)
         return h if out is None else out.copy_(h)
@@ -170,7 +177,8 @@ def _cat(*rows: torch.Tensor) -> torch.Tensor:
 
 
 def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Rows:
-    """A `superres.blocks.LocalResBlock` on the channel concatenation of `inputs`: two conv nodes."""
+    """A `superres.blocks.LocalResBlock` on the channel concatenation of `inputs`: two conv nodes (the
+    residual sum and the skip's 1x1 convolution are the second one's `post`)."""
     scale, shift = block.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
     scale = 1 + scale
 
@@ -182,11 +190,38 @@ def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Row
 
     inner = _Conv(block.conv1, inputs, pre=pre, post=film)
     readers = [(node, node.reader()) for node in inputs]
+    skip = block.skip
+    if isinstance(skip, nn.Identity):
+        def residual(h, a, b, out):
+            return torch.add(readers[0][0].get(a, b, readers[0][1]), h, out=out)
+        return _Conv(block.conv2, [inner], post=residual, claims=readers)
+
+    # the 1x1 skip as one matrix product per input on the channels-last rows, summed into the conv's
+    # output: no concatenation (the norm's is of other rows) and no separate sum; its bias joins conv2's
+    weight = skip.weight.detach()[:, :, 0, 0].t()  # (in, out)
 
     def residual(h, a, b, out):
-        return torch.add(block.skip(_cat(*(node.get(a, b, r) for node, r in readers))), h, out=out)
+        rows = [node.get(a, b, r) for node, r in readers]
+        weights = weight.split([x.shape[1] for x in rows])
+        if out is not None and out.is_contiguous(memory_format=CL):  # a view of the buffer: written in place
+            torch.addmm(_matrix(h), _matrix(rows[0]), weights[0], out=_matrix(out))
+            target, first = out, 1
+        else:
+            target, first = h.contiguous(memory_format=CL), 0
+        for x, w in zip(rows[first:], weights[first:]):
+            _matrix(target).addmm_(_matrix(x), w)
+        return target if out is None or target is out else out.copy_(target)
 
-    return _Conv(block.conv2, [inner], post=residual, claims=readers)
+    node = _Conv(block.conv2, [inner], post=residual, claims=readers)
+    node.bias = block.conv2.bias.detach() + skip.bias.detach()
+    return node
+
+
+def _matrix(x: torch.Tensor) -> torch.Tensor:
+    """A (1, C, R, W) map as its channels-last (R * W, C) matrix: a view where the map is channels-last."""
+    if not x.is_contiguous(memory_format=CL):
+        x = x.contiguous(memory_format=CL)
+    return x.permute(0, 2, 3, 1).view(-1, x.shape[1])
 
 
 def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor,

@@ -84,6 +84,27 @@ def test_streaming_keeps_a_band_of_rows_however_tall_the_image():
     assert tall == short and short < 128
 
 
+def test_a_full_buffer_is_reused_not_allocated_again_every_few_bands():
+    """When a node's buffer fills, the rows it keeps move to the buffer's top: a 512-row image in bands
+    of 8 allocates each node's buffer a few times at most (it grows while the kept rows do), not once
+    every few bands (64 bands), and gives the whole-image output."""
+    net = _net()
+    x, low, t, s = _inputs(1, 512, 16)
+    out = _graph(net, x, low, net.embed(t, s), None, None)
+    nodes = [n for n in _nodes(out) if isinstance(n, _Conv)]
+    seen = {id(n): [] for n in nodes}  # every buffer object each node had (held, so no id is reused)
+    bands = []
+    with torch.no_grad():
+        for a in range(0, 512, 8):
+            bands.append(out._compute(a, a + 8, None))
+            for n in nodes:
+                if n.buffer is not None and not any(n.buffer is b for b in seen[id(n)]):
+                    seen[id(n)].append(n.buffer)
+        whole = net(x, low, t, s)
+    assert max(len(b) for b in seen.values()) <= 4
+    torch.testing.assert_close(torch.cat(bands, dim=-2), whole, atol=1e-5, rtol=1e-4)
+
+
 def test_rows_asked_again_after_they_were_dropped_are_an_error():
     net = _net()
     x, low, t, s = _inputs(1, 64, 32)
