@@ -75,8 +75,8 @@ def peak_rss_growth_mb(fn: Callable[[], Any]) -> float:
     return max(0, max(peak[0], _rss()) - start) / 2**20
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
-    """Median seconds per function, calling them in turn `runs` times after one warm-up each."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
+    """Seconds of each call, calling the functions in turn `runs` times after one warm-up each."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -85,7 +85,12 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[st
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median seconds per function, calling them in turn `runs` times after one warm-up each."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, runs).items()}
 
 
 def build(path: str, **overrides):
@@ -162,7 +167,8 @@ def main() -> None:
     for stage in stages.values():
         stage.load_state_dict(stages["256"].state_dict())
     fns = {name: step_fn(stages[name], size) for name, (size, _) in settings.items()}
-    med = interleaved_medians(fns, args.runs)
+    times = interleaved_times(fns, args.runs)
+    med = {k: statistics.median(v) for k, v in times.items()}
     keep = args.keep_freed_memory
     mem = {name: peak_memory_mb(args.config, over, size, args.threads, keep) for name, (size, over) in settings.items()}
     whole = fns["1024_untiled"]()
@@ -189,6 +195,11 @@ def main() -> None:
         "ratio_tiled_big": round(med["1024_tiled_big"] / med["256"], 2),
         "ratio_untiled": round(med["1024_untiled"] / med["256"], 2),
         "ratio_streamed": round(med["1024_streamed"] / med["256"], 2),
+        # the same ratio taken within each round and then the median: a 256^2 step that was slow in a few
+        # rounds (this machine's speed drifts within minutes) moves it less
+        "ratio_streamed_per_round": round(statistics.median(
+            [a / b for a, b in zip(times["1024_streamed"], times["256"])]), 2),
+        "s_per_step_256_min_max": [round(min(times["256"]), 4), round(max(times["256"]), 4)],
         "target_ratio": 16.0,
         "target_peak_mem_mb": 200.0,
         "peak_mem_mb_256": round(mem["256"], 1),
