@@ -191,6 +191,23 @@ def test_training_on_an_unembedded_set_stops_before_writing_anything(tmp_path):
     assert not run_dir.exists()
 
 
+
+@pytest.mark.parametrize("stage,sizes", [("sr256", (64,)), ("decoder", (63,))])
+def test_training_on_a_set_without_the_stages_image_sizes_stops_before_writing_anything(tmp_path, stage, sizes):
+    """A set built at other sizes is one line naming the sizes it holds and the ones to build, not a
+    "skipping" line per sample and then "no usable samples"."""
+    from cascade.data.build import build
+    from cascade.training.engine import Trainer, TrainArgs
+
+    data = tmp_path / "shapes"
+    build("shapes", data, count=6, sizes=sizes, seed=0)
+    run_dir = tmp_path / "run"
+    needed = {"sr256": "64, 256", "decoder": "64"}[stage]
+    with pytest.raises(UserError, match=rf"holds images at {sizes[0]} px, and the {stage} stage trains on {needed}: "
+                                        rf"build a set with .*--sizes {needed.replace(', ', ',')}"):
+        Trainer(TrainArgs(stage=stage, config=f"configs/tiny/{stage}.yaml", data=data, run_dir=run_dir))
+    assert not run_dir.exists()
+
 # ---------------------------------------------------------------- previews while the decoder trains
 def _decoder_run(tmp_path, **preview):
     from cascade.training.engine import TrainArgs

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "captions, or .tar shards with jpg/png + txt); shapes:single draws one object per scene")
     build.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
     build.add_argument("--sizes", default="64",
-                       help="comma-separated square sizes, e.g. 64,256,1024 (default: %(default)s)")
+                       help="comma-separated square sizes, e.g. 64,256,1024 (default: %(default)s); the "
+                            "stages train on 64 (clip, decoder), 64,256 (sr256) and 256,1024 (sr1024)")
     build.add_argument("--count", type=int, default=None,
                        help="number of samples (shapes: default 1000; others: cap, default all)")
     build.add_argument("--seed", type=int, default=0,

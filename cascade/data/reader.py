@@ -57,13 +57,14 @@ def find_shards(data_dir: str | Path, split: str) -> list[str]:
     return shards
 
 
-def check_embedded(data_dir: str | Path, split: str, stage: str) -> None:
-    """A one-line UserError unless the first sample of every `split` shard carries the CLIP embeddings
-    (`cascade data embed`), for a stage that trains on them: found before a run writes anything, rather
-    than one "skipping" line per sample."""
+def check_fields(data_dir: str | Path, split: str, stage: str, image_sizes: Sequence[int], embeddings: bool) -> None:
+    """A one-line UserError unless the first sample of every `split` shard carries what `stage` trains on:
+    a `<size>.png` for each of `image_sizes` (`cascade data build --sizes`) and, where `embeddings`, the
+    CLIP embeddings (`cascade data embed`). Found before a run writes anything, rather than one "skipping"
+    line per sample and then "no usable samples"."""
     import tarfile
 
-    wanted = {f"{name}.npy" for name in EMBEDDING_FIELDS}
+    wanted = {f"{name}.npy" for name in EMBEDDING_FIELDS} if embeddings else set()
     for shard in find_shards(data_dir, split):
         first, fields = None, set()
         try:
@@ -76,9 +77,21 @@ def check_embedded(data_dir: str | Path, split: str, stage: str) -> None:
                     fields.add(field)
         except (OSError, tarfile.TarError):
             continue  # a broken shard is the reader's to skip and report
-        if first is not None and not wanted <= fields:
+        if first is None:
+            continue
+        missing = [size for size in image_sizes if f"{size}.png" not in fields]
+        if missing:
+            held = sorted(int(f[:-4]) for f in fields if f.endswith(".png") and f[:-4].isdigit())
+            raise UserError(f"{shard} holds images at {_sizes(held) or 'no size'} px, and the {stage} stage trains "
+                            f"on {_sizes(image_sizes)}: build a set with `cascade data build ... --sizes "
+                            f"{','.join(str(s) for s in image_sizes)}`")
+        if not wanted <= fields:
             raise UserError(f"{shard} holds no CLIP embeddings, and the {stage} stage trains on them: run "
                             f"`cascade data embed --data {data_dir} --clip BUNDLE/clip` first")
+
+
+def _sizes(sizes: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in sizes)
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -163,7 +163,7 @@ class Trainer:
     """One training run of one stage in one run directory (every rank builds one)."""
 
     def __init__(self, args: TrainArgs):
-        from cascade.data.reader import check_embedded, find_shards
+        from cascade.data.reader import check_fields, find_shards
         from cascade.registry import get_stage
 
         self.args = args
@@ -186,8 +186,7 @@ class Trainer:
         find_shards(args.data, "train")
         deepspeed_config(args.deepspeed_config, self.train_cfg, 1)  # its errors, before start-up
         self.stage_cls = get_stage(self.run.stage)
-        if self.stage_cls.data_needs(self.run.model)[1]:
-            check_embedded(args.data, "train", self.run.stage)
+        check_fields(args.data, "train", self.run.stage, *self.stage_cls.data_needs(self.run.model))
         if args.max_minutes is not None and not args.max_minutes > 0:
             raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
         self.preview = None
