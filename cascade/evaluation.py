@@ -181,8 +181,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     stages also on held-out photographs (`superres.photos`: keys psnr_photos, psnr_photos_bicubic, ssim_
     alike).
     Writes out/eval.json, out/eval.md and grids after every stage."""
-    from cascade.bundle import load_stage, read_manifest
-    from cascade.data.reader import find_shards, make_val_batches
+    from cascade.bundle import load_stage, read_manifest, read_stage_config, saved_config
+    from cascade.data.reader import check_fields, find_shards, make_val_batches
+    from cascade.registry import get_stage
     from cascade.images import save_png
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
@@ -192,6 +193,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     wanted = [s for s in STAGE_ORDER if s in present and (not stages or s in stages)]
     if not wanted:
         raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")
+    for name in wanted:  # a set without a stage's image sizes or embeddings: one line, before any stage runs
+        cls = get_stage(read_stage_config(bundle / name)["stage"])
+        check_fields(data, "val", name, *cls.data_needs(saved_config(bundle / name)))
     results: dict[str, dict[str, float]] = {}
     loaded = {}
     encoders = {}  # the bundle's CLIP encoder, loaded once when the placement probe or the cascade needs it

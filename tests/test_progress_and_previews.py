@@ -203,7 +203,7 @@ def test_training_on_a_set_without_the_stages_image_sizes_stops_before_writing_a
     build("shapes", data, count=6, sizes=sizes, seed=0)
     run_dir = tmp_path / "run"
     needed = {"sr256": "64, 256", "decoder": "64"}[stage]
-    with pytest.raises(UserError, match=rf"holds images at {sizes[0]} px, and the {stage} stage trains on {needed}: "
+    with pytest.raises(UserError, match=rf"holds images at {sizes[0]} px, and the {stage} stage needs {needed}: "
                                         rf"build a set with .*--sizes {needed.replace(', ', ',')}"):
         Trainer(TrainArgs(stage=stage, config=f"configs/tiny/{stage}.yaml", data=data, run_dir=run_dir))
     assert not run_dir.exists()

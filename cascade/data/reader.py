@@ -82,11 +82,11 @@ def check_fields(data_dir: str | Path, split: str, stage: str, image_sizes: Sequ
         missing = [size for size in image_sizes if f"{size}.png" not in fields]
         if missing:
             held = sorted(int(f[:-4]) for f in fields if f.endswith(".png") and f[:-4].isdigit())
-            raise UserError(f"{shard} holds images at {_sizes(held) or 'no size'} px, and the {stage} stage trains "
-                            f"on {_sizes(image_sizes)}: build a set with `cascade data build ... --sizes "
+            raise UserError(f"{shard} holds images at {_sizes(held) or 'no size'} px, and the {stage} stage needs "
+                            f"{_sizes(image_sizes)}: build a set with `cascade data build ... --sizes "
                             f"{','.join(str(s) for s in image_sizes)}`")
         if not wanted <= fields:
-            raise UserError(f"{shard} holds no CLIP embeddings, and the {stage} stage trains on them: run "
+            raise UserError(f"{shard} holds no CLIP embeddings, and the {stage} stage needs them: run "
                             f"`cascade data embed --data {data_dir} --clip BUNDLE/clip` first")
 
 
