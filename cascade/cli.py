@@ -579,14 +579,27 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import serve
 
     serve.add_parser(sub)
+    _mark_subparsers(parser)
     return parser
+
+
+def _mark_subparsers(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's parser records itself in the namespace it parses, the innermost last."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                subparser.set_defaults(_parser=subparser)
+                _mark_subparsers(subparser)
 
 
 def main(argv: list[str] | None = None) -> int:
     from cascade.process_defaults import set_process_defaults
 
     set_process_defaults()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # with the command's own usage line, not the top-level one
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     return run_cli("cascade", lambda: args.func(args))
 
 
