@@ -183,8 +183,8 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     Writes out/eval.json, out/eval.md and grids after every stage."""
     from cascade.bundle import load_stage, read_manifest, read_stage_config, saved_config
     from cascade.data.reader import check_fields, find_shards, make_val_batches
-    from cascade.registry import get_stage
     from cascade.images import save_png
+    from cascade.registry import get_stage
 
     bundle, data, out = Path(bundle), Path(data), Path(out)
     others = {name: load_clip_model(spec, device) for name, spec in _clip_names(clip_models).items()}

@@ -213,7 +213,8 @@ def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Row
         return target if out is None or target is out else out.copy_(target)
 
     node = _Conv(block.conv2, [inner], post=residual, claims=readers)
-    node.bias = block.conv2.bias.detach() + skip.bias.detach()
+    biases = [c.bias.detach() for c in (block.conv2, skip) if c.bias is not None]
+    node.bias = sum(biases[1:], biases[0]) if biases else None
     return node
 
 
