@@ -194,8 +194,9 @@ def evaluate_bundle(bundle: str | Path, data: str | Path, out: str | Path, *, se
     if not wanted:
         raise UserError(f"none of the stages {stages} is in {bundle} (it has: {', '.join(present)})")
     for name in wanted:  # a set without a stage's image sizes or embeddings: one line, before any stage runs
-        cls = get_stage(read_stage_config(bundle / name)["stage"])
-        check_fields(data, "val", name, *cls.data_needs(saved_config(bundle / name)))
+        saved = read_stage_config(bundle / name)
+        needs = get_stage(saved["stage"]).data_needs(saved_config(bundle / name, saved))
+        check_fields(data, "val", name, *needs)
     results: dict[str, dict[str, float]] = {}
     loaded = {}
     encoders = {}  # the bundle's CLIP encoder, loaded once when the placement probe or the cascade needs it

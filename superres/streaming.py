@@ -124,14 +124,15 @@ class _Conv(_Rows):
     """
 
     def __init__(self, conv: nn.Conv2d, inputs: Sequence[_Rows], pre: Callable[..., torch.Tensor] | None = None,
-                 post: Post | None = None, upsample: bool = False, claims: Sequence[tuple[_Rows, int]] = ()):
+                 post: Post | None = None, upsample: bool = False, claims: Sequence[tuple[_Rows, int]] = (),
+                 bias: torch.Tensor | None = None):
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         in_height = inputs[0].height * (2 if upsample else 1)
         super().__init__((in_height + 2 * p - k) // s + 1)
         self.conv, self.k, self.s, self.p, self.in_height = conv, k, s, p, in_height
         # the weights in the activations' layout once, not on every band's call
         self.weight = conv.weight.contiguous(memory_format=CL)
-        self.bias = conv.bias
+        self.bias = conv.bias if bias is None else bias  # `bias`: one that `post` folds in besides the conv's
         self.inputs = [(node, node.reader()) for node in inputs]
         self.pre, self.post, self.upsample = pre, post, upsample
         self.claims = list(claims)  # (node, reader) that `post` reads at this node's rows
@@ -204,18 +205,18 @@ def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Row
         rows = [node.get(a, b, r) for node, r in readers]
         weights = weight.split([x.shape[1] for x in rows])
         if out is not None and out.is_contiguous(memory_format=CL):  # a view of the buffer: written in place
-            torch.addmm(_matrix(h), _matrix(rows[0]), weights[0], out=_matrix(out))
             target, first = out, 1
+            torch.addmm(_matrix(h), _matrix(rows[0]), weights[0], out=_matrix(out))
         else:
             target, first = h.contiguous(memory_format=CL), 0
+        acc = _matrix(target)
         for x, w in zip(rows[first:], weights[first:]):
-            _matrix(target).addmm_(_matrix(x), w)
+            acc.addmm_(_matrix(x), w)
         return target if out is None or target is out else out.copy_(target)
 
-    node = _Conv(block.conv2, [inner], post=residual, claims=readers)
     biases = [c.bias.detach() for c in (block.conv2, skip) if c.bias is not None]
-    node.bias = sum(biases[1:], biases[0]) if biases else None
-    return node
+    return _Conv(block.conv2, [inner], post=residual, claims=readers,
+                 bias=sum(biases[1:], biases[0]) if biases else None)
 
 
 def _matrix(x: torch.Tensor) -> torch.Tensor:

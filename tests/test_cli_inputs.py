@@ -146,7 +146,6 @@ def test_vary_help_starts_with_its_description(capsys):
     assert "Make variations of an image" in capsys.readouterr().out
 
 
-
 @pytest.mark.parametrize("argv,command", [(["data", "inspect", "some/set", "--data", "x"], "cascade data inspect"),
                                           (["generate", "--prompt", "a red star", "--bundle", "b"], "cascade generate")])
 def test_an_unknown_option_is_reported_with_the_commands_own_usage(argv, command, capsys):
@@ -157,6 +156,7 @@ def test_an_unknown_option_is_reported_with_the_commands_own_usage(argv, command
     err = capsys.readouterr().err
     assert f"usage: {command} " in err
     assert f"{command}: error: unrecognized arguments: {' '.join(argv[-2:])}" in err
+
 
 # ---------------------------------------------------------------------------------------------- outputs
 def test_a_second_run_with_the_same_prompt_and_seed_keeps_the_first_runs_files(bundle, tmp_path, quick_generate,

@@ -238,7 +238,6 @@ def test_eval_scores_an_imagen_bundle_without_clip_on_val_one_object_prompts_and
     assert not any(k.startswith("clip_score") for k in results["cascade"])  # no CLIP to score with
 
 
-
 def test_eval_on_a_set_without_a_stages_image_sizes_is_one_line_before_any_stage_runs(imagen_bundle, tmp_path):
     """The set holds 64 px images only: sr256 needs 256 too. The decoder, first in line, is not evaluated
     and no report is written (it used to end in a traceback, "no validation samples", after the decoder)."""
@@ -249,6 +248,7 @@ def test_eval_on_a_set_without_a_stages_image_sizes_is_one_line_before_any_stage
     with pytest.raises(UserError, match=r"holds images at 64 px, and the sr256 stage needs 64, 256: .*--sizes 64,256"):
         evaluate_bundle(imagen_bundle, data, tmp_path / "eval", stages=["decoder", "sr256"], limit=4, one_object=9)
     assert not (tmp_path / "eval" / "eval.json").exists()
+
 
 LAYOUT = "a big red star at the top left and a blue circle in the center"
 

@@ -191,7 +191,6 @@ def test_training_on_an_unembedded_set_stops_before_writing_anything(tmp_path):
     assert not run_dir.exists()
 
 
-
 @pytest.mark.parametrize("stage,sizes", [("sr256", (64,)), ("decoder", (63,))])
 def test_training_on_a_set_without_the_stages_image_sizes_stops_before_writing_anything(tmp_path, stage, sizes):
     """A set built at other sizes is one line naming the sizes it holds and the ones to build, not a
@@ -207,6 +206,7 @@ def test_training_on_a_set_without_the_stages_image_sizes_stops_before_writing_a
                                         rf"build a set with .*--sizes {needed.replace(', ', ',')}"):
         Trainer(TrainArgs(stage=stage, config=f"configs/tiny/{stage}.yaml", data=data, run_dir=run_dir))
     assert not run_dir.exists()
+
 
 # ---------------------------------------------------------------- previews while the decoder trains
 def _decoder_run(tmp_path, **preview):
