@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cascade.errors import run_cli
+from cascade.errors import ArgumentParser, run_cli
 from cascade.process_defaults import set_process_defaults
 from cascade.registry import stage_names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_stage.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="train_stage.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, help=f"stage to train: {', '.join(stage_names())}")
     p.add_argument("--config", required=True, type=Path, help="stage YAML with keys stage, model, train")
     p.add_argument("--data", type=Path,

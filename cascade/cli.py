@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from cascade.errors import UserError, run_cli
+from cascade.errors import ArgumentParser, UserError, run_cli
 from cascade.registry import EMBEDDING_JOBS, IMAGE_STAGES, SAMPLED_STAGES, image_stages_until
 
 # cascade.diffusion.SAMPLERS, spelled out so that `--help` needs no torch import (a test keeps them equal)
@@ -563,7 +563,7 @@ def register_model_commands(sub) -> None:
 
 # ---------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cascade",
         description="Train and run a DALL-E 2 / Imagen-style text-to-image cascade on CPU or GPU.",
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from cascade.errors import UserError, run_cli
+from cascade.errors import ArgumentParser, UserError, run_cli
 from cascade.registry import STAGE_ORDER
 from cascade.process_defaults import keep_hub_offline
 
@@ -167,7 +167,7 @@ def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: t
 def main(argv: list[str] | None = None) -> int:
     # every step is a command in a child process, which sizes its own threads and inherits these
     keep_hub_offline()
-    p = argparse.ArgumentParser(prog="python -m cascade.demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m cascade.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="less data and fewer steps (target: 10 minutes)")
     p.add_argument("--root", default=".", help="where data/, runs/, bundles/ and out/ go (default: .)")
     p.add_argument("--unclip", action="store_true",

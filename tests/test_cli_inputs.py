@@ -158,6 +158,46 @@ def test_an_unknown_option_is_reported_with_the_commands_own_usage(argv, command
     assert f"{command}: error: unrecognized arguments: {' '.join(argv[-2:])}" in err
 
 
+@pytest.mark.parametrize("argv,wrong,guess", [
+    (["generate", "--prompt", "a red star", "--bundle", "b"], "--bundle", "--model"),
+    (["generate", "--prompt", "a red star", "--num-imgs", "2"], "--num-imgs", "--num-images"),
+    (["generate", "--negative-prompts=red", "--prompt", "a red star"], "--negative-prompts", "--negative-prompt"),
+    (["eval", "--model", "m", "--dataset", "d"], "--dataset", "--data")])
+def test_an_unknown_option_names_the_option_it_was_probably_meant_to_be(argv, wrong, guess, capsys):
+    """A synonym (--bundle), near spellings, and one that stands in for a required option (eval's --data)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"(did you mean {guess}, not {wrong}?)")
+
+
+def test_an_unknown_option_like_no_option_gets_no_guess(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "a red star", "--frobnicate", "3"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --frobnicate 3" in err and "did you mean" not in err
+
+
+@pytest.mark.parametrize("argv,wrong,guess", [(["--stage", "decoder", "--confg", "c.yaml"], "--confg", "--config"),
+                                              (["--stage", "decoder", "--config", "c.yaml", "--steps", "9"],
+                                               "--steps", "--max-steps")])
+def test_train_stage_names_the_option_it_was_probably_meant_to_be(argv, wrong, guess, capsys):
+    from train_stage import main as train_main
+
+    with pytest.raises(SystemExit) as exit_:
+        train_main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"(did you mean {guess}, not {wrong}?)")
+
+
+def test_an_abbreviated_option_is_not_taken_for_an_unknown_one(capsys):
+    """argparse takes --num-im for --num-images: the error here is the missing --prompt, with no guess."""
+    with pytest.raises(SystemExit):
+        main(["generate", "--num-im", "2"])
+    err = capsys.readouterr().err
+    assert err.strip().endswith("required: --prompt")
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def test_a_second_run_with_the_same_prompt_and_seed_keeps_the_first_runs_files(bundle, tmp_path, quick_generate,
                                                                                   capsys):
