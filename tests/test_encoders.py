@@ -129,3 +129,58 @@ def test_open_clip_checkpoint_file_loads_its_weights(tiny_open_clip, tmp_path):
 def test_unknown_open_clip_model_is_a_user_error():
     with pytest.raises(UserError, match="unknown open_clip model"):
         load_encoder("no-such-model")
+
+
+def test_the_plain_torch_bert_gives_transformers_token_ids_and_states():
+    """The Imagen-style decoder's frozen MiniLM runs on `cascade.encoders.bert`, not transformers: the same
+    ids and mask (truncation, padding, accents and case included) and last hidden states to float rounding."""
+    from cascade._torchvision_compat import ensure_torchvision
+    from cascade.encoders.bert import load_bert
+    from cascade.encoders.clip_model import _minilm_path
+
+    ensure_torchvision()
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a red star above a blue circle", "A BIG Blue square below a small yellow triangle, très jolie!",
+             "x", "a star " * 40]  # the last one longer than max_len
+    tokenizer, model = load_bert(_minilm_path())
+    ids, mask = tokenizer.batch(texts, max_len=24)
+    hf_tokenizer = AutoTokenizer.from_pretrained(_minilm_path())
+    reference = hf_tokenizer(texts, padding="longest", truncation=True, max_length=24, return_tensors="pt")
+    assert ids.shape == (4, 24) and mask[2].sum() == 3  # [CLS] x [SEP]
+    assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"].bool())
+    # what the grounding loss reads: unpadded ids with each token's characters, and tokens by id
+    ours = tokenizer(texts, truncation=True, max_length=24, return_offsets_mapping=True)
+    theirs = hf_tokenizer(texts, truncation=True, max_length=24, return_offsets_mapping=True)
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert [list(map(tuple, o)) for o in ours["offset_mapping"]] == [
+        list(map(tuple, o)) for o in theirs["offset_mapping"]]
+    row = ours["input_ids"][1]
+    assert tokenizer.convert_ids_to_tokens(row) == hf_tokenizer.convert_ids_to_tokens(row)
+    with torch.no_grad():
+        states = model(ids, mask)
+        expected = AutoModel.from_pretrained(_minilm_path()).eval()(**reference).last_hidden_state
+    torch.testing.assert_close(states[mask], expected[mask], atol=2e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_unexpected_bert_parameter_name_is_an_error():
+    from cascade.encoders.bert import _rename
+
+    assert _rename("bert.encoder.layer.3.attention.output.dense.weight") == "layers.3.attn_out.weight"
+    assert _rename("encoder.layer.0.output.LayerNorm.bias") == "layers.0.mlp_norm.bias"
+    with pytest.raises(KeyError, match="unexpected BERT parameter"):
+        _rename("encoder.layer.0.crossattention.self.query.weight")
+
+
+def test_the_frozen_text_encoder_imports_neither_transformers_nor_torchvision_nor_the_compiler():
+    """What the plain-torch BERT is for: those imports took 4.5 s of an Imagen-style `generate`'s start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cascade.encoders.frozen_text import frozen_text_encoder; "
+            "frozen_text_encoder('minilm_l6', 16).encode(['a red star']); "
+            "names = ('transformers', 'torchvision', 'torch._dynamo', 'open_clip'); "
+            "print(sorted(m for m in names if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -30,15 +30,14 @@ CACHE_SIZE = 8192
 
 
 class FrozenTextEncoder:
-    """A frozen Hugging Face encoder (BERT-style) with its tokenizer, padded or cut to `max_len` tokens."""
+    """A frozen BERT-style encoder (`cascade.encoders.bert`) with its tokenizer, padded or cut to `max_len`
+    tokens."""
 
     def __init__(self, name: str = "minilm_l6", max_len: int = 48, device: str | torch.device = "cpu"):
-        path = _model_path(name)
-        from transformers import AutoModel, AutoTokenizer
+        from cascade.encoders.bert import load_bert
 
         self.name, self.max_len, self.width = name, max_len, FROZEN_TEXT_ENCODERS[name]
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        self.tokenizer, self.model = load_bert(_model_path(name), device)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
@@ -48,11 +47,9 @@ class FrozenTextEncoder:
     @torch.no_grad()
     def _run(self, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pooled (D,), tokens (n, D) of the n real tokens) per text, on the CPU."""
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
-        mask = enc["attention_mask"].to(self.device)
-        states = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask).last_hidden_state
-        states = states.float() * mask[..., None]  # (B, L, D)
+        ids, mask = self.tokenizer.batch(texts, self.max_len)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        states = self.model(ids, mask).float() * mask[..., None]  # (B, L, D)
         pooled = F.normalize(states.sum(1) / mask.sum(1, keepdim=True).clamp(min=1), dim=-1)
         lengths = mask.sum(1).tolist()
         return [(pooled[i].cpu(), states[i, :n].cpu()) for i, n in enumerate(lengths)]
@@ -85,28 +82,24 @@ _SHARED: dict[tuple[str, int, str], FrozenTextEncoder] = {}
 
 
 def _model_path(name: str) -> str:
-    """The installed package's folder of frozen encoder `name`, with transformers imported and quiet."""
+    """The installed package's folder of frozen encoder `name`."""
     if name not in FROZEN_TEXT_ENCODERS:
         raise UserError(f"unknown frozen text encoder '{name}' (have: {', '.join(FROZEN_TEXT_ENCODERS)})")
-    from cascade._torchvision_compat import ensure_torchvision
-
-    ensure_torchvision()  # transformers imports torchvision
-    import transformers
-
     from cascade.encoders.clip_model import _minilm_path
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     return _minilm_path()
 
 
 def frozen_encoder_params(name: str = "minilm_l6") -> int:
-    """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read)."""
-    path = _model_path(name)
-    from transformers import AutoConfig, AutoModel
+    """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read).
+    Without BERT's pooler head, which the encoder does not use."""
+    import json
+    from pathlib import Path
+
+    from cascade.encoders.bert import Bert
 
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+        model = Bert.from_config(json.loads((Path(_model_path(name)) / "config.json").read_text()))
     return sum(p.numel() for p in model.parameters())
 
 
