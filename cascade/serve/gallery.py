@@ -12,7 +12,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from cascade.errors import UserError
-from cascade.images import to_pil
+from cascade.images import PNG_COMPRESS_LEVEL, to_pil
 
 MAX_ITEMS = 300  # the oldest go first (a 1024x1024 result is a few MB)
 KINDS = ("result", "upload", "mask", "animation")  # masks are inputs only and are not listed
@@ -46,7 +46,7 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
