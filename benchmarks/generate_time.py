@@ -5,7 +5,8 @@ Each timed run is a fresh `cascade generate` process, as a user runs it; the set
 run, so a change of load hits all of them alike. The load is one busy Python loop (one core's worth of
 work), started before a loaded round and stopped after it. Settings (see `SETTINGS`): the defaults; one
 torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinning, which is what costs
-most when another process wants the core); sr1024 at 2 sampling steps instead of its config's; and sr1024
+most when another process wants the core); libgomp's default spin of 300,000 polls before an idle thread
+sleeps, where the commands set 3,000 (`cascade.process_defaults`); sr1024 at 2 sampling steps instead of its config's; and sr1024
 in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed).
 Prints one JSON line: per setting the median seconds quiet and loaded and their ratio.
 
@@ -32,6 +33,8 @@ SETTINGS = {
     "default": ({}, [], {}),
     "threads1": ({"OMP_NUM_THREADS": "1"}, [], {}),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, [], {}),
+    # libgomp's own spin before an idle thread sleeps, not the commands' GOMP_SPINCOUNT (cascade.process_defaults)
+    "spin_long": ({"GOMP_SPINCOUNT": "300000"}, [], {}),
     "sr1024_steps2": ({}, ["--steps", "sr1024=2"], {}),
     "tiles": ({}, [], {"sr1024": {"stream_rows": None}}),  # the sr1024 config before streaming (session 23)
 }

@@ -605,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `cascade` command: main(), then an exit that suits a process in a process group (--shard)."""
+    from cascade.process_defaults import set_process_defaults
+
+    set_process_defaults()  # before anything imports torch (main() calls it again, for callers of main)
     from cascade.training.distributed import exit_process
 
     exit_process(main())

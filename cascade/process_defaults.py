@@ -1,5 +1,5 @@
-"""What a command sets for its whole process: no model-hub access, a thread count for CPU runs, and
-DeepSpeed told that a machine without a GPU runs it on the CPU.
+"""What a command sets for its whole process: no model-hub access, a thread count for CPU runs, OpenMP's
+threads told to wait for work briefly, and DeepSpeed told that a machine without a GPU runs it on the CPU.
 
 Importing any cascade module changes neither os.environ nor torch's threads; each entry point
 (`cascade`, `train_stage.py`, the benchmarks) calls `set_process_defaults()` first, and what the
@@ -12,10 +12,16 @@ import os
 # huggingface_hub reads these once, when it is imported: set them before anything imports it
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 MAX_CPU_THREADS = 2  # per process, unless OMP_NUM_THREADS says otherwise
+# how many times an idle OpenMP thread of torch's libgomp polls for work before it sleeps (its default, with no
+# OMP_WAIT_POLICY: 300,000). A one-image `generate` beside one busy process: 6.20 s quiet, 16.57 loaded by
+# default; 6.40 / 12.48 at 3,000; 6.77 / 10.60 at 1,000 (docs/results.md, 2026-12-07)
+GOMP_SPIN_COUNT = "3000"
 
 
 def set_process_defaults() -> None:
+    """Call before torch is imported where possible: libgomp reads its settings once, when torch loads it."""
     keep_hub_offline()
+    wait_briefly_for_work()
     limit_cpu_threads()
     name_cpu_accelerator()
 
@@ -24,6 +30,16 @@ def keep_hub_offline() -> None:
     """Nothing may reach a model hub at run time: every pretrained part ships in a package."""
     for name in OFFLINE_VARIABLES:
         os.environ.setdefault(name, "1")
+
+
+def wait_briefly_for_work() -> None:
+    """GOMP_SPINCOUNT=3000: idle OpenMP threads sleep after a short spin instead of a long one. Spinning threads
+    take the cores from any other process that wants them, which is what made a command 2.5-2.7x slower
+    beside one busy process; on a quiet machine the shorter spin costs ~3%. Untouched where the user set
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY. Effective in this process only if torch is not yet imported, and in
+    every child process it starts."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
 
 
 def local_processes() -> int:

@@ -12,7 +12,8 @@ from cascade import process_defaults
 from cascade.process_defaults import OFFLINE_VARIABLES, limit_cpu_threads, set_process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-USER_SETTINGS = (*OFFLINE_VARIABLES, "OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+USER_SETTINGS = (*OFFLINE_VARIABLES, "OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GOMP_SPINCOUNT",
+                 "OMP_WAIT_POLICY")
 
 # Every module of the packages (and the training script), in a fresh process where nothing is set.
 IMPORT_EVERYTHING = """
@@ -56,6 +57,32 @@ def test_a_command_keeps_the_hub_offline_and_caps_cpu_threads(clean):
     set_process_defaults()
     assert all(os.environ[name] == "1" for name in OFFLINE_VARIABLES)
     assert torch.get_num_threads() == process_defaults.MAX_CPU_THREADS
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_chose_how_they_wait(clean):
+    set_process_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == process_defaults.GOMP_SPIN_COUNT
+    clean.setenv("GOMP_SPINCOUNT", "50")
+    set_process_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == "50"
+    clean.delenv("GOMP_SPINCOUNT")
+    clean.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    set_process_defaults()
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_the_cascade_command_sets_its_defaults_before_torch_loads_openmp():
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: `cascade` must set it before importing torch."""
+    code = ("import sys; from cascade import process_defaults as pd; seen = []; original = pd.set_process_defaults\n"
+            "def spy():\n    seen.append('torch' in sys.modules); original()\n"
+            "pd.set_process_defaults = spy; sys.argv = ['cascade', '--help']\n"
+            "from cascade import cli\n"
+            "try:\n    cli.entry()\nexcept SystemExit:\n    pass\n"
+            "print('torch imported first' if seen[0] else 'defaults first', file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.stderr.strip().endswith("defaults first"), proc.stderr[-2000:]
 
 
 def test_the_users_own_settings_win(clean):
