@@ -41,10 +41,9 @@ def test_importing_any_module_changes_neither_the_environment_nor_the_threads():
 @pytest.fixture
 def clean(monkeypatch):
     """No user settings, a CPU-only machine with 8 cores; torch's thread count restored afterwards."""
-    for name in USER_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DS_ACCELERATOR", "")  # so that monkeypatch restores whatever a test sets
-    monkeypatch.delenv("DS_ACCELERATOR")
+    for name in (*USER_SETTINGS, "DS_ACCELERATOR"):
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores whatever a test (or the code) sets
+        monkeypatch.delenv(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(process_defaults.os, "cpu_count", lambda: 8)
     before = torch.get_num_threads()
