@@ -1,6 +1,7 @@
 """Image tensors <-> 8-bit RGB PNG files, with settings in PNG text chunks, and captioned grids."""
 from __future__ import annotations
 
+import io
 import math
 import os
 import textwrap
@@ -68,16 +69,24 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
 PNG_COMPRESS_LEVEL = 3
 
 
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """An 8-bit PNG with `text` as tEXt chunks (prompt, seed, settings): what `save_png` writes and the
+    studio serves."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
 def save_png(image: torch.Tensor | Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
     """Write an 8-bit RGB PNG atomically, with `text` as tEXt chunks (prompt, seed, settings)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pil = image if isinstance(image, Image.Image) else to_pil(image)
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, str(value))
     tmp = path.with_name(f".{path.name}.tmp")
-    pil.save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    tmp.write_bytes(png_bytes(pil, text))
     os.replace(tmp, path)
     return path
 

@@ -67,6 +67,11 @@ class Bert(nn.Module):
                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
         return cls(**{k: config[k] for k in keys})
 
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "Bert":
+        """Built (initialised, not loaded) from the config.json of a transformers-format BERT folder."""
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, L) long, mask (B, L) bool (True: a real token) -> last hidden states (B, L, hidden)."""
         positions = torch.arange(ids.shape[1], device=ids.device)
@@ -147,7 +152,7 @@ def load_bert(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tok
     path = Path(path)
     # built on the CPU and initialised for nothing (0.14 s here): on the meta device, initialising imports
     # torch's compiler stack (torch._dynamo, 1.1 s), which is what this module is here to avoid
-    model = Bert.from_config(json.loads((path / "config.json").read_text()))
+    model = Bert.from_folder(path)
     weights = {_rename(k): v for k, v in load_file(path / "model.safetensors").items() if not _UNUSED.match(k)}
     model.load_state_dict(weights, strict=True, assign=True)
     return Tokenizer(path / "tokenizer.json"), model.to(device).eval().requires_grad_(False)

@@ -93,13 +93,10 @@ def _model_path(name: str) -> str:
 def frozen_encoder_params(name: str = "minilm_l6") -> int:
     """The parameter count of frozen encoder `name`, from its config on the meta device (no weights read).
     Without BERT's pooler head, which the encoder does not use."""
-    import json
-    from pathlib import Path
-
     from cascade.encoders.bert import Bert
 
     with torch.device("meta"):
-        model = Bert.from_config(json.loads((Path(_model_path(name)) / "config.json").read_text()))
+        model = Bert.from_folder(_model_path(name))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -9,10 +9,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from cascade.errors import UserError
-from cascade.images import PNG_COMPRESS_LEVEL, to_pil
+from cascade.images import png_bytes, to_pil
 
 MAX_ITEMS = 300  # the oldest go first (a 1024x1024 result is a few MB)
 KINDS = ("result", "upload", "mask", "animation")  # masks are inputs only and are not listed
@@ -38,16 +38,6 @@ class Item:
         return {"id": self.id, "kind": self.kind, "name": self.name, "width": self.width,
                 "height": self.height, "text": dict(self.text), "job": self.job,
                 "url": f"/api/images/{self.id}.png"}
-
-
-def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    """An 8-bit PNG with `text` as tEXt chunks (what `cascade.images.save_png` writes to a file)."""
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, str(value))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
 
 
 def animated_png(frames: list[Image.Image], *, size: int = 256, ms_per_frame: int = 250) -> bytes:
