@@ -28,8 +28,13 @@ class PixelNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inv_rms = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
-        return x * inv_rms * self.weight[:, None, None]
+        if torch.is_grad_enabled():
+            inv_rms = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
+            return x * inv_rms * self.weight[:, None, None]
+        # without autograd (sampling): the mean square as one fused reduction (not a squared copy of x and
+        # its mean), and the gain applied in place, so one pass over x and one fresh map fewer
+        mean_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
+        return torch.mul(x, mean_sq.add_(self.eps).rsqrt_()).mul_(self.weight[:, None, None])
 
 
 class LocalResBlock(nn.Module):
@@ -50,11 +55,13 @@ class LocalResBlock(nn.Module):
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm(x)))
+        # without autograd every map below is fresh and read once, so the SiLUs and the sum work in place
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm(x), inplace=inplace))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1) each
         h = torch.addcmul(shift, h, 1 + scale)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
+        return h.add_(self.skip(x)) if inplace else self.skip(x) + h
 
 
 class TextCrossAttention(nn.Module):

@@ -117,7 +117,7 @@ class _Conv(_Rows):
     padding), optionally after a nearest 2x upsampling, with row-aligned maps before and after it.
 
     `pre(*rows)` maps the inputs' rows to the convolution's input (concatenation, norm, SiLU);
-    `post(h, a, b, out)` maps its output rows [a, b) (FiLM, a residual sum that reads other nodes),
+    `post(h, a, b, out)` maps its output rows [a, b) (a SiLU, a residual sum that reads other nodes),
     writing into `out` when given. The top and bottom zero padding of the whole-image convolution is
     added where a band touches an edge of the image, so each output row sees exactly what it sees in
     the whole-image forward.
@@ -125,14 +125,15 @@ class _Conv(_Rows):
 
     def __init__(self, conv: nn.Conv2d, inputs: Sequence[_Rows], pre: Callable[..., torch.Tensor] | None = None,
                  post: Post | None = None, upsample: bool = False, claims: Sequence[tuple[_Rows, int]] = (),
-                 bias: torch.Tensor | None = None):
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         in_height = inputs[0].height * (2 if upsample else 1)
         super().__init__((in_height + 2 * p - k) // s + 1)
         self.conv, self.k, self.s, self.p, self.in_height = conv, k, s, p, in_height
         # the weights in the activations' layout once, not on every band's call
-        self.weight = conv.weight.contiguous(memory_format=CL)
-        self.bias = conv.bias if bias is None else bias  # `bias`: one that `post` folds in besides the conv's
+        # `weight`, `bias`: ones that fold in what the layers after the conv would do (FiLM, a 1x1 skip's bias)
+        self.weight = (conv.weight if weight is None else weight).contiguous(memory_format=CL)
+        self.bias = conv.bias if bias is None else bias
         self.inputs = [(node, node.reader()) for node in inputs]
         self.pre, self.post, self.upsample = pre, post, upsample
         self.claims = list(claims)  # (node, reader) that `post` reads at this node's rows
@@ -180,16 +181,20 @@ def _cat(*rows: torch.Tensor) -> torch.Tensor:
 def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Rows:
     """A `superres.blocks.LocalResBlock` on the channel concatenation of `inputs`: two conv nodes (the
     residual sum and the skip's 1x1 convolution are the second one's `post`)."""
-    scale, shift = block.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-    scale = 1 + scale
+    scale, shift = block.emb(F.silu(emb)).flatten().chunk(2)  # one image: (C,) each
+    # FiLM, (1 + scale) * conv1(x) + shift, is constant over the image, so it goes into conv1's weights and
+    # bias once instead of a pass over every band: conv1's output only needs its SiLU
+    conv1 = block.conv1
+    weight = (conv1.weight.detach() * (1 + scale)[:, None, None, None]).to(conv1.weight.dtype)
+    bias = (shift if conv1.bias is None else torch.addcmul(shift, conv1.bias.detach(), 1 + scale)).to(weight.dtype)
 
     def pre(*rows):
-        return F.silu(block.norm(_cat(*rows)))
+        return F.silu(block.norm(_cat(*rows)), inplace=True)
 
-    def film(h, a, b, out):
-        return F.silu(torch.addcmul(shift, h, scale, out=out), inplace=True)
+    def silu(h, a, b, out):
+        return F.silu(h, inplace=True) if out is None else torch.ops.aten.silu.out(h, out=out)
 
-    inner = _Conv(block.conv1, inputs, pre=pre, post=film)
+    inner = _Conv(conv1, inputs, pre=pre, post=silu, weight=weight, bias=bias)
     readers = [(node, node.reader()) for node in inputs]
     skip = block.skip
     if isinstance(skip, nn.Identity):
@@ -294,4 +299,4 @@ def _graph(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, emb:
         sampler = net.up_samplers[i]
         if not isinstance(sampler, nn.Identity):
             h = _Conv(sampler.conv, [h], upsample=True)
-    return _Conv(net.conv_out, [h], pre=lambda x: F.silu(net.norm_out(x)))
+    return _Conv(net.conv_out, [h], pre=lambda x: F.silu(net.norm_out(x), inplace=True))

@@ -107,4 +107,4 @@ class EfficientUNet(nn.Module):
             for block in self.up_blocks[i]:
                 h = run_block(block, h, emb, checkpoint=ckpt)
             h = self.up_samplers[i](h)
-        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())).contiguous()
