@@ -34,7 +34,8 @@ class PixelNorm(nn.Module):
         # without autograd (sampling): the mean square as one fused reduction (not a squared copy of x and
         # its mean), and the gain applied in place, so one pass over x and one fresh map fewer
         mean_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
-        return torch.mul(x, mean_sq.add_(self.eps).rsqrt_()).mul_(self.weight[:, None, None])
+        y, gain = torch.mul(x, mean_sq.add_(self.eps).rsqrt_()), self.weight[:, None, None]
+        return y.mul_(gain) if y.dtype == gain.dtype else y * gain  # (a bf16 map and fp32 gain give fp32)
 
 
 class LocalResBlock(nn.Module):
@@ -61,7 +62,8 @@ class LocalResBlock(nn.Module):
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1) each
         h = torch.addcmul(shift, h, 1 + scale)
         h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
-        return h.add_(self.skip(x)) if inplace else self.skip(x) + h
+        skip = self.skip(x)
+        return h.add_(skip) if inplace and skip.dtype == h.dtype else skip + h  # (autocast may mix dtypes)
 
 
 class TextCrossAttention(nn.Module):

@@ -231,6 +231,7 @@ def _matrix(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).view(-1, x.shape[1])
 
 
+@torch.no_grad()  # the nodes' maps are written in place
 def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor,
                      aug_level: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                      *, rows: int = 32) -> torch.Tensor:

@@ -158,6 +158,24 @@ def test_sampling_without_autograd_computes_what_training_does_and_leaves_its_in
     torch.testing.assert_close(fast.double(), exact, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_block_under_autocast_gives_the_dtype_with_and_without_autograd(dtype):
+    """Under autocast an fp32 input meets bf16 convolution outputs in the residual sum, and a bf16 map meets
+    the fp32 gain in the norm; both promote to fp32. The ops taken in place when autograd is off must not
+    keep bf16 instead."""
+    from superres.blocks import LocalResBlock
+
+    torch.manual_seed(0)
+    block = _randomise(LocalResBlock(8, 8, 16))
+    x, emb = torch.randn(1, 8, 6, 6, dtype=dtype), torch.randn(1, 16)
+    outs, norms = {}, {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[grad], norms[grad] = block(x, emb), block.norm(x)
+    assert outs[True].dtype == outs[False].dtype and norms[True].dtype == norms[False].dtype == torch.float32
+    torch.testing.assert_close(outs[False], outs[True].detach(), atol=3e-2, rtol=3e-2)
+
+
 # -- metrics ------------------------------------------------------------------------------------------
 
 def test_psnr_closed_form_and_ssim_identities():
