@@ -22,17 +22,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Uninitialised:
+    """A layer that skips its initialisation, for a model whose every parameter is loaded next (`load_bert`):
+    the parameters stay `torch.empty`, which costs no pass over their memory. (Building on the meta device
+    would do the same, but initialising there imports torch's compiler stack, 1.1 s.)"""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class _UninitialisedLinear(_Uninitialised, nn.Linear):
+    pass
+
+
+class _UninitialisedEmbedding(_Uninitialised, nn.Embedding):
+    pass
+
+
 class BertLayer(nn.Module):
     """Post-norm transformer layer: x = LN(x + attn(x)); x = LN(x + W2 gelu(W1 x))."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float, init: bool = True):
         super().__init__()
+        linear = nn.Linear if init else _UninitialisedLinear
         self.heads = heads
-        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
-        self.attn_out = nn.Linear(hidden, hidden)
+        self.query, self.key, self.value = (linear(hidden, hidden) for _ in range(3))
+        self.attn_out = linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.fc1 = nn.Linear(hidden, intermediate)
-        self.fc2 = nn.Linear(intermediate, hidden)
+        self.fc1 = linear(hidden, intermediate)
+        self.fc2 = linear(intermediate, hidden)
         self.mlp_norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,32 +63,34 @@ class BertLayer(nn.Module):
 
 
 class Bert(nn.Module):
-    """Token, position and segment-0 embeddings, LayerNorm, then the layers. (ids, mask) -> states."""
+    """Token, position and segment-0 embeddings, LayerNorm, then the layers. (ids, mask) -> states.
+    With `init=False` the linear and embedding weights are left uninitialised, for loading."""
 
     def __init__(self, vocab_size: int, hidden_size: int, num_hidden_layers: int, num_attention_heads: int,
                  intermediate_size: int, max_position_embeddings: int, type_vocab_size: int,
-                 layer_norm_eps: float):
+                 layer_norm_eps: float, init: bool = True):
         super().__init__()
-        self.word = nn.Embedding(vocab_size, hidden_size)
-        self.position = nn.Embedding(max_position_embeddings, hidden_size)
-        self.token_type = nn.Embedding(type_vocab_size, hidden_size)
+        embedding = nn.Embedding if init else _UninitialisedEmbedding
+        self.word = embedding(vocab_size, hidden_size)
+        self.position = embedding(max_position_embeddings, hidden_size)
+        self.token_type = embedding(type_vocab_size, hidden_size)
         self.embed_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(hidden_size, num_attention_heads, intermediate_size, layer_norm_eps)
-                                    for _ in range(num_hidden_layers))
+        self.layers = nn.ModuleList(BertLayer(hidden_size, num_attention_heads, intermediate_size, layer_norm_eps,
+                                              init) for _ in range(num_hidden_layers))
 
     @classmethod
-    def from_config(cls, config: dict) -> "Bert":
+    def from_config(cls, config: dict, init: bool = True) -> "Bert":
         if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type",
                                                                      "absolute") != "absolute":
             raise ValueError("only BERT with GELU and absolute position embeddings is implemented")
         keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
-        return cls(**{k: config[k] for k in keys})
+        return cls(**{k: config[k] for k in keys}, init=init)
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "Bert":
-        """Built (initialised, not loaded) from the config.json of a transformers-format BERT folder."""
-        return cls.from_config(json.loads((Path(path) / "config.json").read_text()))
+    def from_folder(cls, path: str | Path, init: bool = True) -> "Bert":
+        """Built (not loaded) from the config.json of a transformers-format BERT folder."""
+        return cls.from_config(json.loads((Path(path) / "config.json").read_text()), init)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids (B, L) long, mask (B, L) bool (True: a real token) -> last hidden states (B, L, hidden)."""
@@ -150,9 +170,7 @@ def load_bert(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tok
     from safetensors.torch import load_file
 
     path = Path(path)
-    # built on the CPU and initialised for nothing (0.14 s here): on the meta device, initialising imports
-    # torch's compiler stack (torch._dynamo, 1.1 s), which is what this module is here to avoid
-    model = Bert.from_folder(path)
+    model = Bert.from_folder(path, init=False)  # every parameter is assigned below (strict)
     weights = {_rename(k): v for k, v in load_file(path / "model.safetensors").items() if not _UNUSED.match(k)}
     model.load_state_dict(weights, strict=True, assign=True)
     return Tokenizer(path / "tokenizer.json"), model.to(device).eval().requires_grad_(False)
