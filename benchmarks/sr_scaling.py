@@ -2,7 +2,7 @@
 at 1024^2, whole-image, in blended tiles (256 px and twice as large) and row-streamed
 (`superres.streaming`, bands of --stream-rows), with peak memory; issue #21's targets are a 1024/256
 time ratio <= 16 for 16x the pixels and <= 200 MB at 1024^2. The 256^2 step every ratio divides by is
-one whole-image pass, the fastest way to run it.
+one whole-image pass, the fastest way to run it. Also streamed at 512^2: streaming's own growth to 1024^2.
 Also the full 1024x1024 forward time of the tiny net and of the DALL-E 2-shaped sr1024 net (the latter
 timed at 128^2 and scaled by its pixels, since one full forward of a 284M-parameter net at 1024^2 takes
 tens of minutes here), and the max |tiled - untiled| difference of the tiny net with random weights at
@@ -161,7 +161,8 @@ def main() -> None:
                 "1024_tiled": (1024, {"tile_size": tile, "stream_rows": None}),
                 "1024_tiled_big": (1024, {"tile_size": 2 * tile, "stream_rows": None}),
                 "1024_untiled": (1024, {"tile_size": None, "stream_rows": None}),
-                "1024_streamed": (1024, {"tile_size": tile, "stream_rows": args.stream_rows})}
+                "1024_streamed": (1024, {"tile_size": tile, "stream_rows": args.stream_rows}),
+                "512_streamed": (512, {"tile_size": tile, "stream_rows": args.stream_rows})}
     stages = {name: build(args.config, **over) for name, (_, over) in settings.items()}
     randomise(stages["256"])
     for stage in stages.values():
@@ -170,7 +171,8 @@ def main() -> None:
     times = interleaved_times(fns, args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     keep = args.keep_freed_memory
-    mem = {name: peak_memory_mb(args.config, over, size, args.threads, keep) for name, (size, over) in settings.items()}
+    mem = {name: peak_memory_mb(args.config, over, size, args.threads, keep)
+           for name, (size, over) in settings.items() if name != "512_streamed"}
     whole = fns["1024_untiled"]()
     diff = (fns["1024_tiled"]() - whole).abs()
     stream_diff = (fns["1024_streamed"]() - whole).abs()
@@ -199,6 +201,12 @@ def main() -> None:
         # rounds (this machine's speed drifts within minutes) moves it less
         "ratio_streamed_per_round": round(statistics.median(
             [a / b for a, b in zip(times["1024_streamed"], times["256"])]), 2),
+        # streaming's own growth: the same method at 512^2 and at 1024^2 (4x the pixels; <= 4 is linear or
+        # better). The ratios above divide by a *whole* 256^2 pass, so they measure streaming's per-pixel
+        # premium over a whole pass as much as growth (docs/results.md, 2026-12-07)
+        "s_per_step_512_streamed": round(med["512_streamed"], 4),
+        "growth_streamed_512_to_1024_per_round": round(statistics.median(
+            [a / b for a, b in zip(times["1024_streamed"], times["512_streamed"])]), 2),
         "s_per_step_256_min_max": [round(min(times["256"]), 4), round(max(times["256"]), 4)],
         "target_ratio": 16.0,
         "target_peak_mem_mb": 200.0,
