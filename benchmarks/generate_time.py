@@ -6,11 +6,15 @@ run, so a change of load hits all of them alike. The load is one busy Python loo
 work), started before a loaded round and stopped after it. Settings (see `SETTINGS`): the defaults; one
 torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinning, which is what costs
 most when another process wants the core); libgomp's default spin of 300,000 polls before an idle thread
-sleeps, where the commands set 3,000 (`cascade.process_defaults`); sr1024 at 2 sampling steps instead of its config's; and sr1024
-in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed).
+sleeps, where the commands set 3,000 (`cascade.process_defaults`); sr1024 at 2 sampling steps instead of its config's; sr1024
+in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed); and, given
+`--intel-openmp LIB`, Intel's OpenMP preloaded in place of libgomp, with the commands' KMP_BLOCKTIME=1 and with its
+default of 200 ms.
 Prints one JSON line: per setting the median seconds quiet and loaded and their ratio.
 
     python -m benchmarks.generate_time --model bundles/tiny [--runs 3] [--settings default,threads1,...]
+    python -m benchmarks.generate_time --model bundles/tiny --settings default,iomp,iomp_blocktime200 \
+        --intel-openmp .../intel_openmp-*.data/data/lib/libiomp5.so
     python -m benchmarks.generate_time --smoke        # a small untrained bundle, one run each: the plumbing
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from benchmarks.common import emit
 
 ROOT = Path(__file__).resolve().parent.parent
+INTEL_OPENMP = "<--intel-openmp>"  # replaced by that option's path
 # name -> (extra environment, extra arguments, changes to the bundle's stage configs {stage: {key: value}})
 SETTINGS = {
     "default": ({}, [], {}),
@@ -37,7 +42,12 @@ SETTINGS = {
     "spin_long": ({"GOMP_SPINCOUNT": "300000"}, [], {}),
     "sr1024_steps2": ({}, ["--steps", "sr1024=2"], {}),
     "tiles": ({}, [], {"sr1024": {"stream_rows": None}}),  # the sr1024 config before streaming (session 23)
+    # Intel's OpenMP (libiomp5, --intel-openmp) preloaded in place of torch's libgomp, as conda builds ship it:
+    # with the commands' KMP_BLOCKTIME=1, and with its own default of 200 ms of spinning before an idle thread sleeps
+    "iomp": ({"LD_PRELOAD": INTEL_OPENMP}, [], {}),
+    "iomp_blocktime200": ({"LD_PRELOAD": INTEL_OPENMP, "KMP_BLOCKTIME": "200"}, [], {}),
 }
+NEEDS_INTEL_OPENMP = {name for name, (env, _, _) in SETTINGS.items() if INTEL_OPENMP in env.values()}
 
 
 def bundle_variant(model: str, name: str, changes: dict, tmp: Path) -> str:
@@ -79,15 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.generate_time", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model bundle (required unless --smoke)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per setting and load (default: %(default)s)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from: "
-                                                                  + ", ".join(SETTINGS))
+    p.add_argument("--settings", help="comma-separated names from: " + ", ".join(SETTINGS)
+                   + " (default: all; the iomp ones only with --intel-openmp)")
+    p.add_argument("--intel-openmp", metavar="LIB", help="path of libiomp5.so (pip's intel-openmp wheel has it) "
+                   "for the iomp settings")
     p.add_argument("--loads", default="quiet,loaded", help="quiet, loaded or both (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="a small untrained bundle, one run each")
     args = p.parse_args(argv)
-    names = [n for n in args.settings.split(",") if n]
+    if args.settings is None:
+        names = [n for n in SETTINGS if args.intel_openmp or n not in NEEDS_INTEL_OPENMP]
+    else:
+        names = [n for n in args.settings.split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    if NEEDS_INTEL_OPENMP & set(names) and not (args.intel_openmp and Path(args.intel_openmp).is_file()):
+        p.error(f"settings {sorted(NEEDS_INTEL_OPENMP & set(names))} need --intel-openmp LIB, an existing libiomp5.so")
     loads = [x for x in args.loads.split(",") if x]
     if not loads or set(loads) - {"quiet", "loaded"}:
         p.error(f"--loads takes quiet, loaded or both; got '{args.loads}'")
@@ -109,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     for name in names:
                         env, extra, _ = SETTINGS[name]
+                        env = {k: args.intel_openmp if v == INTEL_OPENMP else v for k, v in env.items()}
                         times[name][load].append(timed_generate(models[name], tmp, env, extra))
                 finally:
                     if busy is not None:

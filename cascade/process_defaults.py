@@ -16,6 +16,10 @@ MAX_CPU_THREADS = 2  # per process, unless OMP_NUM_THREADS says otherwise
 # OMP_WAIT_POLICY: 300,000). A one-image `generate` beside one busy process: 6.20 s quiet, 16.57 loaded by
 # default; 6.40 / 12.48 at 3,000; 6.77 / 10.60 at 1,000 (docs/results.md, 2026-12-07)
 GOMP_SPIN_COUNT = "3000"
+# the same for Intel's and LLVM's OpenMP (libiomp5 / libomp: conda builds, macOS wheels): milliseconds an idle
+# thread waits before it sleeps (their default: 200). A one-image `generate` under libiomp5 beside one busy
+# process: 4.66 s quiet, 10.94 loaded by default; 4.77 / 7.82 at 1; 6.45 / 6.91 at 0 (docs/results.md, 2026-12-07)
+KMP_BLOCK_TIME = "1"
 
 
 def set_process_defaults() -> None:
@@ -33,13 +37,14 @@ def keep_hub_offline() -> None:
 
 
 def wait_briefly_for_work() -> None:
-    """GOMP_SPINCOUNT=3000: idle OpenMP threads sleep after a short spin instead of a long one. Spinning threads
-    take the cores from any other process that wants them, which is what made a command 2.5-2.7x slower
-    beside one busy process; on a quiet machine the shorter spin costs ~3%. Untouched where the user set
-    GOMP_SPINCOUNT or OMP_WAIT_POLICY. Effective in this process only if torch is not yet imported, and in
-    every child process it starts."""
+    """GOMP_SPINCOUNT=3000 (GNU OpenMP) and KMP_BLOCKTIME=1 (Intel's and LLVM's): idle OpenMP threads sleep
+    after a short spin instead of a long one. Spinning threads take the cores from any other process that
+    wants them, which is what made a command 2.5-2.7x slower beside one busy process; on a quiet machine the
+    shorter spin costs ~3%. Each is untouched where the user set it or OMP_WAIT_POLICY. Effective in this
+    process only if torch is not yet imported, and in every child process it starts."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPIN_COUNT)
+        os.environ.setdefault("KMP_BLOCKTIME", KMP_BLOCK_TIME)
 
 
 def local_processes() -> int:

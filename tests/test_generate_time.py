@@ -30,3 +30,13 @@ def test_the_benchmark_times_streamed_and_tiled_generation_on_a_small_bundle(cap
     assert result["bench"] == "generate_time"
     assert set(result["default"]) == set(result["tiles"]) == {"quiet_s"}
     assert 0 < result["default"]["quiet_s"] < 120 and 0 < result["tiles"]["quiet_s"] < 120
+
+
+def test_the_intel_openmp_settings_need_the_library(tmp_path, capsys):
+    for settings in ("default,iomp", "iomp_blocktime200"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--smoke", "--settings", settings])
+        assert exit_.value.code == 2
+        assert "need --intel-openmp LIB" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--settings", "iomp", "--intel-openmp", str(tmp_path / "missing.so")])

@@ -13,7 +13,7 @@ from cascade.process_defaults import OFFLINE_VARIABLES, limit_cpu_threads, set_p
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_SETTINGS = (*OFFLINE_VARIABLES, "OMP_NUM_THREADS", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "GOMP_SPINCOUNT",
-                 "OMP_WAIT_POLICY")
+                 "KMP_BLOCKTIME", "OMP_WAIT_POLICY")
 
 # Every module of the packages (and the training script), in a fresh process where nothing is set.
 IMPORT_EVERYTHING = """
@@ -61,13 +61,16 @@ def test_a_command_keeps_the_hub_offline_and_caps_cpu_threads(clean):
 def test_openmp_threads_spin_briefly_unless_the_user_chose_how_they_wait(clean):
     set_process_defaults()
     assert os.environ["GOMP_SPINCOUNT"] == process_defaults.GOMP_SPIN_COUNT
+    assert os.environ["KMP_BLOCKTIME"] == process_defaults.KMP_BLOCK_TIME
     clean.setenv("GOMP_SPINCOUNT", "50")
+    clean.setenv("KMP_BLOCKTIME", "30")
     set_process_defaults()
-    assert os.environ["GOMP_SPINCOUNT"] == "50"
+    assert os.environ["GOMP_SPINCOUNT"] == "50" and os.environ["KMP_BLOCKTIME"] == "30"
     clean.delenv("GOMP_SPINCOUNT")
+    clean.delenv("KMP_BLOCKTIME")
     clean.setenv("OMP_WAIT_POLICY", "ACTIVE")
     set_process_defaults()
-    assert "GOMP_SPINCOUNT" not in os.environ
+    assert "GOMP_SPINCOUNT" not in os.environ and "KMP_BLOCKTIME" not in os.environ
 
 
 def test_the_cascade_command_sets_its_defaults_before_torch_loads_openmp():
