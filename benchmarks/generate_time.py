@@ -6,7 +6,8 @@ run, so a change of load hits all of them alike. The load is one busy Python loo
 work), started before a loaded round and stopped after it. Settings (see `SETTINGS`): the defaults; one
 torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinning, which is what costs
 most when another process wants the core); libgomp's default spin of 300,000 polls before an idle thread
-sleeps, where the commands set 3,000 (`cascade.process_defaults`); sr1024 at 2 sampling steps instead of its config's; sr1024
+sleeps, where the commands set 3,000, or 10,000 where a short command finds a free core per thread
+(`cascade.process_defaults`); 3,000 whatever the load; sr1024 at 2 sampling steps instead of its config's; sr1024
 in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed); and, given
 `--intel-openmp LIB`, Intel's OpenMP preloaded in place of libgomp, with the commands' KMP_BLOCKTIME=1 and with its
 default of 200 ms.
@@ -40,6 +41,8 @@ SETTINGS = {
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, [], {}),
     # libgomp's own spin before an idle thread sleeps, not the commands' GOMP_SPINCOUNT (cascade.process_defaults)
     "spin_long": ({"GOMP_SPINCOUNT": "300000"}, [], {}),
+    # the commands' short spin whatever the load (where they find a free core per thread they spin 10,000)
+    "spin3000": ({"GOMP_SPINCOUNT": "3000"}, [], {}),
     "sr1024_steps2": ({}, ["--steps", "sr1024=2"], {}),
     "tiles": ({}, [], {"sr1024": {"stream_rows": None}}),  # the sr1024 config before streaming (session 23)
     # Intel's OpenMP (libiomp5, --intel-openmp) preloaded in place of torch's libgomp, as conda builds ship it:

@@ -592,10 +592,19 @@ def _mark_subparsers(parser: argparse.ArgumentParser) -> None:
                 _mark_subparsers(subparser)
 
 
+# commands that run for seconds: the load when they start is the load they run under (cascade.process_defaults)
+SHORT_COMMANDS = frozenset({"generate", "vary", "img2img", "inpaint", "interpolate", "textdiff"})
+
+
+def _is_short(argv: list[str]) -> bool:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return command in SHORT_COMMANDS
+
+
 def main(argv: list[str] | None = None) -> int:
     from cascade.process_defaults import set_process_defaults
 
-    set_process_defaults()
+    set_process_defaults(short=_is_short(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # with the command's own usage line, not the top-level one
@@ -607,7 +616,7 @@ def entry() -> None:
     """The `cascade` command: main(), then an exit that suits a process in a process group (--shard)."""
     from cascade.process_defaults import set_process_defaults
 
-    set_process_defaults()  # before anything imports torch (main() calls it again, for callers of main)
+    set_process_defaults(short=_is_short(sys.argv[1:]))  # before anything imports torch (main() calls it again)
     from cascade.training.distributed import exit_process
 
     exit_process(main())

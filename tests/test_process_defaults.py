@@ -73,10 +73,47 @@ def test_openmp_threads_spin_briefly_unless_the_user_chose_how_they_wait(clean):
     assert "GOMP_SPINCOUNT" not in os.environ and "KMP_BLOCKTIME" not in os.environ
 
 
+@pytest.mark.parametrize("idle, expected", [(2, process_defaults.GOMP_SPIN_COUNT_IDLE), (1, process_defaults.GOMP_SPIN_COUNT)])
+def test_a_short_command_spins_longer_only_with_a_free_core_for_each_thread(clean, idle, expected):
+    clean.setattr(process_defaults, "idle_cores", lambda: idle)  # MAX_CPU_THREADS = 2 threads on 8 cores
+    set_process_defaults(short=True)
+    assert os.environ["GOMP_SPINCOUNT"] == expected
+    clean.delenv("GOMP_SPINCOUNT")
+    set_process_defaults()  # a long run (training, serve) keeps the short spin: its load will change
+    assert os.environ["GOMP_SPINCOUNT"] == process_defaults.GOMP_SPIN_COUNT
+    clean.delenv("GOMP_SPINCOUNT")
+    clean.setenv("OMP_NUM_THREADS", "1")  # one thread needs one free core
+    set_process_defaults(short=True)
+    assert os.environ["GOMP_SPINCOUNT"] == process_defaults.GOMP_SPIN_COUNT_IDLE
+
+
+@pytest.mark.parametrize("runnable, idle", [(1, 2), (2, 1), (3, 0), (9, 0)])
+def test_idle_cores_counts_the_runnable_threads_but_this_one(tmp_path, monkeypatch, runnable, idle):
+    monkeypatch.setattr(process_defaults, "usable_cores", lambda: 2)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.52 0.31 0.20 {runnable}/250 12345\n")
+    assert process_defaults.idle_cores(loadavg=str(loadavg)) == idle
+    assert process_defaults.idle_cores(loadavg=str(tmp_path / "missing")) == 0  # no kernel count: no core free
+
+
+def test_a_busy_process_beside_takes_a_core_from_idle_cores():
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("Linux only")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        assert process_defaults.idle_cores() <= process_defaults.usable_cores() - 1
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def test_the_cascade_command_sets_its_defaults_before_torch_loads_openmp():
     """libgomp reads GOMP_SPINCOUNT once, when torch loads it: `cascade` must set it before importing torch."""
     code = ("import sys; from cascade import process_defaults as pd; seen = []; original = pd.set_process_defaults\n"
-            "def spy():\n    seen.append('torch' in sys.modules); original()\n"
+            "def spy(**kw):\n    seen.append('torch' in sys.modules); original(**kw)\n"
             "pd.set_process_defaults = spy; sys.argv = ['cascade', '--help']\n"
             "from cascade import cli\n"
             "try:\n    cli.entry()\nexcept SystemExit:\n    pass\n"
@@ -129,3 +166,11 @@ def test_a_cpu_run_starts_without_deepspeeds_accelerator_warning():
                           env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "cpu" and "Setting accelerator to CPU" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("argv, short", [(["generate", "--prompt", "a cat"], True), (["vary", "--image", "x.png"], True),
+                                         (["serve"], False), (["eval", "--data", "d"], False), (["--help"], False), ([], False)])
+def test_the_cli_knows_its_short_commands(argv, short):
+    from cascade.cli import _is_short
+
+    assert _is_short(argv) is short
