@@ -62,17 +62,16 @@ def idle_cores(samples: int = 3, loadavg: str = "/proc/loadavg") -> int:
     thread waking for a moment does not count. 0 where the kernel does not say (not Linux)."""
     import time
 
-    busy = None
+    runnable = []
     try:
         for i in range(samples):
-            with open(loadavg) as f:
-                runnable = int(f.read().split()[3].split("/")[0])
-            busy = runnable - 1 if busy is None else min(busy, runnable - 1)
-            if i + 1 < samples:
+            if i:
                 time.sleep(0.001)
+            with open(loadavg) as f:
+                runnable.append(int(f.read().split()[3].split("/")[0]))
     except (OSError, ValueError, IndexError):
         return 0
-    return max(0, usable_cores() - busy)
+    return max(0, usable_cores() - (min(runnable) - 1))
 
 
 def usable_cores() -> int:
