@@ -77,7 +77,11 @@ QUICK = Plan("quick", shapes=600, emoji=300,
                                               # after these 1,000 steps it placed 9 of 36 one-object prompts
                                               # and 27 without, and the placement probe fell from 1.00 to
                                               # 0.33 (docs/results.md, session 28)
-                                              "grounding_loss": 0.0, "grounding_places": False}},
+                                              "grounding_loss": 0.0, "grounding_places": False,
+                                              # a full-resolution head after the 2x2 stem: half the pixel noise
+                                              # over the background (0.065 against 0.128, the data 0.005), the
+                                              # same speed and scores (docs/results.md, 2026-12-07)
+                                              "pixel_head": 16}},
                         **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [2],
                                                              "eval_aug_levels": [0.0, 0.2]}}
                            for sr in ("sr256", "sr1024")}},

@@ -34,6 +34,10 @@ class DecoderConfig(DiffusionConfig):
     emb_dim: int | None = None  # timestep/conditioning embedding width; 4 * channels when None
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     patch_size: Literal[1, 2, 4] = 1  # space-to-depth stem: the first level runs at image_size / patch_size
+    # Channels of a full-resolution head after the stem's net (decoder.unet.PixelHead); 0: none. It reads x_t and
+    # the net's output, a short path back to single pixels: on the quick demo, half the pixel noise a
+    # 1,000-step decoder on the 2x2 stem left, at the same speed (docs/results.md, 2026-12-07).
+    pixel_head: int = Field(0, ge=0)
     # Two input channels holding each pixel's (x, y) in [-1, 1] ("CoordConv", Liu et al. 2018): where a pixel
     # is, which zero-padded convolutions only learn slowly, for text like "at the top left" to act on.
     coord_channels: bool = False

@@ -153,7 +153,8 @@ def test_fixed_noise_same_embedding_gives_identical_images():
 
 @pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(prediction="v", snr_gamma=5.0),
                                        dict(learned_variance=True), dict(text_layers=1),
-                                       dict(self_condition=True, prediction="v", learned_variance=True)])
+                                       dict(self_condition=True, prediction="v", learned_variance=True),
+                                       dict(prediction="v", pixel_head=8)])
 def test_variants_fit_a_fixed_draw_and_sample_as_a_function_of_the_generator(overrides):
     """Each variant's loss reaches every U-Net weight and falls when trained on one fixed draw (images, t,
     noise, dropped conditioning), and its ancestral sampling, guided and thresholded, is a function of the
@@ -459,3 +460,50 @@ def test_attention_positions_give_each_attention_block_a_learned_embedding_of_it
     out = model.unet(x, t, emb, context, mask)
     out.square().mean().backward()
     assert out.shape == x.shape and all(b.pos.grad is not None and b.pos.grad.abs().sum() > 0 for b in blocks)
+
+
+def test_pixel_head_starts_as_the_identity_and_corrects_each_pixel_from_its_neighbourhood():
+    """`pixel_head`: zero-initialised, the net computes what it computes without the head; trained (here:
+    random weights), the correction at a pixel depends on x_t within two 3x3 convolutions' reach, at the
+    image's full resolution, not on the 2x2 stem's patches. Its input does not grow with the inputs an
+    --init-from fine-tune adds."""
+    from decoder.unet import PixelHead
+
+    with_head, without = small_decoder(pixel_head=8), small_decoder()
+    g = torch.Generator().manual_seed(5)
+    for model in (with_head, without):
+        with torch.no_grad():
+            model.unet.out.weight.copy_(torch.randn(model.unet.out.weight.shape, generator=g) * 0.1)
+        g.manual_seed(5)
+    cond, x, t = conditioning(), torch.randn(2, 3, 32, 32), torch.tensor([10, 500])
+    keep = torch.ones(2, dtype=torch.bool)
+    outs = [model.unet(x, t, *model._condition(cond, keep, keep)) for model in (with_head, without)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].abs().mean() > 1e-3
+
+    head = PixelHead(3, 8, emb_dim=16)
+    torch.nn.init.normal_(head.conv2.weight, std=0.1)
+    image, out, emb = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16), torch.randn(1, 16)
+    moved = image.clone()
+    moved[0, :, 8, 9] += 1.0  # one pixel, the right-hand column of its 2x2 patch
+    change = (head(moved, out, emb) - head(image, out, emb)).abs().amax(dim=(0, 1))
+    rows, cols = torch.nonzero(change > 0, as_tuple=True)
+    assert change[8, 9] > 0 and rows.min() == 6 and rows.max() == 10 and cols.min() == 7 and cols.max() == 11
+    assert with_head.unet.pixel_head.conv1.in_channels == 6
+    assert small_decoder(pixel_head=8, self_condition=True, prediction="v").unet.pixel_head.conv1.in_channels == 6
+    with pytest.raises(ConfigError, match="pixel_head"):
+        parse_config(DecoderConfig, {**SMALL, "pixel_head": -1}, "x.yaml")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_head_runs_on_the_device_and_dtype_asked_for(dtype):
+    from test_devices import DEVICE, _Placement
+
+    model = small_decoder(pixel_head=8).to(DEVICE, dtype)
+    torch.nn.init.normal_(model.unet.pixel_head.conv2.weight, std=0.1)
+    cond = {k: v.to(DEVICE) for k, v in conditioning().items()}
+    keep = torch.ones(2, dtype=torch.bool)
+    x, t = torch.randn(2, 3, 32, 32, device=DEVICE), torch.tensor([10, 500], device=DEVICE)
+    with torch.no_grad(), _Placement(DEVICE, dtype) as placement:
+        out = model._unet(x, t, *model._condition(cond, keep, keep))
+    assert not placement.wrong, placement.wrong[:5]
+    assert out.dtype == torch.float32 and out.device.type == DEVICE.type and torch.isfinite(out).all()
