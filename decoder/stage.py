@@ -69,7 +69,22 @@ class Decoder(Stage):
     def adapt_weights(self, state: dict[str, torch.Tensor], source: DecoderConfig) -> list[str]:
         """A decoder fine-tuned with more inputs than `source` had (inpainting, self-conditioning): the stem
         gets the source's weights for the inputs both have and zeros for the new ones, so it starts out
-        computing exactly what the source did."""
+        computing exactly what the source did. The same for a `pixel_head` the source lacks: it keeps its
+        initialisation, whose zero last layer leaves the source's output as it was."""
+        notes = self._add_pixel_head(state, source)
+        return notes + self._widen_stem(state, source)
+
+    def _add_pixel_head(self, state: dict[str, torch.Tensor], source: DecoderConfig) -> list[str]:
+        if bool(source.pixel_head) == bool(self.config.pixel_head):
+            return []
+        if source.pixel_head:
+            raise UserError("the source decoder has a pixel head (pixel_head) that this config drops; "
+                            "--init-from can only add one")
+        head = {k: v for k, v in self.state_dict().items() if k.startswith("unet.pixel_head.")}
+        state.update({k: v.detach().clone() for k, v in head.items()})
+        return [f"unet.pixel_head: new ({self.config.pixel_head} channels; its last layer zero)"]
+
+    def _widen_stem(self, state: dict[str, torch.Tensor], source: DecoderConfig) -> list[str]:
         key = "unet.stem.weight"
         old, new = self.input_layout(source), self.input_layout(self.config)
         if key not in state or old == new:

@@ -207,6 +207,28 @@ def test_init_from_a_plain_decoder_computes_what_it_did(tmp_path, extra):
         init_from(seeded_stage("sr256", **SR), tmp_path / "decoder")
 
 
+def test_init_from_adds_a_pixel_head_that_starts_by_computing_what_the_source_did(tmp_path):
+    """A decoder config with `pixel_head` started from a decoder without one (and an inpainting one, which adds
+    inputs too) computes the source's output; a config that drops the source's head is a one-line error."""
+    from cascade.bundle import init_from, save_stage
+
+    plain = _alive(seeded_stage("decoder", **DECODER))
+    save_stage(plain, tmp_path / "decoder")
+    headed = seeded_stage("decoder", **DECODER, pixel_head=8, inpaint=True)
+    lines = init_from(headed, tmp_path / "decoder")
+    assert len(lines) == 2 and "pixel_head" in lines[0] and "inpaint" in lines[1]
+    cond, image, mask = _cond()
+    x_in, t = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 700])
+    emb, context, text_mask = plain._condition(cond, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    want = plain._unet(x_in, t, emb, context, text_mask)
+    channels = headed.inpaint_channels(image, mask, image.shape, torch.device("cpu"))
+    got = headed.eval()._unet(x_in, t, emb, context, text_mask, channels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert headed.unet.pixel_head.conv1.weight.abs().sum() > 0  # its own initialisation, not zeros
+    with pytest.raises(UserError, match="pixel head"):
+        init_from(seeded_stage("decoder", **DECODER), _saved(tmp_path / "headed", headed))
+
+
 def _saved(path, stage):
     from cascade.bundle import save_stage
 
