@@ -80,8 +80,7 @@ class Decoder(Stage):
         if source.pixel_head:
             raise UserError("the source decoder has a pixel head (pixel_head) that this config drops; "
                             "--init-from can only add one")
-        head = {k: v for k, v in self.state_dict().items() if k.startswith("unet.pixel_head.")}
-        state.update({k: v.detach().clone() for k, v in head.items()})
+        state.update(self.unet.pixel_head.state_dict(prefix="unet.pixel_head."))  # copied in by the load
         return [f"unet.pixel_head: new ({self.config.pixel_head} channels; its last layer zero)"]
 
     def _widen_stem(self, state: dict[str, torch.Tensor], source: DecoderConfig) -> list[str]:

@@ -157,6 +157,6 @@ class PixelHead(nn.Module):
         self.conv2 = zero_module(nn.Conv2d(width, out_channels, 3, padding=1))
 
     def forward(self, image: torch.Tensor, out: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        r = self.conv1(torch.cat([image, out.to(image.dtype)], dim=1))
-        scale, shift = self.film(F.silu(emb)).to(r.dtype)[:, :, None, None].chunk(2, dim=1)
+        r = self.conv1(torch.cat([image, out], dim=1))
+        scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         return out + self.conv2(F.silu(r * (1 + scale) + shift))
