@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cascade.nn.resample import interleave_phases, phase_weight
 from superres.unet import EfficientUNet
 
 CL = torch.channels_last
@@ -114,7 +115,7 @@ Post = Callable[[torch.Tensor, int, int, "torch.Tensor | None"], torch.Tensor]
 
 class _Conv(_Rows):
     """post(conv(pre(inputs' rows)), a, b, out): one convolution (stride 1 or 2, odd kernel, 'same'-style
-    padding), optionally after a nearest 2x upsampling, with row-aligned maps before and after it.
+    padding), with row-aligned maps before and after it.
 
     `pre(*rows)` maps the inputs' rows to the convolution's input (concatenation, norm, SiLU);
     `post(h, a, b, out)` maps its output rows [a, b) (a SiLU, a residual sum that reads other nodes),
@@ -124,10 +125,10 @@ class _Conv(_Rows):
     """
 
     def __init__(self, conv: nn.Conv2d, inputs: Sequence[_Rows], pre: Callable[..., torch.Tensor] | None = None,
-                 post: Post | None = None, upsample: bool = False, claims: Sequence[tuple[_Rows, int]] = (),
+                 post: Post | None = None, claims: Sequence[tuple[_Rows, int]] = (),
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-        in_height = inputs[0].height * (2 if upsample else 1)
+        in_height = inputs[0].height
         super().__init__((in_height + 2 * p - k) // s + 1)
         self.conv, self.k, self.s, self.p, self.in_height = conv, k, s, p, in_height
         # the weights in the activations' layout once, not on every band's call
@@ -135,7 +136,7 @@ class _Conv(_Rows):
         self.weight = (conv.weight if weight is None else weight).contiguous(memory_format=CL)
         self.bias = conv.bias if bias is None else bias
         self.inputs = [(node, node.reader()) for node in inputs]
-        self.pre, self.post, self.upsample = pre, post, upsample
+        self.pre, self.post = pre, post
         self.claims = list(claims)  # (node, reader) that `post` reads at this node's rows
 
     def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
@@ -143,15 +144,8 @@ class _Conv(_Rows):
             node.readers[r] = max(node.readers[r], a)
         lo, hi = a * self.s - self.p, (b - 1) * self.s - self.p + self.k  # rows of the conv's input
         lo_c, hi_c = max(lo, 0), min(hi, self.in_height)
-        if self.upsample:
-            rows = [node.get(lo_c // 2, (hi_c + 1) // 2, r) for node, r in self.inputs]
-        else:
-            rows = [node.get(lo_c, hi_c, r) for node, r in self.inputs]
+        rows = [node.get(lo_c, hi_c, r) for node, r in self.inputs]
         x = self.pre(*rows) if self.pre is not None else rows[0]
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            first = (lo_c // 2) * 2
-            x = x[..., lo_c - first:hi_c - first, :]
         if lo < lo_c or hi > hi_c:
             x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
         x = x.contiguous(memory_format=CL)
@@ -160,6 +154,27 @@ class _Conv(_Rows):
         if self.post is not None:
             return self.post(h, a, b, out)
         return h if out is None else out.copy_(h)
+
+
+class _UpConv(_Rows):
+    """`cascade.nn.NearestUpConv`: the 3x3 convolution of the input upsampled 2x, as its four 2x2 phase
+    convolutions at the input's resolution, interleaved into the output rows."""
+
+    def __init__(self, conv: nn.Conv2d, node: _Rows):
+        super().__init__(2 * node.height)
+        self.node, self.r = node, node.reader()
+        self.weight = phase_weight(conv.weight.detach()).contiguous(memory_format=CL)
+        self.bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+
+    def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
+        # output row r reads phase row (r + 1) // 2, which reads input rows (r + 1) // 2 - 1 and (r + 1) // 2
+        lo, hi = (a + 1) // 2 - 1, b // 2 + 1  # the input rows, zero above and below the image
+        lo_c, hi_c = max(lo, 0), min(hi, self.node.height)
+        x = self.node.get(lo_c, hi_c, self.r)
+        if lo < lo_c or hi > hi_c:
+            x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
+        phases = F.conv2d(x.contiguous(memory_format=CL), self.weight, self.bias, padding=(0, 1))
+        return interleave_phases(phases, x.shape[-1], (a, b), out)
 
 
 class _Map(_Rows):
@@ -269,7 +284,7 @@ def _nodes(out: _Rows) -> list[_Rows]:
             seen.append(node)
             if isinstance(node, _Conv):
                 todo += [n for n, _ in node.inputs]
-            elif isinstance(node, _Map):
+            elif isinstance(node, (_Map, _UpConv)):
                 todo.append(node.node)
     return seen
 
@@ -299,5 +314,5 @@ def _graph(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, emb:
             inputs = [h]
         sampler = net.up_samplers[i]
         if not isinstance(sampler, nn.Identity):
-            h = _Conv(sampler.conv, [h], upsample=True)
+            h = _UpConv(sampler.conv, h)
     return _Conv(net.conv_out, [h], pre=lambda x: F.silu(net.norm_out(x), inplace=True))

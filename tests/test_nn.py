@@ -45,6 +45,71 @@ def test_downsample_and_upsample_are_strided_and_nearest_convolutions():
     near = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # each pixel as a 2x2 block
     torch.testing.assert_close(up(x), F.conv2d(near, up.conv.weight, up.conv.bias, padding=1))
     assert down(x).shape == (2, 8, 3, 3) and up(x).shape == (2, 4, 12, 12)
+    assert list(dict(up.named_parameters())) == ["conv.weight", "conv.bias"] and up.conv.weight.shape == (4, 8, 3, 3)
+
+
+def _nearest_then_conv(x, weight, bias):
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 3, 1, 1), (3, 16, 9, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_phase_convolutions_equal_the_convolution_of_the_upsampled_map(shape, channels_last):
+    """The four 2x2 phase convolutions give the 3x3 convolution of the nearest-upsampled map, its gradients
+    too (odd sizes, one pixel, either memory layout, which the output keeps)."""
+    torch.manual_seed(0)
+    up = Upsample(shape[1], 5)
+    torch.nn.init.normal_(up.conv.weight)
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(shape, requires_grad=True)
+    inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    out, ref = up(inp), _nearest_then_conv(inp, up.conv.weight, up.conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last and shape[-1] > 1 else torch.contiguous_format)
+    probe = torch.randn_like(ref)
+    params = [x, up.conv.weight, up.conv.bias]
+    for got, want in zip(torch.autograd.grad((out * probe).sum(), params), torch.autograd.grad((ref * probe).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_upsample_rows_of_the_phase_convolution_are_the_rows_of_the_whole_output():
+    """`interleave_phases` on the phase rows that output rows [a, b) read gives those rows, for every
+    parity of a and b (what streaming asks for, band by band)."""
+    from cascade.nn.resample import interleave_phases, phase_weight
+
+    torch.manual_seed(0)
+    up = Upsample(4, 3)
+    x = torch.randn(1, 4, 6, 5)
+    whole = up(x)
+    weight = phase_weight(up.conv.weight)
+    padded = F.pad(x, (0, 0, 1, 1))  # row i of x is padded row i + 1
+    for a in range(12):
+        for b in range(a + 1, 13):
+            first, last = (a + 1) // 2, b // 2 + 1  # the phase rows these output rows read
+            phases = F.conv2d(padded[..., first:last + 1, :], weight, up.conv.bias.repeat(4), padding=(0, 1))
+            torch.testing.assert_close(interleave_phases(phases, 5, (a, b)), whole[..., a:b, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample_runs_on_the_device_and_dtype_asked_for(dtype):
+    """The folded taps are sums of two or four 3x3 taps, summed in fp32 and rounded once to the weights'
+    dtype; the layer runs on CASCADE_TEST_DEVICE with no op off its device or dtype."""
+    from cascade.nn.resample import phase_weight
+    from test_devices import DEVICE, _Placement
+
+    torch.manual_seed(0)
+    up = Upsample(16, 8)
+    torch.nn.init.normal_(up.conv.weight, std=0.3)
+    x = torch.randn(2, 16, 8, 8)
+    exact = up(x)
+    up = up.to(DEVICE, dtype)
+    torch.testing.assert_close(phase_weight(up.conv.weight), phase_weight(up.conv.weight.float()).to(dtype), rtol=0, atol=0)
+    with torch.no_grad(), _Placement(DEVICE, dtype) as placement:
+        out = up(x.to(DEVICE, dtype))
+    assert not placement.wrong, placement.wrong[:5]
+    assert out.dtype == dtype and out.device.type == DEVICE.type
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.float().cpu(), exact, rtol=tol, atol=tol)
 
 
 def test_resblock_adaptive_norm_uses_embedding():

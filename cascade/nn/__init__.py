@@ -2,7 +2,7 @@
 
 - `timestep_embedding(t, dim)`, `TimestepEmbedding(emb_dim)`: sinusoidal features + MLP (embeddings.py)
 - `ResBlock(in_ch, out_ch, emb_dim, dropout)`: ADM block with adaptive group norm (resblock.py)
-- `Downsample(in_ch, out_ch=in_ch)` (strided conv), `Upsample(in_ch, out_ch=in_ch)` (nearest 2x + conv):
+- `Downsample(in_ch, out_ch=in_ch)` (strided conv), `Upsample(in_ch, out_ch=in_ch)` (nearest 2x + conv, run as four 2x2 phase convolutions):
   the resampling between U-Net levels (resample.py)
 - `SelfAttention2d(channels, head_dim, context_dim)`: attention over a feature map, optionally also to
   context tokens with a key mask (GLIDE), and a learned position embedding given `size`;

@@ -23,11 +23,72 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest 2x, then a 3x3 convolution: (B, in_ch, H, W) -> (B, out_ch, 2H, 2W)."""
+    """Nearest 2x, then a 3x3 convolution: (B, in_ch, H, W) -> (B, out_ch, 2H, 2W), computed as the
+    four 2x2 convolutions it amounts to at the input's resolution (`NearestUpConv`)."""
 
     def __init__(self, in_ch: int, out_ch: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch or in_ch, 3, padding=1)
+        self.conv = NearestUpConv(in_ch, out_ch or in_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x)
+
+
+class NearestUpConv(nn.Conv2d):
+    """A 3x3 convolution of its input upsampled 2x by nearest neighbour, computed at the input's resolution.
+
+    Output pixel (2i + dy, 2j + dx) sees two distinct rows and two distinct columns of the input: the
+    taps of the 3x3 filter that land on one input pixel add up to one weight. So the output is four 2x2
+    convolutions of the input, one per phase (dy, dx), run as one convolution with 4 out_ch channels and
+    interleaved: a sub-pixel convolution (Shi et al. 2016) whose weights are folded from the 3x3 ones.
+    16 multiply-adds per input pixel and channel pair against the 36 of the convolution over the
+    upsampled map, which is never written (1.5-1.6x faster on this CPU). The parameters are the 3x3
+    convolution's, so checkpoints do not change; the outputs agree up to float rounding.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_ch, H, W) -> (B, out_ch, 2H, 2W)
+        bias = None if self.bias is None else self.bias.repeat(4)
+        phases = F.conv2d(x, phase_weight(self.weight), bias, padding=1)  # (B, 4 out_ch, H + 1, W + 1)
+        return interleave_phases(phases, x.shape[-1], (0, 2 * x.shape[-2]))
+
+
+def _fold(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps of `w` along `dim` as the 2 input rows (or columns) each phase reads: (2, ...) with 2 at `dim`.
+    Phase 0 (even rows) reads rows i - 1 and i, with taps 0 and 1 + 2; phase 1 (odd rows) rows i and i + 1,
+    with taps 0 + 1 and 2."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
+
+
+def phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 filter (O, I, 3, 3) as the 2x2 filters of its four phases, (4 O, I, 2, 2), phase (dy, dx) in block 2 dy + dx."""
+    folded = _fold(_fold(weight.float(), -2), -1)  # (dx, dy, O, I, 2, 2); in fp32, where bf16 sums would round
+    return folded.transpose(0, 1).reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+
+
+def interleave_phases(phases: torch.Tensor, width: int, rows: tuple[int, int],
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [a, b) of the upsampled output from its phase convolution, (B, 4 O, U, width + 1) -> (B, O, b - a, 2 width).
+
+    Row r = 2i + dy, column 2j + dx is phase (dy, dx) at (i + dy, j + dx); `phases` holds the phase rows
+    from (a + 1) // 2, the first one rows [a, b) read. Written into `out` when given (a view of a buffer).
+    """
+    a, b = rows
+    channels = phases.shape[1] // 4
+    if out is None:
+        layout = torch.channels_last if phases.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((phases.shape[0], channels, b - a, 2 * width), dtype=phases.dtype, device=phases.device,
+                          memory_format=layout)
+    first = (a + 1) // 2
+    for dy in (0, 1):
+        r = a + (dy - a) % 2  # the first row from a of this parity
+        if r >= b:
+            continue
+        n, u = (b - r + 1) // 2, (r + 1) // 2 - first
+        for dx in (0, 1):
+            block = (2 * dy + dx) * channels
+            out[:, :, r - a::2, dx::2] = phases[:, block:block + channels, u:u + n, dx:dx + width]
+    return out
