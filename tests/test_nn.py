@@ -240,3 +240,17 @@ def test_self_attention_fully_masked_sequence_is_finite():
     out = attn(torch.randn(2, 4, 16), torch.tensor([[False] * 4, [True] * 4]))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0], attn.proj.bias.expand(4, 16))
+
+
+def test_upsample_benchmark_times_both_ways_at_every_shape(monkeypatch, capsys, one_thread):
+    """benchmarks/upsample_phases.py: one JSON line, both timings and their difference per shape."""
+    import json
+
+    from benchmarks.upsample_phases import SHAPES, main
+
+    monkeypatch.setattr("sys.argv", ["upsample_phases", "--runs", "1"])
+    main()
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in SHAPES:
+        row = record[name]
+        assert row["ms_phases"] > 0 and row["ms_upsampled_conv"] > 0 and row["max_abs_diff"] < 1e-4
