@@ -42,8 +42,9 @@ class NearestUpConv(nn.Conv2d):
     convolutions of the input, one per phase (dy, dx), run as one convolution with 4 out_ch channels and
     interleaved: a sub-pixel convolution (Shi et al. 2016) whose weights are folded from the 3x3 ones.
     16 multiply-adds per input pixel and channel pair against the 36 of the convolution over the
-    upsampled map, which is never written (1.5-1.6x faster on this CPU). The parameters are the 3x3
-    convolution's, so checkpoints do not change; the outputs agree up to float rounding.
+    upsampled map, which is never written (on this CPU 1.5x faster at the SR net's shapes, 1.1-1.3x at
+    the tiny decoder's: benchmarks/upsample_phases.py). The parameters are the 3x3 convolution's, so
+    checkpoints do not change; the outputs agree up to float rounding.
     """
 
     def __init__(self, in_ch: int, out_ch: int):
