@@ -421,8 +421,10 @@ def test_guided_decoding_gets_colours_right_more_often():
     acc = {w: colour_accuracy(stage.sample({"clip_image": batch["clip_image"].repeat(draws, 1)}, steps=25,
                                            guidance=w, noise=noise), batch["json"] * draws)
            for w in (0.0, 1.0, 3.0)}
-    # Measured (1 thread): 0.05 / 0.79 / 0.93 at w = 0 / 1 / 3; unconditional decoding is at chance (~0.1).
-    assert acc[0.0] < 0.3 and acc[1.0] > acc[0.0] + 0.3 and acc[3.0] >= acc[1.0] and acc[3.0] > 0.6, acc
+    # Unconditional decoding is at chance (~0.1), guided decoding far above it. Measured at w = 0 / 1 / 3 in six
+    # runs (three seeds, before and after Upsample became phase convolutions; 2026-12-07): 0.09-0.13 / 0.52-0.93 /
+    # 0.68-0.93. Whether w = 3 beats w = 1 changes with the run (in two of the six it did not): not asserted.
+    assert acc[0.0] < 0.3 and min(acc[1.0], acc[3.0]) > acc[0.0] + 0.3 and acc[3.0] > 0.6, acc
 
 
 def test_coordinate_channels_tell_the_network_where_each_pixel_is():
