@@ -51,8 +51,9 @@ class DecoderConfig(DiffusionConfig):
     # Classifier-free dropout (DALL-E 2 section 2.1): the image embedding 10% and the text 50% of the time.
     p_drop_image: float = Field(0.1, ge=0.0, le=1.0)
     p_drop_text: float = Field(0.5, ge=0.0, le=1.0)
-    # Diffusion (the U-Net predicts eps or v).
-    prediction: Literal["eps", "v"] = "eps"
+    # Diffusion (the U-Net predicts eps, x0 or v). x0 leaves the least pixel noise after a short training run,
+    # but blurs (docs/results.md, the quick demo's pictures).
+    prediction: Literal["eps", "x0", "v"] = "eps"
     # Probability that a sample's t is drawn logit-normal (with mean 0: mid noise, where shapes are
     # finished; the layout is decided at the noisiest steps) rather than uniform; 0 = uniform.
     t_logit_normal: float = Field(0.0, ge=0.0, le=1.0)

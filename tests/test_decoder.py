@@ -154,7 +154,7 @@ def test_fixed_noise_same_embedding_gives_identical_images():
 @pytest.mark.parametrize("overrides", [dict(prediction="v"), dict(prediction="v", snr_gamma=5.0),
                                        dict(learned_variance=True), dict(text_layers=1),
                                        dict(self_condition=True, prediction="v", learned_variance=True),
-                                       dict(prediction="v", pixel_head=8)])
+                                       dict(prediction="v", pixel_head=8), dict(prediction="x0", snr_gamma=5.0)])
 def test_variants_fit_a_fixed_draw_and_sample_as_a_function_of_the_generator(overrides):
     """Each variant's loss reaches every U-Net weight and falls when trained on one fixed draw (images, t,
     noise, dropped conditioning), and its ancestral sampling, guided and thresholded, is a function of the
