@@ -1,8 +1,8 @@
 """`cascade.nn.Upsample` as four 2x2 phase convolutions against the convolution of the nearest-upsampled map
-it replaces, at the shapes the tiny U-Nets run it: sr1024's two upsamplers on a 1024^2 output, and the
-tiny decoder's (configs/tiny/decoder.yaml: 64^2 behind its 2x2 stem, a training batch of 16). Forward only, channels-last (the SR net's
-layout), fp32; the two interleaved in one process, medians and the median of per-round ratios. Also
-the largest difference between the two (float rounding). Prints one JSON line.
+it replaces, at the shapes the tiny U-Nets run it: sr1024's two upsamplers on a 1024^2 output, and the tiny
+decoder's (configs/tiny/decoder.yaml: 64^2 behind its 2x2 stem, a training batch of 16). Forward only,
+channels-last (both nets' layout), fp32; the two interleaved in one process, medians and the median of
+per-round ratios. Also the largest difference between the two (float rounding). Prints one JSON line.
 
     python -m benchmarks.upsample_phases [--runs 9] [--threads 1]
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import emit
+from benchmarks.sr_scaling import interleaved_times
 from cascade.nn import Upsample
 from cascade.process_defaults import set_process_defaults
 
@@ -42,14 +42,9 @@ def main() -> None:
             return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, up.conv.bias, padding=1)
 
         fns = {"upsampled_conv": upsampled_conv, "phases": lambda: up(x)}
-        times: dict[str, list[float]] = {k: [] for k in fns}
         with torch.no_grad():
             diff = (fns["phases"]() - upsampled_conv()).abs().max().item()
-            for _ in range(args.runs):
-                for key, fn in fns.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[key].append(time.perf_counter() - start)
+            times = interleaved_times(fns, args.runs)
         record[name] = {"ms_upsampled_conv": round(1e3 * statistics.median(times["upsampled_conv"]), 2),
                         "ms_phases": round(1e3 * statistics.median(times["phases"]), 2),
                         "phases_over_upsampled_conv": round(statistics.median(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cascade.nn.resample import interleave_phases, phase_weight
+from cascade.nn.resample import interleave_phases, phase_filters
 from superres.unet import EfficientUNet
 
 CL = torch.channels_last
@@ -163,8 +163,8 @@ class _UpConv(_Rows):
     def __init__(self, conv: nn.Conv2d, node: _Rows):
         super().__init__(2 * node.height)
         self.node, self.r = node, node.reader()
-        self.weight = phase_weight(conv.weight.detach()).contiguous(memory_format=CL)
-        self.bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+        weight, self.bias = phase_filters(conv.weight, conv.bias)  # built under streamed_forward's no_grad
+        self.weight = weight.contiguous(memory_format=CL)
 
     def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
         # output row r reads phase row (r + 1) // 2, which reads input rows (r + 1) // 2 - 1 and (r + 1) // 2

@@ -65,28 +65,30 @@ def test_upsample_phase_convolutions_equal_the_convolution_of_the_upsampled_map(
     inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     out, ref = up(inp), _nearest_then_conv(inp, up.conv.weight, up.conv.bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last and shape[-1] > 1 else torch.contiguous_format)
+    layout = torch.channels_last if channels_last and shape[-1] > 1 else torch.contiguous_format
+    assert out.is_contiguous(memory_format=layout)
     probe = torch.randn_like(ref)
     params = [x, up.conv.weight, up.conv.bias]
-    for got, want in zip(torch.autograd.grad((out * probe).sum(), params), torch.autograd.grad((ref * probe).sum(), params)):
+    grads = [torch.autograd.grad((y * probe).sum(), params) for y in (out, ref)]
+    for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_upsample_rows_of_the_phase_convolution_are_the_rows_of_the_whole_output():
     """`interleave_phases` on the phase rows that output rows [a, b) read gives those rows, for every
     parity of a and b (what streaming asks for, band by band)."""
-    from cascade.nn.resample import interleave_phases, phase_weight
+    from cascade.nn.resample import interleave_phases, phase_filters
 
     torch.manual_seed(0)
     up = Upsample(4, 3)
     x = torch.randn(1, 4, 6, 5)
     whole = up(x)
-    weight = phase_weight(up.conv.weight)
+    weight, bias = phase_filters(up.conv.weight, up.conv.bias)
     padded = F.pad(x, (0, 0, 1, 1))  # row i of x is padded row i + 1
     for a in range(12):
         for b in range(a + 1, 13):
             first, last = (a + 1) // 2, b // 2 + 1  # the phase rows these output rows read
-            phases = F.conv2d(padded[..., first:last + 1, :], weight, up.conv.bias.repeat(4), padding=(0, 1))
+            phases = F.conv2d(padded[..., first:last + 1, :], weight, bias, padding=(0, 1))
             torch.testing.assert_close(interleave_phases(phases, 5, (a, b)), whole[..., a:b, :])
 
 
@@ -94,7 +96,7 @@ def test_upsample_rows_of_the_phase_convolution_are_the_rows_of_the_whole_output
 def test_upsample_runs_on_the_device_and_dtype_asked_for(dtype):
     """The folded taps are sums of two or four 3x3 taps, summed in fp32 and rounded once to the weights'
     dtype; the layer runs on CASCADE_TEST_DEVICE with no op off its device or dtype."""
-    from cascade.nn.resample import phase_weight
+    from cascade.nn.resample import phase_filters
     from test_devices import DEVICE, _Placement
 
     torch.manual_seed(0)
@@ -103,7 +105,8 @@ def test_upsample_runs_on_the_device_and_dtype_asked_for(dtype):
     x = torch.randn(2, 16, 8, 8)
     exact = up(x)
     up = up.to(DEVICE, dtype)
-    torch.testing.assert_close(phase_weight(up.conv.weight), phase_weight(up.conv.weight.float()).to(dtype), rtol=0, atol=0)
+    folded, _ = phase_filters(up.conv.weight, None)
+    torch.testing.assert_close(folded, phase_filters(up.conv.weight.float(), None)[0].to(dtype), rtol=0, atol=0)
     with torch.no_grad(), _Placement(DEVICE, dtype) as placement:
         out = up(x.to(DEVICE, dtype))
     assert not placement.wrong, placement.wrong[:5]

@@ -51,8 +51,8 @@ class NearestUpConv(nn.Conv2d):
         super().__init__(in_ch, out_ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_ch, H, W) -> (B, out_ch, 2H, 2W)
-        bias = None if self.bias is None else self.bias.repeat(4)
-        phases = F.conv2d(x, phase_weight(self.weight), bias, padding=1)  # (B, 4 out_ch, H + 1, W + 1)
+        weight, bias = phase_filters(self.weight, self.bias)
+        phases = F.conv2d(x, weight, bias, padding=1)  # (B, 4 out_ch, H + 1, W + 1)
         return interleave_phases(phases, x.shape[-1], (0, 2 * x.shape[-2]))
 
 
@@ -64,10 +64,12 @@ def _fold(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)])
 
 
-def phase_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 filter (O, I, 3, 3) as the 2x2 filters of its four phases, (4 O, I, 2, 2), phase (dy, dx) in block 2 dy + dx."""
+def phase_filters(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A 3x3 filter (O, I, 3, 3) and its bias (O,) as the 2x2 filters of its four phases, (4 O, I, 2, 2), and
+    their bias (4 O,): phase (dy, dx) in block 2 dy + dx of the output channels."""
     folded = _fold(_fold(weight.float(), -2), -1)  # (dx, dy, O, I, 2, 2); in fp32, where bf16 sums would round
-    return folded.transpose(0, 1).reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+    folded = folded.transpose(0, 1).reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+    return folded, None if bias is None else bias.repeat(4)
 
 
 def interleave_phases(phases: torch.Tensor, width: int, rows: tuple[int, int],
@@ -80,7 +82,8 @@ def interleave_phases(phases: torch.Tensor, width: int, rows: tuple[int, int],
     a, b = rows
     channels = phases.shape[1] // 4
     if out is None:
-        layout = torch.channels_last if phases.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        keep_last = phases.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if keep_last else torch.contiguous_format
         out = torch.empty((phases.shape[0], channels, b - a, 2 * width), dtype=phases.dtype, device=phases.device,
                           memory_format=layout)
     first = (a + 1) // 2
