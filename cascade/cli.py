@@ -23,6 +23,17 @@ INPUT_SIZE = 256  # source images are centre-cropped square and resized to this 
 
 
 # ---------------------------------------------------------------------------- option parsing
+class _Once(argparse.Action):
+    """A text option that a command takes once: argparse would keep the last of two `--prompt`s and drop
+    the first without a word, so a second one is an error (a command draws one prompt: run it per prompt)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"argument {option_string}: given twice; it takes one text (run the command once "
+                         f"for each)")
+        setattr(namespace, self.dest, values)
+
+
 def _per_stage(text: str, cast, option: str, stages: tuple[str, ...]) -> dict:
     """'prior=25,decoder=50' -> {"prior": 25, "decoder": 50}, with one-line errors."""
     out = {}
@@ -452,8 +463,8 @@ def register_model_commands(sub) -> None:
                        description="Generate images for a prompt: CLIP text tower -> prior -> decoder -> "
                                    "sr256 -> sr1024. Writes one PNG per image and a grid; prompt, seed and "
                                    "settings are stored in the PNG text chunks.")
-    p.add_argument("--prompt", required=True, help="the text to draw")
-    p.add_argument("--negative-prompt", metavar="TEXT",
+    p.add_argument("--prompt", required=True, action=_Once, help="the text to draw")
+    p.add_argument("--negative-prompt", metavar="TEXT", action=_Once,
                    help="what not to draw: the prior's and the decoder's guidance steer away from this text "
                         "instead of from no text, e.g. --negative-prompt red")
     p.add_argument("--regions", type=float, metavar="W",
@@ -484,7 +495,7 @@ def register_model_commands(sub) -> None:
                                    "they keep what CLIP sees in the image and vary the rest. No prompt and no "
                                    "prior. Writes one PNG per image and a grid.")
     p.add_argument("--image", required=True, help="the source image file")
-    p.add_argument("--negative-prompt", metavar="TEXT",
+    p.add_argument("--negative-prompt", metavar="TEXT", action=_Once,
                    help="what the variations should not show: the decoder's guidance steers away from this "
                         "text's prior embedding (loads the prior)")
     _add_common(p, num_images=True)
@@ -499,10 +510,10 @@ def register_model_commands(sub) -> None:
                                    "colours, high ones follow the prompt. Example: cascade img2img --image "
                                    "scene.png --prompt \"a green star in the center\" --strength 0.6")
     p.add_argument("--image", required=True, help="the source image file")
-    p.add_argument("--prompt", required=True, help="the text to draw")
+    p.add_argument("--prompt", required=True, action=_Once, help="the text to draw")
     p.add_argument("--strength", type=float, default=0.6,
                    help="how much of the schedule to noise the image into, 0 to 1 (default: %(default)s)")
-    p.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw (as in generate)")
+    p.add_argument("--negative-prompt", metavar="TEXT", action=_Once, help="what not to draw (as in generate)")
     _add_common(p, num_images=True)
     p.set_defaults(func=cmd_img2img)
 
@@ -521,9 +532,9 @@ def register_model_commands(sub) -> None:
     p.add_argument("--image", required=True, help="the image to edit (centre-cropped square like every input)")
     p.add_argument("--mask", help="mask PNG of the image's size: white (or any non-black) = repaint, black = keep")
     p.add_argument("--box", metavar="X0,Y0,X1,Y1", help="or a box to repaint, in pixels of the image")
-    p.add_argument("--prompt", required=True, help="what to draw in the region (describe the whole scene or "
-                                                   "just the new part)")
-    p.add_argument("--negative-prompt", metavar="TEXT", help="what not to draw (as in generate)")
+    p.add_argument("--prompt", required=True, action=_Once,
+                   help="what to draw in the region (describe the whole scene or just the new part)")
+    p.add_argument("--negative-prompt", metavar="TEXT", action=_Once, help="what not to draw (as in generate)")
     p.add_argument("--method", choices=("replace", "glide"), default=None,
                    help="default: glide when the bundle's decoder was trained for inpainting, else replace")
     p.add_argument("--resample", type=int, default=1,
@@ -551,8 +562,8 @@ def register_model_commands(sub) -> None:
                                    "decode each frame from the same noise. Writes one PNG per frame and a "
                                    "grid.")
     p.add_argument("--image", required=True, help="the source image file")
-    p.add_argument("--from", dest="from_text", required=True, help="text describing the image now")
-    p.add_argument("--to", dest="to_text", required=True, help="text describing the wanted image")
+    p.add_argument("--from", dest="from_text", required=True, action=_Once, help="text describing the image now")
+    p.add_argument("--to", dest="to_text", required=True, action=_Once, help="text describing the wanted image")
     p.add_argument("--frames", type=int, default=5, help="number of frames (default: %(default)s)")
     p.add_argument("--max-theta", type=float, default=0.5,
                    help="largest slerp fraction towards the text diff, above 0 and at most 1 (default: "

@@ -322,3 +322,17 @@ def test_embedding_jobs_are_commands_pipeline_methods_and_studio_tabs(capsys):
         assert done.value.code == 0 and f"usage: cascade {job}" in capsys.readouterr().out
         assert callable(getattr(Cascade, job))
         assert f'data-tab="{job}"' in html
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["generate", "--prompt", "a red star", "--prompt", "a blue circle"], "--prompt"),
+    (["generate", "--prompt", "a red star", "--negative-prompt", "red", "--negative-prompt", "blue"],
+     "--negative-prompt"),
+    (["img2img", "--image", "x.png", "--prompt", "a", "--prompt", "b"], "--prompt"),
+    (["textdiff", "--image", "x.png", "--from", "a", "--to", "b", "--to", "c"], "--to"),
+])
+def test_a_text_option_given_twice_is_an_error_not_a_silently_dropped_prompt(argv, option, no_loading, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: given twice" in capsys.readouterr().err
