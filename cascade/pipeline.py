@@ -196,7 +196,8 @@ class Cascade:
         if getattr(stage.config, "objective", "diffusion") != "diffusion":  # a one-pass regressor (SR l1 / l2)
             total = 1
         if options.get("init") is not None:  # image to image takes only part of the steps
-            total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0))
+            total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0),
+                                getattr(stage.config, "t_min", 0))
         if options.get("mask") is not None:  # RePaint's resampling walks some steps again
             total = inpaint_steps(total, options.get("jump", 1), options.get("resample", 1))
         callback = _step_callback(progress, name, total)

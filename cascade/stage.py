@@ -74,6 +74,11 @@ class DiffusionConfig(Config):
     sampler: Literal["ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun"] = "ddim"
     steps: int = Field(50, ge=1)
     guidance: float = Field(1.0, ge=0.0)
+    # The lowest timestep (0-based) sampling visits; its last step returns the network's x0 estimate from there
+    # (`NoiseSchedule.respace`). > 0 for a net that learned little at the lowest noise levels, as min-SNR
+    # weighting leaves them after a short run: the quick demo's decoder drew half the pixel noise at 120
+    # (docs/results.md, 2026-12-07). 0: down to the first step.
+    t_min: int = Field(0, ge=0)
     # Recompute the network's blocks in backward instead of storing their activations (less memory, ~1/3 more compute).
     gradient_checkpointing: bool = False
 
@@ -92,6 +97,12 @@ class DiffusionConfig(Config):
                 data[new] = data.pop(old)
                 notes.append(f"'{old}' is now called '{new}'")
         return data, notes
+
+    @model_validator(mode="after")
+    def _t_min_within_schedule(self) -> "DiffusionConfig":
+        if self.t_min >= self.timesteps:
+            raise ValueError(f"t_min must be below timesteps ({self.timesteps}), got {self.t_min}")
+        return self
 
     @model_validator(mode="before")
     @classmethod

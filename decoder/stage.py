@@ -342,7 +342,7 @@ class Decoder(Stage):
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
-                       progress=progress)
+                       progress=progress, t_min=self.config.t_min)
         if regions is not None and any(regions):
             if mask is not None or init is not None:
                 raise UserError("per-object regions do not combine with inpainting or image to image")

@@ -120,7 +120,8 @@ class PriorStage(Stage):
 
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
                              steps=steps, eta=eta, guidance=guidance, generator=generator,
-                             x_T=None if x_T is None else x_T.to(device), callback=callback, device=device)
+                             x_T=None if x_T is None else x_T.to(device), callback=callback, device=device,
+                             t_min=cfg.t_min)
         z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
         best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)
         return z[torch.arange(b, device=device), best]

@@ -239,7 +239,8 @@ class SuperResStage(Stage):
             threshold = "static"
         options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance if text is not None else None,
                        threshold=threshold, generator=generator,
-                       x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress)
+                       x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress,
+                       t_min=c.t_min)
         base = bicubic_upsample(low, (size_h, size_w)) if c.residual else None
         if mask is not None:
             target = known - base if c.residual else known  # the known region in the network's x0 terms

@@ -509,3 +509,28 @@ def test_pixel_head_runs_on_the_device_and_dtype_asked_for(dtype):
         out = model._unet(x, t, *model._condition(cond, keep, keep))
     assert not placement.wrong, placement.wrong[:5]
     assert out.dtype == torch.float32 and out.device.type == DEVICE.type and torch.isfinite(out).all()
+
+
+def test_t_min_ends_every_sampling_path_at_that_timestep_with_the_nets_x0_estimate():
+    """`t_min` in the config: plain sampling, image to image and inpainting all stop at t_min, and a plain
+    sample is the U-Net's x0 estimate from its last call (DDIM's last step, guidance 1: one call per step, no
+    thresholding)."""
+    with pytest.raises(ConfigError, match="t_min must be below timesteps"):
+        parse_config(DecoderConfig, {**SMALL, "t_min": 1000}, "x.yaml")
+    stage = small_decoder(t_min=200, prediction="v").eval()
+    randomise_outputs(stage)
+    calls = record_unet_calls(stage)
+    cond, noise = conditioning(), fixed_noise(stage.config.image_size, 2, torch.Generator().manual_seed(5))
+    x = stage.sample(cond, steps=4, guidance=1.0, noise=noise, sampler="ddim", threshold=None)
+    assert [int(t[0]) for _, t, _ in calls] == [999, 733, 466, 200]  # 4 steps evenly from 200 to 999
+    last_in, last_t, last_out = calls[-1]
+    x0 = diffusion.model_output_to_x0(stage.schedule, "v", last_out, last_in[:, :3], last_t).clamp(-1, 1)
+    assert torch.allclose(x, x0, atol=1e-6)
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    for options in ({"init": image, "strength": 0.6}, {"known": image, "mask": torch.ones(1, 1, 32, 32)}):
+        del calls[:]
+        stage.sample(cond, steps=4, guidance=1.0, noise=noise, **options)
+        assert min(int(t.min()) for _, t, _ in calls) == 200, options
+    del calls[:]  # an image noised to below t_min: one estimate from where it is
+    stage.sample(cond, steps=4, guidance=1.0, noise=noise, init=image, strength=0.1)
+    assert [int(t[0]) for _, t, _ in calls] == [round(0.1 * 999)]

@@ -101,3 +101,42 @@ def test_x0_predicting_network_wrapped_to_eps_samples_identically():
         a = sample(eps_net, x_T.shape, schedule=s, sampler=sampler, steps=20, x_T=x_T)
         b = sample(wrapped, x_T.shape, schedule=s, sampler=sampler, steps=20, x_T=x_T)
         assert torch.allclose(a, b, atol=1e-8)
+
+
+def exact_x0_estimate_at(schedule, x_T, t_min, mu=MU, sd=SD):
+    """E[x_0 | x_{t_min}] at the exact ODE solution x_{t_min} from x_T (the invariant in the docstring)."""
+    ab_T, ab = schedule.alphas_cumprod[-1].item(), schedule.alphas_cumprod[t_min].item()
+    c = (x_T - ab_T**0.5 * mu) / (ab_T * sd**2 + 1 - ab_T) ** 0.5
+    x_t = ab**0.5 * mu + c * (ab * sd**2 + 1 - ab) ** 0.5
+    return mu + ab**0.5 * sd**2 * (x_t - ab**0.5 * mu) / (ab * sd**2 + 1 - ab)
+
+
+@pytest.mark.parametrize("t_min", [0, 120, 400])
+def test_t_min_returns_the_x0_estimate_at_t_min_of_the_exact_ode(schedule, t_min):
+    """Sampling down to t_min only: the result is the denoiser's x0 estimate there, E[x_0 | x_{t_min}], whose
+    spread is the data's shrunk by the noise left (std sd^2 alpha / sqrt(alpha^2 sd^2 + sigma^2) < sd)."""
+    x_T = torch.randn(2000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected = exact_x0_estimate_at(schedule, x_T, t_min)
+    x = sample(gaussian_oracle(schedule), x_T.shape, schedule=schedule, sampler="dpmpp", steps=100, x_T=x_T,
+               t_min=t_min)
+    assert (x - expected).abs().max().item() < 0.005
+    ab = schedule.alphas_cumprod[t_min].item()
+    shrunk = ab**0.5 * SD**2 / (ab * SD**2 + 1 - ab) ** 0.5
+    assert x.std().item() == pytest.approx(shrunk, rel=0.05)
+    if t_min == 400:
+        assert shrunk < 0.8 * SD  # far from the data's own spread: the test tells t_min apart from 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp", "dpmpp_karras", "euler", "euler_a", "heun"])
+def test_every_sampler_stops_at_t_min_and_returns_its_last_x0_estimate(sampler):
+    s = NoiseSchedule.from_name("cosine", 1000)
+    oracle, seen, estimates = gaussian_oracle(s), [], []
+
+    def denoise(x, t):
+        seen.append(int(t[0]))
+        return oracle(x, t)
+
+    x = sample(denoise, (64,), schedule=s, sampler=sampler, steps=12, t_min=150,
+               generator=torch.Generator().manual_seed(6), callback=lambda d: estimates.append(d["x0"]))
+    assert min(seen) == 150 and seen[-1] == 150 and max(seen) == 999
+    assert len(estimates) == 12 and torch.allclose(x, estimates[-1].to(x.dtype), atol=1e-6)

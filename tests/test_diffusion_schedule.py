@@ -165,3 +165,29 @@ def test_a_shifted_schedule_moves_every_log_snr_by_the_shift(shift):
         config = parse_config(cls.Config, {"timesteps": 100, "schedule_shift": shift, **extra})
         stage_schedule = cls(config).schedule
         torch.testing.assert_close(stage_schedule.alphas_cumprod, moved.alphas_cumprod)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr", "karras"])
+@pytest.mark.parametrize("steps,t_min", [(2, 1), (12, 30), (50, 120), (70, 130)])
+def test_respace_from_t_min_keeps_its_steps_between_t_min_and_the_last(schedule, spacing, steps, t_min):
+    sub, kept_steps = schedule.respace(steps, spacing, t_min)
+    assert len(kept_steps) == steps and kept_steps[0].item() == t_min
+    assert kept_steps[-1].item() == schedule.timesteps - 1 and bool((kept_steps.diff() > 0).all())
+    assert torch.allclose(sub.alphas_cumprod, schedule.alphas_cumprod[kept_steps], rtol=1e-12)
+    assert sub.alphas_cumprod_prev[0].item() == 1.0  # the last sampling step goes to x_0 from there
+    assert bool(((sub.betas > 0) & (sub.betas <= 1)).all())
+
+
+def test_uniform_respace_from_t_min_is_evenly_spaced_and_all_steps_fit():
+    s = NoiseSchedule.from_name("linear")
+    assert s.respace(10, t_min=99)[1].tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert s.respace(900, t_min=100)[1].tolist() == list(range(100, 1000))
+
+
+def test_bad_t_min_is_a_user_error():
+    s = NoiseSchedule.from_name("linear", 10)
+    for t_min in (-1, 10):
+        with pytest.raises(UserError, match="t_min must be in"):
+            s.respace(2, t_min=t_min)
+    with pytest.raises(UserError, match=r"steps must be in \[1, 4\] with t_min 6"):
+        s.respace(5, t_min=6)

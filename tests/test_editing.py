@@ -43,6 +43,22 @@ def test_img2img_lands_where_the_exact_ode_from_the_noised_image_does(sampler, t
     assert means[0] == pytest.approx(3.0, abs=0.1) and means == sorted(means, reverse=True)
 
 
+@pytest.mark.parametrize("strength,t_min", [(0.6, 0), (0.6, 200), (0.6, 599), (0.1, 200), (1.0, 200)])
+def test_img2img_with_t_min_calls_back_as_often_as_image_steps_says_and_stops_at_t_min(strength, t_min):
+    """What `image_steps` counts (the pipeline's progress bar) is what runs; the last step is at t_min, or
+    where the image was noised to when that is lower (one estimate from there)."""
+    from cascade.diffusion.sampling import image_steps
+
+    s = NoiseSchedule.from_name("cosine", 1000)
+    g = torch.Generator().manual_seed(2)
+    x0, noise, seen, steps = torch.randn(64, generator=g), torch.randn(64, generator=g), [], []
+    oracle = gaussian_oracle(s)
+    sample_from_image(lambda x, t: seen.append(int(t[0])) or oracle(x, t), x0, strength, schedule=s,
+                      sampler="ddim", steps=20, noise=noise, t_min=t_min, callback=steps.append)
+    assert len(steps) == image_steps(1000, 20, strength, t_min) == len(seen)
+    assert seen[-1] == min(t_min, round(strength * 999))
+
+
 # ---------------------------------------------------------------- the decoder
 def _alive(stage):
     """The stage with every weight nudged at random: a fresh one's zero-initialised output layers would

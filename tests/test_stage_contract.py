@@ -37,7 +37,8 @@ def _conditioning(name: str, b: int = 2) -> dict[str, torch.Tensor]:
 def test_every_diffusion_stage_configures_its_diffusion_with_the_same_names(name):
     config = get_stage(name).Config()
     assert isinstance(config, DiffusionConfig)
-    for key in ("schedule", "timesteps", "prediction", "snr_gamma", "p_drop_text", "sampler", "steps", "guidance"):
+    for key in ("schedule", "timesteps", "prediction", "snr_gamma", "p_drop_text", "sampler", "steps", "guidance",
+                "t_min"):
         assert key in type(config).model_fields, key
 
 
@@ -56,21 +57,22 @@ def test_old_key_names_still_load(name, old, new):
 @pytest.mark.parametrize("name", ["prior", "decoder", "sr256"])
 def test_the_configs_sampling_defaults_reach_sample(name, monkeypatch):
     """sample() without sampler, steps or guidance runs the config's: what the diffusion core is asked
-    for, and one callback per step."""
+    for, and one callback per step; the config's t_min always."""
     cls = get_stage(name)
     torch.manual_seed(0)
-    stage = cls(cls.Config(**SMALL[name], sampler="ddpm", steps=3, guidance=2.5)).eval()
+    stage = cls(cls.Config(**SMALL[name], sampler="ddpm", steps=3, guidance=2.5, t_min=40)).eval()
     module, attr = SAMPLE_FN[name]
     real, asked = getattr(module, attr), []
     monkeypatch.setattr(module, attr, lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     steps = []
     stage.sample(_conditioning(name), generator=torch.Generator().manual_seed(0), callback=steps.append)
-    assert (asked[0]["sampler"], asked[0]["steps"], asked[0]["guidance"]) == ("ddpm", 3, 2.5)
+    assert (asked[0]["sampler"], asked[0]["steps"], asked[0]["guidance"], asked[0]["t_min"]) == ("ddpm", 3, 2.5, 40)
     assert len(steps) == 3
     # Given values win over the config's.
     asked.clear()
     stage.sample(_conditioning(name), sampler="ddim", steps=2, guidance=1.0, generator=torch.Generator())
     assert (asked[0]["sampler"], asked[0]["steps"]) == ("ddim", 2) and asked[0]["guidance"] in (1.0, None)
+    assert asked[0]["t_min"] == 40
 
 
 def test_the_sr_loss_is_the_diffusion_loss_with_min_snr_weighting(monkeypatch):

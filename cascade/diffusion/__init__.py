@@ -7,9 +7,10 @@ Schedules (`noise_schedule`)
     (Nichol & Dhariwal 2021), "angle" (AngleSchedule() discretised). Attributes are float64 (T,)
     tensors where index t holds step t+1: betas, alphas_cumprod, alphas_cumprod_prev, signal_rates,
     noise_rates, posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1/2;
-    schedule.timesteps is T (an int). schedule.respace(k, spacing="uniform") -> (respaced, kept_steps):
-    a NoiseSchedule over k steps with the same alpha_bar at the kept steps, and kept_steps, the (k,)
-    LongTensor of the original timesteps kept (respaced index i is original step kept_steps[i]).
+    schedule.timesteps is T (an int). schedule.respace(k, spacing="uniform", t_min=0) -> (respaced,
+    kept_steps): a NoiseSchedule over k steps with the same alpha_bar at the kept steps, and kept_steps, the
+    (k,) LongTensor of the original timesteps kept, from t_min to T - 1 (respaced index i is original step
+    kept_steps[i]).
     AngleSchedule(s_min, s_max) is the continuous cosine-by-angle schedule; .discretize(N) gives a
     NoiseSchedule.
 Forward process (`forward_process`)
@@ -66,7 +67,8 @@ The sampling contract
 * Inpainting: sample_inpaint(denoise, known, mask, *, schedule, sampler, steps, resample=1, jump=1, ...)
   samples where mask is 1 and keeps `known` where it is 0, replacing the known region by the original
   noised to each step; resample > 1 adds RePaint's resampling (ddpm and ddim; `inpainting` module).
-* Optional extras: variance="small" | "large" (ddpm's fixed variance), spacing (see above),
+* Optional extras: variance="small" | "large" (ddpm's fixed variance), spacing (see above), t_min (the
+  steps end at original timestep t_min and the result is the x0 estimate there; 0: the first step),
   device (where x_T is drawn when not given; default the generator's device, else the CPU).
 """
 from cascade.diffusion.ddim import sample_ddim

@@ -86,7 +86,7 @@ def sample_inpaint(denoise: Callable, known: torch.Tensor, mask: torch.Tensor, *
                    guidance: float | None = None, threshold: str | float | None = None,
                    generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
                    callback: Callable[[dict], None] | None = None, progress: bool = False,
-                   variance: str = "small", spacing: str | None = None) -> torch.Tensor:
+                   variance: str = "small", spacing: str | None = None, t_min: int = 0) -> torch.Tensor:
     """x_0 of `known`'s shape whose region where `mask` is 1 is sampled and whose region where it is 0 is
     `known` (mask broadcasts against known; values between 0 and 1 blend). With resample > 1, RePaint's
     resampling (see the module docstring). The other options are `sample`'s; x_T is drawn on known's device
@@ -99,7 +99,7 @@ def sample_inpaint(denoise: Callable, known: torch.Tensor, mask: torch.Tensor, *
     known, mask = known.float(), mask.to(known.device, torch.float32)
     model, respaced, x = _prepare(denoise, known.shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta,
                                   guidance=guidance, threshold=threshold, generator=generator, x_T=x_T,
-                                  variance=variance, spacing=spacing, device=known.device)
+                                  variance=variance, spacing=spacing, device=known.device, t_min=t_min)
     replace = known_region_replacer(known, mask, respaced, generator)
     if resample == 1:
         x = run_sampler(model, x, respaced, sampler=sampler, eta=eta, variance=variance, generator=generator,

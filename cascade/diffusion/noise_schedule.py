@@ -124,7 +124,7 @@ class NoiseSchedule:
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return cls(1.0 - ab / prev)
 
-    def respace(self, steps: int, spacing: str = "uniform") -> tuple["NoiseSchedule", torch.Tensor]:
+    def respace(self, steps: int, spacing: str = "uniform", t_min: int = 0) -> tuple["NoiseSchedule", torch.Tensor]:
         """Keep `steps` of the T timesteps (improved-diffusion's respacing, Nichol & Dhariwal Sec. 4).
 
         spacing "uniform": evenly spaced in t, as improved-diffusion and DDIM (Song et al. Sec. 4.2)
@@ -138,44 +138,55 @@ class NoiseSchedule:
         so that its alphas_cumprod equal the original ones at the kept steps, and `kept_steps`, the
         LongTensor of the original timesteps it uses (index i of the new schedule is original step
         kept_steps[i]). Kept steps always include the last step and, for steps > 1, the first.
+
+        `t_min` > 0 puts the grid on steps t_min .. T - 1 instead (0-based, as `kept_steps`): the lowest
+        kept step is t_min, so a sampler's last step returns the network's x0 estimate from there rather
+        than from the nearly noiseless step 0. A network that learned little at the lowest noise levels
+        (min-SNR weighting in a short run) then does not add its pixel noise to the image.
         """
-        steps = int(steps)
-        if not 1 <= steps <= self.timesteps:
-            raise UserError(f"steps must be in [1, {self.timesteps}], got {steps}")
+        steps, t_min = int(steps), int(t_min)
+        if not 0 <= t_min < self.timesteps:
+            raise UserError(f"t_min must be in [0, {self.timesteps - 1}], got {t_min}")
+        if not 1 <= steps <= self.timesteps - t_min:
+            raise UserError(f"steps must be in [1, {self.timesteps - t_min}]"
+                            f"{f' with t_min {t_min}' if t_min else ''}, got {steps}")
         if spacing not in SPACINGS:
             raise UserError(f"unknown step spacing '{spacing}' (choose {', '.join(SPACINGS)})")
         if steps == 1:
             kept_steps = torch.tensor([self.timesteps - 1])
         elif spacing == "uniform":
-            kept_steps = torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long()
+            kept_steps = torch.linspace(t_min, self.timesteps - 1, steps, dtype=torch.float64).round().long()
         elif spacing == "karras":
-            kept_steps = self._karras_steps(steps)
+            kept_steps = self._karras_steps(steps, t_min)
         else:
-            kept_steps = self._logsnr_uniform_steps(steps)
+            kept_steps = self._logsnr_uniform_steps(steps, t_min)
         return NoiseSchedule.from_alphas_cumprod(self.alphas_cumprod[kept_steps]), kept_steps
 
-    def _logsnr_uniform_steps(self, steps: int) -> torch.Tensor:
-        """Integer steps nearest to a log-SNR grid uniform from step 1 down to step T (or to
+    def _logsnr_uniform_steps(self, steps: int, t_min: int = 0) -> torch.Tensor:
+        """Integer steps nearest to a log-SNR grid uniform from step t_min + 1 down to step T (or to
         LOG_SNR_FLOOR, whichever is higher; the last step is always T), made distinct."""
         T = self.timesteps
         log_snr = torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))  # decreasing in t
         low = max(float(log_snr[-1]), LOG_SNR_FLOOR)
-        grid = torch.linspace(float(log_snr[0]), low, steps, dtype=torch.float64)
+        grid = torch.linspace(float(log_snr[t_min]), low, steps, dtype=torch.float64)
         # t(log-SNR) by linear interpolation on the increasing (reversed) table
         rising = log_snr.flip(0)
         hi = torch.searchsorted(rising, grid).clamp(1, T - 1)
         frac = ((grid - rising[hi - 1]) / (rising[hi] - rising[hi - 1])).clamp(0.0, 1.0)
-        return _distinct_steps(((T - 1) - (hi - 1 + frac)).round().long().tolist(), T)
+        t = ((T - 1) - (hi - 1 + frac)).round().long().tolist()
+        t[0] = t_min
+        return _distinct_steps(t, T)
 
-    def _karras_steps(self, steps: int, rho: float = 7.0) -> torch.Tensor:
-        """Integer steps nearest (in log sigma) to the Karras grid, made distinct, always with steps 1 and T."""
+    def _karras_steps(self, steps: int, t_min: int = 0, rho: float = 7.0) -> torch.Tensor:
+        """Integer steps nearest (in log sigma) to the Karras grid from step t_min + 1's sigma, made distinct,
+        always with steps t_min + 1 and T."""
         T = self.timesteps
         log_sigma = 0.5 * torch.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # increasing in t
-        lo, hi = math.exp(float(log_sigma[0])), min(math.exp(float(log_sigma[-1])), KARRAS_SIGMA_MAX)
+        lo, hi = math.exp(float(log_sigma[t_min])), min(math.exp(float(log_sigma[-1])), KARRAS_SIGMA_MAX)
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         grid = (lo ** (1 / rho) + ramp * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho  # increasing
         t = (log_sigma[None, :] - grid.log()[:, None]).abs().argmin(dim=1).tolist()
-        t[0] = 0
+        t[0] = t_min
         return _distinct_steps(t, T)
 
     def __repr__(self) -> str:
