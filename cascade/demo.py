@@ -81,7 +81,12 @@ QUICK = Plan("quick", shapes=600, emoji=300,
                                               # a full-resolution head after the 2x2 stem: half the pixel noise
                                               # over the background (0.065 against 0.128, the data 0.005), the
                                               # same speed and scores (docs/results.md, 2026-12-07)
-                                              "pixel_head": 16}},
+                                              "pixel_head": 16,
+                                              # sampling ends at step 120 (sigma 0.41) with the net's x0 there:
+                                              # its last steps, which min-SNR weighting leaves least trained,
+                                              # doubled the pixel noise (0.030 against 0.062, colour / position
+                                              # 0.83 / 0.83 against 0.78 / 0.78; docs/results.md, 2026-12-07)
+                                              "t_min": 120}},
                         **{sr: {**NO_END_EVAL[sr], "model": {"eval_images": 4, "eval_steps": [2],
                                                              "eval_aug_levels": [0.0, 0.2]}}
                            for sr in ("sr256", "sr1024")}},
