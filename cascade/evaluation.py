@@ -138,10 +138,24 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
     shapes scorer's colour / shape / position accuracy, keys suffixed "@one_object_g<w>". Needs only
     the bundle (the prompts are generated, not read from the val split)."""
     from cascade.images import make_grid, save_png
-    from decoder.evaluation import decode_all, score_decodes
+    from decoder.evaluation import score_decodes
 
     if count <= 0:
         return {}
+    images, prompts = one_object_decodes(clip, prior, decoder, count=count, guidance=guidance, seed=seed)
+    if grid is not None:
+        save_png(make_grid(images, [text for text, _ in prompts]), grid)
+    return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
+
+
+@torch.no_grad()
+def one_object_decodes(clip, prior, decoder, *, count: int, guidance: float, seed: int
+                       ) -> tuple[torch.Tensor, list[tuple[str, dict[str, Any]]]]:
+    """(images (count, 3, S, S) in [-1, 1], their (caption, scene)s): the decoder's pictures of `count`
+    one-object prompts (`one_object_prompts`), through the prior unless the decoder is Imagen-style; the
+    prior's draws and x_T from `seed`."""
+    from decoder.evaluation import decode_all
+
     prompts = one_object_prompts(count)
     captions = [text for text, _ in prompts]
     g = torch.Generator().manual_seed(seed)
@@ -155,9 +169,7 @@ def one_object_scores(clip, prior, decoder, *, count: int, guidance: float, seed
     noise = torch.randn(len(prompts), 3, s, s, generator=g)
     images = decode_all(decoder, conditioning, noise, guidance,
                         desc=f"{_route(path)}, one-object prompts (guidance {guidance:g})")
-    if grid is not None:
-        save_png(make_grid(images, captions), grid)
-    return score_decodes(images, [scene for _, scene in prompts], suffix=f"@one_object_g{guidance:g}")
+    return images, prompts
 
 
 def _placement(decoder, clip, seed: int, limit: int, out: Path) -> dict[str, float]:

@@ -1,4 +1,6 @@
 """Decoder evaluation: the Fréchet distance's closed form, and evaluate() end to end on a small model."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -279,3 +281,27 @@ def test_denoise_from_the_first_timestep_keeps_the_image_with_an_untrained_decod
     assert (out - images).abs().mean() < 0.01  # the noise at t = 1 has std 0.01
     far = denoise_from(stage, cond, images, 1.0, guidance=3.0, noise=torch.randn_like(images), steps=2)
     assert (far - images).abs().mean() > 0.3  # from pure noise the image is gone
+
+
+def test_pixel_noise_is_zero_for_flat_images_and_eight_ninths_for_a_checkerboard():
+    from benchmarks.decoder_t_min import pixel_noise
+
+    assert pixel_noise(torch.full((2, 3, 16, 16), 0.3)) == pytest.approx(0.0, abs=1e-7)
+    ys, xs = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    board = ((ys + xs) % 2 * 2 - 1).float().expand(1, 3, 64, 64)  # +-1: each 3x3 mean is +-1/9 inside
+    assert pixel_noise(board) == pytest.approx(8 / 9, abs=0.02)  # the replicated edges add a little
+
+
+def test_the_t_min_benchmark_scores_each_setting_on_the_same_draws(tmp_path, capsys):
+    from benchmarks.decoder_t_min import main
+    from bundle_helpers import small_bundle
+
+    bundle = small_bundle(tmp_path / "b")
+    assert main(["--model", str(bundle), "--t-min", "0,500,0", "--prompts", "2"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["config_t_min"] == 0 and line["prompts"] == 2 and set(line["t_min"]) == {"0", "500"}
+    zero, late = line["t_min"]["0"], line["t_min"]["500"]
+    assert all(0.0 <= zero[k] <= 1.0 for k in ("colour_acc", "position_acc", "too_many"))
+    assert late["pixel_noise"] != zero["pixel_noise"]  # another last step, another picture
+    assert main(["--model", str(bundle), "--t-min", "1000"]) == 2
+    assert "the decoder's timesteps are 0 to 999" in capsys.readouterr().err
