@@ -58,3 +58,15 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
             raise UserError(f"--model {spec}: the name '{name}' is given twice")
         models[name] = Path(path)
     return models
+
+
+def parse_times(text: str, timesteps: int, option: str) -> list[int]:
+    """"100,500,900" -> [100, 500, 900], each a timestep in [0, timesteps); one-line errors naming `option`."""
+    try:
+        times = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{option} {text}: give whole timesteps separated by commas, e.g. 100,500,900") from None
+    bad = [t for t in times if not 0 <= t < timesteps]
+    if bad:
+        raise UserError(f"{option} {text}: timesteps must be in [0, {timesteps}), got {bad[0]}")
+    return times

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import emit
+from benchmarks.common import emit, parse_times
 from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
 
@@ -25,16 +25,6 @@ def pixel_noise(images: torch.Tensor) -> float:
     single-pixel noise; a picture of flat shapes has little else at this scale."""
     blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     return float((images - blur).abs().mean())
-
-
-def parse_t_mins(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"--t-min {text}: give whole numbers, e.g. --t-min 0,60,120") from None
-    if any(v < 0 for v in values):
-        raise UserError(f"--t-min {text}: timesteps are >= 0")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         from cascade.pipeline import Cascade
         from decoder.evaluation import shapes_accuracy
 
-        t_mins = parse_t_mins(args.t_min)
         if args.prompts < 1:
             raise UserError(f"--prompts {args.prompts}: at least 1")
         cascade = Cascade.from_bundle(args.model, ("prior", "decoder"))
         decoder = cascade.stages["decoder"]
         config = decoder.config
-        if max(t_mins) >= config.timesteps:
-            raise UserError(f"--t-min {args.t_min}: the decoder's timesteps are 0 to {config.timesteps - 1}")
+        t_mins = parse_times(args.t_min, config.timesteps, "--t-min")
         guidance = config.guidance if args.guidance is None else args.guidance
         rows = {}
         for t_min in t_mins:

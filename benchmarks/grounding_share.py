@@ -17,21 +17,9 @@ import argparse
 import sys
 import time
 
-from benchmarks.common import emit, parse_models
+from benchmarks.common import emit, parse_models, parse_times
 from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
-
-
-def parse_times(text: str, timesteps: int = 1000) -> list[int]:
-    """"100,500,900" -> [100, 500, 900], each in [0, timesteps)."""
-    try:
-        times = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise UserError(f"--t {text}: give whole timesteps separated by commas, e.g. 100,500,900") from None
-    bad = [t for t in times if not 0 <= t < timesteps]
-    if bad:
-        raise UserError(f"--t {text}: timesteps must be in [0, {timesteps}), got {bad[0]}")
-    return times
 
 
 def scenes_for(count: int, seed: int) -> tuple[list[str], list[dict]]:
@@ -104,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage.config.conditioning != "imagen":
                 raise UserError(f"--model {name}: its decoder is not Imagen-style (conditioning: "
                                 f"{stage.config.conditioning}); only those read the caption's words")
-            times = parse_times(args.t, stage.config.timesteps)
+            times = parse_times(args.t, stage.config.timesteps, "--t")
             scores = shares(stage, captions, scenes, times)
             scores["seconds"] = time.monotonic() - started
             out["models"][name] = {k: round(v, 4) for k, v in scores.items()}

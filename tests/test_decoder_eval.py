@@ -304,4 +304,4 @@ def test_the_t_min_benchmark_scores_each_setting_on_the_same_draws(tmp_path, cap
     assert all(0.0 <= zero[k] <= 1.0 for k in ("colour_acc", "position_acc", "too_many"))
     assert late["pixel_noise"] != zero["pixel_noise"]  # another last step, another picture
     assert main(["--model", str(bundle), "--t-min", "1000"]) == 2
-    assert "the decoder's timesteps are 0 to 999" in capsys.readouterr().err
+    assert "--t-min 1000: timesteps must be in [0, 1000), got 1000" in capsys.readouterr().err
