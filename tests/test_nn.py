@@ -48,22 +48,27 @@ def test_downsample_and_upsample_are_strided_and_nearest_convolutions():
     assert list(dict(up.named_parameters())) == ["conv.weight", "conv.bias"] and up.conv.weight.shape == (4, 8, 3, 3)
 
 
-def _nearest_then_conv(x, weight, bias):
-    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+def _nearest_then_conv(x, weight, bias, padding="zeros"):
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if padding == "zeros":
+        return F.conv2d(up, weight, bias, padding=1)
+    return F.conv2d(F.pad(up, (1, 1, 1, 1), mode=padding), weight, bias)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 3, 1, 1), (3, 16, 9, 4)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample_phase_convolutions_equal_the_convolution_of_the_upsampled_map(shape, channels_last):
+@pytest.mark.parametrize("padding", ["zeros", "reflect", "replicate", "circular"])
+def test_upsample_phase_convolutions_equal_the_convolution_of_the_upsampled_map(shape, channels_last, padding):
     """The four 2x2 phase convolutions give the 3x3 convolution of the nearest-upsampled map, its gradients
-    too (odd sizes, one pixel, either memory layout, which the output keeps)."""
+    too (odd sizes, one pixel, either memory layout, which the output keeps), padded as `padding_mode` says."""
     torch.manual_seed(0)
     up = Upsample(shape[1], 5)
+    up.conv.padding_mode = padding
     torch.nn.init.normal_(up.conv.weight)
     torch.nn.init.normal_(up.conv.bias)
     x = torch.randn(shape, requires_grad=True)
     inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    out, ref = up(inp), _nearest_then_conv(inp, up.conv.weight, up.conv.bias)
+    out, ref = up(inp), _nearest_then_conv(inp, up.conv.weight, up.conv.bias, padding)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     layout = torch.channels_last if channels_last and shape[-1] > 1 else torch.contiguous_format
     assert out.is_contiguous(memory_format=layout)

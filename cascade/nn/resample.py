@@ -44,7 +44,8 @@ class NearestUpConv(nn.Conv2d):
     16 multiply-adds per input pixel and channel pair against the 36 of the convolution over the
     upsampled map, which is never written (on this CPU 1.5x faster at the SR net's shapes, 1.1-1.3x at
     the tiny decoder's: benchmarks/upsample_phases.py). The parameters are the 3x3 convolution's, so
-    checkpoints do not change; the outputs agree up to float rounding.
+    checkpoints do not change; the outputs agree up to float rounding, for every `padding_mode` too (it pads
+    the upsampled map, as nn.Conv2d's would).
     """
 
     def __init__(self, in_ch: int, out_ch: int):
@@ -52,8 +53,19 @@ class NearestUpConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in_ch, H, W) -> (B, out_ch, 2H, 2W)
         weight, bias = phase_filters(self.weight, self.bias)
-        phases = F.conv2d(x, weight, bias, padding=1)  # (B, 4 out_ch, H + 1, W + 1)
+        if self.padding_mode == "zeros":
+            phases = F.conv2d(x, weight, bias, padding=1)  # (B, 4 out_ch, H + 1, W + 1)
+        else:  # the upsampled map's 1-px edge is the input's: "reflect" of the one is "replicate" of the other
+            mode = "replicate" if self.padding_mode == "reflect" else self.padding_mode
+            phases = F.conv2d(same_layout(F.pad(x, (1, 1, 1, 1), mode=mode), x), weight, bias)
         return interleave_phases(phases, x.shape[-1], (0, 2 * x.shape[-2]))
+
+
+def same_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`y` channels-last where `x` is (F.pad's circular mode returns a contiguous tensor)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def _fold(w: torch.Tensor, dim: int) -> torch.Tensor:
