@@ -38,6 +38,15 @@ class DecoderConfig(DiffusionConfig):
     # the net's output, a short path back to single pixels: on the quick demo, half the pixel noise a
     # 1,000-step decoder on the 2x2 stem left, at the same speed (docs/results.md, 2026-12-07).
     pixel_head: int = Field(0, ge=0)
+    # What the U-Net's 3x3 convolutions see beyond the image's edges: zeros, or the opposite edge ("circular").
+    # With zeros an edge pixel is a different denoising problem from an inner one: its neighbours beyond the edge
+    # hold no noise to compare its own with, and a short-trained net leaves a speckled frame (reflect or
+    # replicate padding repeat a neighbour's noise: no better). Circular padding shows an edge pixel independent
+    # noise, as an inner one sees. On the quick demo the pixel head's padding alone (`pixel_head_padding`)
+    # took the outer ring's noise from 4x the inside's to 1.2-1.3x at 2-5% more training time; the whole net's
+    # to 0.9x at 33% more (docs/results.md, 2026-12-07, session 40).
+    padding: Literal["zeros", "circular"] = "zeros"
+    pixel_head_padding: Literal["zeros", "circular"] | None = None  # the pixel head's; None: `padding`
     # Two input channels holding each pixel's (x, y) in [-1, 1] ("CoordConv", Liu et al. 2018): where a pixel
     # is, which zero-padded convolutions only learn slowly, for text like "at the top left" to act on.
     coord_channels: bool = False

@@ -54,7 +54,9 @@ class Decoder(Stage):
                          head_dim=config.head_dim, context_dim=config.context_width,
                          emb_dim=config.embedding_dim, dropout=config.dropout, patch_size=config.patch_size,
                          coord_channels=config.coord_channels, attention_positions=config.attention_positions,
-                         pixel_head=config.pixel_head, gradient_checkpointing=config.gradient_checkpointing)
+                         pixel_head=config.pixel_head, padding=config.padding,
+                         pixel_head_padding=config.pixel_head_padding,
+                         gradient_checkpointing=config.gradient_checkpointing)
         self._schedule = None
 
     @staticmethod

@@ -71,6 +71,7 @@ class UNet(nn.Module):
                  channel_mult: list[int], num_res_blocks: list[int], attention_resolutions: list[int],
                  head_dim: int, context_dim: int, emb_dim: int, dropout: float = 0.0, patch_size: int = 1,
                  coord_channels: bool = False, attention_positions: bool = False, pixel_head: int = 0,
+                 padding: str = "zeros", pixel_head_padding: str | None = None,
                  gradient_checkpointing: bool = False):
         super().__init__()
         self.patch_size = patch_size
@@ -115,6 +116,11 @@ class UNet(nn.Module):
         # reads x_t's 3 image channels (not the self-conditioning or inpainting inputs, so that --init-from's
         # added inputs leave its shape alone) beside the output; zero-initialised, it starts as the identity
         self.pixel_head = PixelHead(out_channels, pixel_head, emb_dim) if pixel_head else None
+        # what the convolutions see beyond the image's edges (nn.Conv2d's padding_mode; the upsampling ones pad
+        # their upsampled map alike): zeros, or the opposite edge (DecoderConfig.padding says why)
+        pad_with(self, padding)
+        if self.pixel_head is not None:
+            pad_with(self.pixel_head, pixel_head_padding or padding)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb_cond: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -145,6 +151,13 @@ class UNet(nn.Module):
         if self.pixel_head is not None:
             h = self.pixel_head(image, h, emb)
         return h.contiguous()
+
+
+def pad_with(module: nn.Module, mode: str) -> None:
+    """Every padded convolution in `module` pads with `mode` (nn.Conv2d's padding_mode)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and max(m.padding) > 0:
+            m.padding_mode = mode
 
 
 class PixelHead(nn.Module):

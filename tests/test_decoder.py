@@ -496,11 +496,52 @@ def test_pixel_head_starts_as_the_identity_and_corrects_each_pixel_from_its_neig
         parse_config(DecoderConfig, {**SMALL, "pixel_head": -1}, "x.yaml")
 
 
+@pytest.mark.parametrize("scope", ["net", "head"])
+def test_circular_padding_shows_every_convolution_the_opposite_edge_instead_of_zeros(scope):
+    """`padding: circular` pads every padded convolution of the U-Net with the image's opposite edge, the
+    upsampling ones and the pixel head's included (whose padding `test_nn` checks against the convolution of
+    the upsampled map): the whole net is then equivariant to shifts by its downsampling factor (4 px here),
+    an edge pixel seeing its neighbours as an inner one does; zero padding breaks that.
+    `pixel_head_padding: circular` alone pads the head's two convolutions so, and the head is equivariant to
+    shifts by one pixel."""
+    from cascade.nn.resample import NearestUpConv
+
+    settings = dict(padding="circular") if scope == "net" else dict(pixel_head_padding="circular")
+    models = {"zeros": small_decoder(pixel_head=8), "circular": small_decoder(pixel_head=8, **settings)}
+    net = models["circular"].unet
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0]
+    head = [m for m in net.pixel_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(head) == 2 and {m.padding_mode for m in head} == {"circular"}
+    body = {m.padding_mode for m in convs if not any(m is h for h in head)}
+    assert any(isinstance(m, NearestUpConv) for m in convs) and body == {"circular" if scope == "net" else "zeros"}
+    keep = torch.ones(2, dtype=torch.bool)
+    t = torch.tensor([10, 500])
+    g = torch.Generator().manual_seed(7)
+    x, out = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        for name, model in models.items():
+            randomise_outputs(model)
+            emb, context, mask = model._condition(conditioning(), keep, keep)
+
+            def run(image):
+                return model.unet(image, t, emb, context, mask)
+
+            error = (run(torch.roll(x, (4, 8), dims=(2, 3))) - torch.roll(run(x), (4, 8), dims=(2, 3))).abs().max()
+            assert (error < 1e-4) == (name == "circular" and scope == "net"), (name, error)
+            e = model.unet.time_embed(t) + emb
+            moved = model.unet.pixel_head(torch.roll(x, (1, 3), (2, 3)), torch.roll(out, (1, 3), (2, 3)), e)
+            error = (moved - torch.roll(model.unet.pixel_head(x, out, e), (1, 3), (2, 3))).abs().max()
+            assert (error < 1e-5) == (name == "circular"), (name, error)
+    with pytest.raises(ConfigError, match="padding"):
+        parse_config(DecoderConfig, {**SMALL, "padding": "reflect"}, "x.yaml")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pixel_head_runs_on_the_device_and_dtype_asked_for(dtype):
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_pixel_head_runs_on_the_device_and_dtype_asked_for(dtype, padding):
     from test_devices import DEVICE, _Placement
 
-    model = small_decoder(pixel_head=8).to(DEVICE, dtype)
+    model = small_decoder(pixel_head=8, padding=padding).to(DEVICE, dtype)
     torch.nn.init.normal_(model.unet.pixel_head.conv2.weight, std=0.1)
     cond = {k: v.to(DEVICE) for k, v in conditioning().items()}
     keep = torch.ones(2, dtype=torch.bool)
