@@ -1,7 +1,7 @@
 """Where should the decoder's sampling stop? Its pictures of the one-object prompts `cascade eval` scores,
 sampled down to each --t-min (the config key `t_min`: the last step returns the network's x0 estimate from
 that timestep), scored for pixel noise, mean |x - its 3x3 box blur| over the 64x64 images (the shapes
-data's own: ~0.005), and by the shapes scorer (colour / position accuracy, second copies). The same prompts,
+data's own: ~0.005) and over their outermost ring of pixels (`edge_noise`), and by the shapes scorer (colour / position accuracy, second copies). The same prompts,
 prior draws and x_T for every setting. Prints one JSON line.
 
     python -m benchmarks.decoder_t_min --model bundles/quick-imagen [--t-min 0,60,120,240] [--prompts 36]
@@ -20,11 +20,25 @@ from cascade.errors import UserError, run_cli
 from cascade.process_defaults import set_process_defaults
 
 
-def pixel_noise(images: torch.Tensor) -> float:
-    """Mean |x - its 3x3 box blur| of (B, 3, H, W) images in [-1, 1] (edges replicated): what is left of
-    single-pixel noise; a picture of flat shapes has little else at this scale."""
+def noise_map(images: torch.Tensor) -> torch.Tensor:
+    """(H, W): |x - its 3x3 box blur| of (B, 3, H, W) images in [-1, 1] (edges replicated), averaged over the
+    images and channels: what is left of single-pixel noise; a picture of flat shapes has little else at this
+    scale."""
     blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return float((images - blur).abs().mean())
+    return (images - blur).abs().mean(dim=(0, 1))
+
+
+def pixel_noise(images: torch.Tensor) -> float:
+    """`noise_map` over the whole image."""
+    return float(noise_map(images).mean())
+
+
+def edge_noise(images: torch.Tensor) -> float:
+    """`noise_map` over the outermost ring of pixels (a decoder whose convolutions pad with zeros draws a
+    speckled frame there)."""
+    noise = noise_map(images)
+    inner = noise[1:-1, 1:-1]
+    return float((noise.sum() - inner.sum()) / (noise.numel() - inner.numel()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 decoder.config = config
             scores = shapes_accuracy(images, [scene for _, scene in prompts])
-            rows[str(t_min)] = {"pixel_noise": round(pixel_noise(images), 4),
+            rows[str(t_min)] = {"pixel_noise": round(pixel_noise(images), 4), "edge_noise": round(edge_noise(images), 4),
                                 **{k: round(scores[k], 4) for k in ("colour_acc", "position_acc", "too_many")},
                                 "seconds": round(time.monotonic() - started, 2)}
         emit({"bench": "decoder_t_min", "model": str(args.model), "prompts": args.prompts, "guidance": guidance,

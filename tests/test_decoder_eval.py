@@ -292,6 +292,18 @@ def test_pixel_noise_is_zero_for_flat_images_and_eight_ninths_for_a_checkerboard
     assert pixel_noise(board) == pytest.approx(8 / 9, abs=0.02)  # the replicated edges add a little
 
 
+def test_edge_noise_measures_the_outermost_ring_of_pixels():
+    from benchmarks.decoder_t_min import edge_noise, noise_map, pixel_noise
+
+    framed = torch.full((2, 3, 32, 32), 0.3)
+    ring = torch.ones(32, 32, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    framed[..., ring] += torch.randn(2, 3, int(ring.sum()), generator=torch.Generator().manual_seed(0))
+    assert edge_noise(framed) > 0.4 and noise_map(framed)[3:-3, 3:-3].max() == pytest.approx(0.0, abs=1e-6)
+    assert edge_noise(framed) > 5 * pixel_noise(framed)
+    assert edge_noise(torch.full((1, 3, 8, 8), -0.5)) == pytest.approx(0.0, abs=1e-7)
+
+
 def test_the_t_min_benchmark_scores_each_setting_on_the_same_draws(tmp_path, capsys):
     from benchmarks.decoder_t_min import main
     from bundle_helpers import small_bundle
@@ -303,5 +315,21 @@ def test_the_t_min_benchmark_scores_each_setting_on_the_same_draws(tmp_path, cap
     zero, late = line["t_min"]["0"], line["t_min"]["500"]
     assert all(0.0 <= zero[k] <= 1.0 for k in ("colour_acc", "position_acc", "too_many"))
     assert late["pixel_noise"] != zero["pixel_noise"]  # another last step, another picture
+    assert all(0.0 <= row["edge_noise"] <= 2.0 for row in (zero, late))
     assert main(["--model", str(bundle), "--t-min", "1000"]) == 2
     assert "--t-min 1000: timesteps must be in [0, 1000), got 1000" in capsys.readouterr().err
+
+
+def test_the_padding_benchmark_times_the_quick_decoder_three_ways(capsys):
+    from benchmarks.decoder_padding import main, quick_config
+
+    config = quick_config()
+    assert config.pixel_head and config.padding == "zeros" and config.pixel_head_padding is None
+    assert main(["--runs", "1", "--batch-size", "2"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    for kind in ("train", "sample"):
+        assert set(line[f"{kind}_s"]) == {"zeros", "head_circular", "all_circular"}
+        assert all(v > 0 for v in line[f"{kind}_s"].values()) and line[f"{kind}_ratio"]["zeros"] == 1.0
+    with pytest.raises(SystemExit) as exit_:
+        main(["--runs", "0"])
+    assert exit_.value.code == 2
