@@ -82,6 +82,11 @@ QUICK = Plan("quick", shapes=600, emoji=300,
                                               # over the background (0.065 against 0.128, the data 0.005), the
                                               # same speed and scores (docs/results.md, 2026-12-07)
                                               "pixel_head": 16,
+                                              # the head pads with the opposite edge, not zeros: the speckled
+                                              # frame went (outer ring's noise 0.095 -> 0.031, inside 0.024;
+                                              # seed 1 0.110 -> 0.026), the scores within a prompt of 36,
+                                              # 2-5% more training time (docs/results.md, session 40)
+                                              "pixel_head_padding": "circular",
                                               # sampling ends at step 120 (sigma 0.41) with the net's x0 there:
                                               # its last steps, which min-SNR weighting leaves least trained,
                                               # doubled the pixel noise (0.030 against 0.062, colour / position
