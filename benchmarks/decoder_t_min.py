@@ -1,8 +1,9 @@
 """Where should the decoder's sampling stop? Its pictures of the one-object prompts `cascade eval` scores,
 sampled down to each --t-min (the config key `t_min`: the last step returns the network's x0 estimate from
 that timestep), scored for pixel noise, mean |x - its 3x3 box blur| over the 64x64 images (the shapes
-data's own: ~0.005) and over their outermost ring of pixels (`edge_noise`), and by the shapes scorer (colour / position accuracy, second copies). The same prompts,
-prior draws and x_T for every setting. Prints one JSON line.
+data's own: ~0.005) and over their outermost ring of pixels (`edge_noise`), and by the shapes scorer
+(colour / position accuracy, second copies). The same prompts, prior draws and x_T for every setting. Prints
+one JSON line.
 
     python -m benchmarks.decoder_t_min --model bundles/quick-imagen [--t-min 0,60,120,240] [--prompts 36]
 """
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 decoder.config = config
             scores = shapes_accuracy(images, [scene for _, scene in prompts])
-            rows[str(t_min)] = {"pixel_noise": round(pixel_noise(images), 4), "edge_noise": round(edge_noise(images), 4),
+            rows[str(t_min)] = {"pixel_noise": round(pixel_noise(images), 4),
+                                "edge_noise": round(edge_noise(images), 4),
                                 **{k: round(scores[k], 4) for k in ("colour_acc", "position_acc", "too_many")},
                                 "seconds": round(time.monotonic() - started, 2)}
         emit({"bench": "decoder_t_min", "model": str(args.model), "prompts": args.prompts, "guidance": guidance,
