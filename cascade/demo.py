@@ -8,8 +8,8 @@ one model bundle, and generate 1024x1024 images for example prompts.
 The default is the Imagen-style system (text -> decoder -> SR, no CLIP, no prior) into bundles/<plan>-imagen:
 at equal compute it bound colour, shape and place better than unCLIP (docs/results.md). The unCLIP one,
 into bundles/<plan>, is the one that can vary, interpolate and textdiff. Run again, it reuses what
-exists: built shards, finished stages (their exported folder), and interrupted training runs resume from
-their last checkpoint. The two systems share the plan's data, and each copies the other's upsamplers when
+exists: built shards, finished stages (their exported folder), the evaluation of the same weights, and
+interrupted training runs resume from their last checkpoint. The two systems share the plan's data, and each copies the other's upsamplers when
 that one has them (the SR stages read no text).
 """
 from __future__ import annotations
@@ -198,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
                    interrupted="interrupted; run it again to go on from where it stopped")
 
 
+def weights_stamp(bundle: Path) -> str:
+    """Which weights `bundle` holds: each stage's weights file with its size and modification time, a line each."""
+    lines = []
+    for weights in sorted(bundle.glob("*/model.safetensors")):
+        stat = weights.stat()
+        lines.append(f"{weights.parent.name} {stat.st_size} {stat.st_mtime_ns}\n")
+    return "".join(lines)
+
+
 def share_upsamplers(other: Path, bundle: Path) -> None:
     """Copy the other system's SR stages from bundle `other` into `bundle` (the upsamplers read no text)."""
     from cascade.bundle import write_manifest
@@ -246,11 +255,13 @@ def demo(plan: Plan, root: Path, *, unclip: bool = False) -> int:
         steps = ["--steps", plan.generate_steps] if plan.generate_steps else []
         run(cli + ["generate", "--prompt", prompt, "--model", str(bundle), "--num-images", str(plan.images),
                    "--seed", str(i), "--out", str(out), "--overwrite", *steps], "generate")
-    done = out / "eval" / ".complete"  # eval.json is written after every stage, so it may be partial
-    if not done.is_file():
+    # eval.json is written after every stage, so it may be partial: `.complete` names the weights it evaluated,
+    # and a stage trained again since (its folder removed, a run resumed to its end) is evaluated again
+    done, stamp = out / "eval" / ".complete", weights_stamp(bundle)
+    if not done.is_file() or done.read_text() != stamp:
         run(cli + ["eval", "--model", str(bundle), "--data", str(data), "--out", str(out / "eval"),
                    "--limit", str(plan.eval_limit)], "eval")
-        done.write_text("")
+        done.write_text(stamp)
     total = (time.monotonic() - start) / 60
     TIMES["total"] = total
     out.mkdir(parents=True, exist_ok=True)

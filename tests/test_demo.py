@@ -145,3 +145,31 @@ def test_the_demo_command_line_picks_the_system(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         demo.main(["--unclip", "--imagen"])
     assert stop.value.code == 2 and "give one" in capsys.readouterr().err
+
+
+def test_the_demo_evaluates_again_only_when_the_bundles_weights_changed(tmp_path, monkeypatch):
+    """A demo run again after a finished one does not evaluate the same weights twice; after a stage was trained
+    again (here: the decoder's weights rewritten), it does, instead of keeping the old weights' scores."""
+    import os
+
+    commands = []
+    monkeypatch.setattr(demo, "run", lambda cmd, part=None: commands.append(cmd))
+    monkeypatch.setattr("cascade.bundle.write_manifest", lambda bundle: None)
+    bundle = tmp_path / "bundles" / "quick-imagen"
+    for stage in demo.IMAGEN_ORDER:
+        _stage_folder(bundle, stage, stage.encode())
+    (tmp_path / "out" / "quick-imagen" / "eval").mkdir(parents=True)
+
+    def evaluations() -> int:
+        commands.clear()
+        assert demo.demo(demo.QUICK, tmp_path) == 0
+        assert not any("--stage" in cmd for cmd in commands)  # every stage exported: nothing trains
+        return sum("eval" in cmd for cmd in commands)
+
+    assert evaluations() == 1
+    assert evaluations() == 0
+    weights = bundle / "decoder" / "model.safetensors"
+    weights.write_bytes(b"trained again")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert evaluations() == 1
+    assert evaluations() == 0
