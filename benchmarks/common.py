@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts: medians of repeated runs, FLOP counts and an
+"""Timing helpers shared by the benchmark scripts: medians of repeated runs, interleaved runs, FLOP counts and an
 in-process matmul peak probe, so that every speed is reported beside what this machine can do now;
 and the `--model [NAME=]BUNDLE` parsing of the scripts that compare bundles."""
 from __future__ import annotations
@@ -25,6 +25,19 @@ def median_seconds(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> flo
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_times(fns: dict[Any, Callable[[], Any]], runs: int) -> dict[Any, list[float]]:
+    """Seconds of each call, calling the functions in turn `runs` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[Any, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

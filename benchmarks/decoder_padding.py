@@ -12,25 +12,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from functools import partial
 
 import torch
-import yaml
 
-from benchmarks.common import emit
+from benchmarks.common import emit, interleaved_times
 from cascade.process_defaults import set_process_defaults
 
 VARIANTS = {"zeros": {}, "head_circular": {"pixel_head_padding": "circular"}, "all_circular": {"padding": "circular"}}
 
 
 def quick_config():
+    """The quick plan's decoder config, with zero padding everywhere."""
     from cascade import demo
     from decoder import DecoderConfig
 
-    model = yaml.safe_load(demo.IMAGEN_DECODER.read_text())["model"]
-    model.update(demo.QUICK.overrides["decoder"]["model"])
-    model.update(padding="zeros", pixel_head_padding=None)
-    return DecoderConfig(**model)
+    model = demo.plan_config("decoder", demo.QUICK, demo.IMAGEN_DECODER)["model"]
+    return DecoderConfig(**{**model, "padding": "zeros", "pixel_head_padding": None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,16 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             net(x[:2], t[:2], emb[:2], context[:2], mask[:2])
 
-    times = {(name, kind): [] for name in nets for kind in ("train", "sample")}
-    for net in nets.values():  # warm-up
-        train_step(net)
-        sample_step(net)
-    for _ in range(args.runs):
-        for name, net in nets.items():
-            for kind, fn in (("train", train_step), ("sample", sample_step)):
-                start = time.perf_counter()
-                fn(net)
-                times[name, kind].append(time.perf_counter() - start)
+    steps = {"train": train_step, "sample": sample_step}
+    times = interleaved_times({(name, kind): partial(step, net) for name, net in nets.items()
+                               for kind, step in steps.items()}, args.runs)
     record = {"bench": "decoder_padding", "runs": args.runs, "batch_size": b, "threads": torch.get_num_threads()}
     for kind in ("train", "sample"):
         zeros = times["zeros", kind]

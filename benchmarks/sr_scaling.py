@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.common import interleaved_times
 from cascade.process_defaults import set_process_defaults
 from cascade.registry import get_stage
 from cascade.training.config import load_run_config
@@ -73,19 +74,6 @@ def peak_rss_growth_mb(fn: Callable[[], Any]) -> float:
         done.set()
         thread.join()
     return max(0, max(peak[0], _rss()) - start) / 2**20
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[float]]:
-    """Seconds of each call, calling the functions in turn `runs` times after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:

@@ -14,8 +14,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import emit
-from benchmarks.sr_scaling import interleaved_times
+from benchmarks.common import emit, interleaved_times
 from cascade.nn import Upsample
 from cascade.process_defaults import set_process_defaults
 

@@ -9,8 +9,8 @@ The default is the Imagen-style system (text -> decoder -> SR, no CLIP, no prior
 at equal compute it bound colour, shape and place better than unCLIP (docs/results.md). The unCLIP one,
 into bundles/<plan>, is the one that can vary, interpolate and textdiff. Run again, it reuses what
 exists: built shards, finished stages (their exported folder), the evaluation of the same weights, and
-interrupted training runs resume from their last checkpoint. The two systems share the plan's data, and each copies the other's upsamplers when
-that one has them (the SR stages read no text).
+interrupted training runs resume from their last checkpoint. The two systems share the plan's data, and
+each copies the other's upsamplers when that one has them (the SR stages read no text).
 """
 from __future__ import annotations
 
@@ -156,6 +156,14 @@ def source_view(mixed: Path, sources: tuple[str, ...]) -> Path:
     return view
 
 
+def plan_config(stage: str, plan: Plan, config: Path) -> dict:
+    """The stage YAML `config` as a dict, with the plan's changes to its sections."""
+    data = yaml.safe_load(config.read_text())
+    for section, values in plan.overrides.get(stage, {}).items():
+        data[section].update(values)
+    return data
+
+
 def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: tuple[str, ...] = (),
           config: Path | None = None) -> None:
     """Train `stage` from `config` (default configs/tiny/<stage>.yaml) with the plan's changes, unless
@@ -166,9 +174,7 @@ def train(stage: str, plan: Plan, data: Path, runs: Path, bundle: Path, extra: t
     config = config or ROOT / "configs" / "tiny" / f"{stage}.yaml"
     if plan.overrides.get(stage):
         source = config
-        data_ = yaml.safe_load(config.read_text())
-        for section, values in plan.overrides[stage].items():
-            data_[section].update(values)
+        data_ = plan_config(stage, plan, config)
         config = runs / f"{stage}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(f"# configs/tiny/{source.name} with the {plan.name} plan's changes (cascade/demo.py)\n"
