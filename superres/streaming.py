@@ -14,7 +14,8 @@ rows, and each feature map of the forward is a `_Rows` node that
 
 What stays alive is a band of every feature map plus, per level, the rows by which the down path runs
 ahead of the up path (the receptive field of the levels below), which the skip connection must keep:
-74 MB of buffers at 1024^2 for the tiny net in bands of 32 rows, however tall the image. The output
+92 MB of buffers at 1024^2 for the tiny net in bands of 64 rows (58 MB in bands of 32), however tall the
+image (130 MB before a node that keeps only a halo got a buffer of its size, 2026-12-07). The output
 equals the whole-image forward up to float rounding (the convolutions see the same numbers in
 differently shaped calls).
 
@@ -69,12 +70,14 @@ class _Rows:
             self.start = first
         kept = self.end - self.start
         if self.buffer is None or self.offset + kept + n > self.buffer.shape[-2]:
-            if self.buffer is not None and self.buffer.shape[-2] >= 2 * (kept + n):
-                # large enough: the kept rows move to its top (they do not overlap where they go, since
-                # offset > kept + n), and no new buffer is allocated and faulted in for every few bands
+            size = _buffer_rows(kept, n)
+            if self.buffer is not None and self.buffer.shape[-2] >= size:
+                # large enough: the kept rows move to its top (they do not overlap where they go, since a
+                # full buffer of at least `size` rows has offset > kept), and no new buffer is allocated
+                # and faulted in for every few bands
                 buffer = self.buffer
             else:
-                shape = like.shape[:2] + (2 * (kept + n), like.shape[-1])
+                shape = like.shape[:2] + (size, like.shape[-1])
                 buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
             if kept:
                 buffer[..., :kept, :] = self.buffer[..., self.offset:self.offset + kept, :]
@@ -88,8 +91,10 @@ class _Rows:
         self.readers[reader] = a  # before computing, so that the rows this reader passed can go
         while b > self.end:
             # at most `band` rows per call: a request that reaches far ahead (the first band, which pulls
-            # the receptive field of the levels below) then does not make every node above hold as much
-            e = min(b, self.end + self.band) if self.band else b
+            # the receptive field of the levels below) then does not make every node above hold as much.
+            # A band and a few halo rows go in one call, not as a band and then a sliver, which would size
+            # the buffer for keeping a whole band
+            e = b if not self.band or 4 * (b - self.end) <= 5 * self.band else self.end + self.band
             if self.buffer is None:  # the first rows tell the channels, width and dtype
                 new = self._compute(self.end, e, None)
                 self._reserve(e - self.end, new).copy_(new)
@@ -97,6 +102,14 @@ class _Rows:
                 self._compute(self.end, e, self._reserve(e - self.end, self.buffer))
             self.end = e
         return self.buffer[..., self.offset + a - self.start:self.offset + b - self.start, :]
+
+
+def _buffer_rows(kept: int, n: int) -> int:
+    """Rows of a node's buffer for `kept` rows and `n` new ones. A node that keeps a few halo rows between
+    bands (most of them: a 3x3 convolution's input keeps its last two) gets room for them twice and a band:
+    they move to the top every band, a copy of a few rows. One that keeps many (a skip connection) gets
+    twice what it needs, so the move, of most of the buffer, happens once in several bands."""
+    return kept + n + (kept + n if 4 * kept > n else kept)
 
 
 class _Input(_Rows):
@@ -146,14 +159,29 @@ class _Conv(_Rows):
         lo_c, hi_c = max(lo, 0), min(hi, self.in_height)
         rows = [node.get(lo_c, hi_c, r) for node, r in self.inputs]
         x = self.pre(*rows) if self.pre is not None else rows[0]
-        if lo < lo_c or hi > hi_c:
-            x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
-        x = x.contiguous(memory_format=CL)
         conv = self.conv
-        h = F.conv2d(x, self.weight, self.bias, stride=conv.stride, padding=(0, conv.padding[1]))
+        h = _conv_rows(x, self.weight, self.bias, (lo, hi), (lo_c, hi_c), self.s, conv.padding[1], b - a)
         if self.post is not None:
             return self.post(h, a, b, out)
         return h if out is None else out.copy_(h)
+
+
+def _conv_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, window: tuple[int, int],
+               have: tuple[int, int], stride: int, pad_width: int, n: int) -> torch.Tensor:
+    """The n output rows of a convolution whose input window is rows [lo, hi) of a map, of which `x` holds
+    rows [lo_c, hi_c) (the window clipped to the image): the rows outside the image are zeros.
+
+    At an edge of the image the convolution pads the rows itself, as many above as below; the output
+    rows of the side that needed none (a row or two) are dropped. That costs less than F.pad, which
+    writes the whole band again with zeros around it."""
+    (lo, hi), (lo_c, hi_c) = window, have
+    top, bottom = lo_c - lo, hi - hi_c
+    pad = max(top, bottom)
+    if (pad - top) % stride:  # the first output row would start between two of the window's: pad exactly
+        x, pad, top = F.pad(x, (0, 0, top, bottom)), 0, 0
+    h = F.conv2d(x.contiguous(memory_format=CL), weight, bias, stride=stride, padding=(pad, pad_width))
+    first = (pad - top) // stride
+    return h if first == 0 and h.shape[-2] == n else h[..., first:first + n, :]
 
 
 class _UpConv(_Rows):
@@ -171,9 +199,7 @@ class _UpConv(_Rows):
         lo, hi = (a + 1) // 2 - 1, b // 2 + 1  # the input rows, zero above and below the image
         lo_c, hi_c = max(lo, 0), min(hi, self.node.height)
         x = self.node.get(lo_c, hi_c, self.r)
-        if lo < lo_c or hi > hi_c:
-            x = F.pad(x, (0, 0, lo_c - lo, hi - hi_c))
-        phases = F.conv2d(x.contiguous(memory_format=CL), self.weight, self.bias, padding=(0, 1))
+        phases = _conv_rows(x, self.weight, self.bias, (lo, hi), (lo_c, hi_c), 1, 1, hi - lo - 1)
         return interleave_phases(phases, x.shape[-1], (a, b), out)
 
 

@@ -211,3 +211,22 @@ def test_streamed_forward_stays_on_the_device_and_dtype_of_the_net(dtype):
     assert streamed.device.type == DEVICE.type and streamed.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(streamed.float(), whole.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (2, 1, 1), (5, 1, 2), (3, 2, 0)])
+def test_a_band_at_the_image_edge_is_convolved_as_the_zero_padded_map(k, stride, pad):
+    """`_conv_rows` pads the rows at the image's edges inside the convolution (and drops the rows that
+    padding adds where it was not needed): every band, at the top, inside, at the bottom, of even and odd
+    heights, gives the rows of the whole map's zero-padded convolution."""
+    from superres.streaming import _conv_rows
+
+    g = torch.Generator().manual_seed(k * 10 + stride)
+    weight, bias = torch.randn(4, 3, k, k, generator=g), torch.randn(4, generator=g)
+    for height in (12, 13):
+        x = torch.randn(1, 3, height, 9, generator=g)
+        whole = torch.nn.functional.conv2d(x, weight, bias, stride=stride, padding=pad)
+        for a, b in [(0, 2), (1, 4), (0, whole.shape[-2]), (whole.shape[-2] - 2, whole.shape[-2]), (2, 3)]:
+            lo, hi = a * stride - pad, (b - 1) * stride - pad + k
+            lo_c, hi_c = max(lo, 0), min(hi, height)
+            got = _conv_rows(x[..., lo_c:hi_c, :], weight, bias, (lo, hi), (lo_c, hi_c), stride, pad, b - a)
+            torch.testing.assert_close(got, whole[..., a:b, :], msg=f"height {height}, rows {a}:{b}")
