@@ -8,9 +8,9 @@ torch thread; OpenMP's passive wait policy (idle threads sleep instead of spinni
 most when another process wants the core); libgomp's default spin of 300,000 polls before an idle thread
 sleeps, where the commands set 3,000, or 10,000 where a short command finds a free core per thread
 (`cascade.process_defaults`); 3,000 whatever the load; sr1024 at 2 sampling steps instead of its config's; sr1024
-in its 256-px tiles instead of streamed bands of rows (a copy of the bundle with that config key changed); and, given
-`--intel-openmp LIB`, Intel's OpenMP preloaded in place of libgomp, with the commands' KMP_BLOCKTIME=1 and with its
-default of 200 ms.
+in its 256-px tiles instead of streamed bands of rows, or in bands of 32 or 64 rows (a copy of the bundle with that
+config key changed); and, given `--intel-openmp LIB`, Intel's OpenMP preloaded in place of libgomp, with the
+commands' KMP_BLOCKTIME=1 and with its default of 200 ms.
 Prints one JSON line: per setting the median seconds quiet and loaded and their ratio.
 
     python -m benchmarks.generate_time --model bundles/tiny [--runs 3] [--settings default,threads1,...]
@@ -45,6 +45,9 @@ SETTINGS = {
     "spin3000": ({"GOMP_SPINCOUNT": "3000"}, [], {}),
     "sr1024_steps2": ({}, ["--steps", "sr1024=2"], {}),
     "tiles": ({}, [], {"sr1024": {"stream_rows": None}}),  # the sr1024 config before streaming (session 23)
+    # sr1024 streamed in bands of 32 rows (its config until session 41) or 64 (since), whatever the bundle says
+    "rows32": ({}, [], {"sr1024": {"stream_rows": 32}}),
+    "rows64": ({}, [], {"sr1024": {"stream_rows": 64}}),
     # Intel's OpenMP (libiomp5, --intel-openmp) preloaded in place of torch's libgomp, as conda builds ship it:
     # with the commands' KMP_BLOCKTIME=1, and with its own default of 200 ms of spinning before an idle thread sleeps
     "iomp": ({"LD_PRELOAD": INTEL_OPENMP}, [], {}),

@@ -18,7 +18,7 @@ children: freed feature maps then stay in the heap for the next allocation, inst
 the kernel and being faulted in again page by page. That is most of what makes the whole-image step
 slow per pixel (docs/results.md, 2026-12-05). The default leaves the allocator as every command has it.
 
-    python -m benchmarks.sr_scaling [--runs 5] [--threads 1] [--stream-rows 32] [--skip-dalle2] [--keep-freed-memory]
+    python -m benchmarks.sr_scaling [--runs 5] [--threads 1] [--stream-rows 64] [--skip-dalle2] [--keep-freed-memory]
 """
 from __future__ import annotations
 
@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--config", default="configs/tiny/sr1024.yaml")
-    parser.add_argument("--stream-rows", type=int, default=32, help="band height of the streamed setting")
+    parser.add_argument("--stream-rows", type=int, default=None,
+                        help="band height of the streamed settings (default: the config's stream_rows, else 32)")
     parser.add_argument("--skip-dalle2", action="store_true")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="raise glibc's mmap and trim thresholds to 1 GiB (see above)")
@@ -145,6 +146,7 @@ def main() -> None:
 
     cfg = build(args.config).config
     tile = cfg.tile_size or 256
+    args.stream_rows = args.stream_rows or cfg.stream_rows or 32
     settings = {"256": (256, {"tile_size": None, "stream_rows": None}),
                 "1024_tiled": (1024, {"tile_size": tile, "stream_rows": None}),
                 "1024_tiled_big": (1024, {"tile_size": 2 * tile, "stream_rows": None}),
