@@ -196,7 +196,9 @@ def _stage_bars(args):
 
 def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -> list[Path]:
     """One PNG per image and a grid, `<stem>-00.png`, ..., `<stem>-grid.png`; where an earlier run left
-    any of those names, the whole set becomes `<stem>-2-*`, `<stem>-3-*`, ... unless --overwrite."""
+    any of those names, the whole set becomes `<stem>-2-*`, `<stem>-3-*`, ... unless --overwrite. No grid
+    for one image over 256 px: it would carry no caption, so it would be a copy of the image (at 1024^2 a
+    1.5 MB file and a tenth of a second)."""
     from cascade.images import make_grid, save_png
     from cascade.outputs import free_stem
 
@@ -204,13 +206,15 @@ def _write(result, args, stem: str, text: dict[str, str], captions: list[str]) -
         return []  # sharded runs: every rank computes, rank 0 writes
     out = Path(args.out)
     images = result.final
+    captioned = images.shape[-1] <= 256  # larger tiles' grids carry no captions
+    grid = len(images) > 1 or captioned
     if not args.overwrite:
-        stem = free_stem(out, stem, [f"-{i:02d}.png" for i in range(len(images))] + ["-grid.png"])
+        stem = free_stem(out, stem, [f"-{i:02d}.png" for i in range(len(images))] + ["-grid.png"] * grid)
     paths = []
     for i, image in enumerate(images):
         paths.append(save_png(image, out / f"{stem}-{i:02d}.png", {**text, "index": str(i)}))
-    paths.append(save_png(make_grid(images, captions if images.shape[-1] <= 256 else None),
-                          out / f"{stem}-grid.png", text))
+    if grid:
+        paths.append(save_png(make_grid(images, captions if captioned else None), out / f"{stem}-grid.png", text))
     for p in paths:
         print(p)
     return paths

@@ -336,3 +336,21 @@ def test_a_text_option_given_twice_is_an_error_not_a_silently_dropped_prompt(arg
         main(argv)
     assert exit_.value.code == 2
     assert f"error: argument {option}: given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count,size,grid", [(1, 512, False), (2, 512, True), (1, 64, True)])
+def test_a_grid_is_written_unless_it_would_copy_one_image(tmp_path, count, size, grid, capsys):
+    """A grid of one image over 256 px has no caption, so it would be the image again: only the image is
+    written. Two images, or one small enough to carry its caption, get their grid."""
+    from cascade.cli import _write
+
+    images = torch.linspace(-1, 1, count * 3 * size * size).reshape(count, 3, size, size)
+    result = Result({"sr1024": images}, None)
+    args = argparse.Namespace(out=str(tmp_path), overwrite=False)
+    paths = _write(result, args, "p", {"prompt": "p"}, ["p"] * count)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([f"p-{i:02d}.png" for i in range(count)] + ["p-grid.png"] * grid)
+    assert [p.name for p in paths] == [f"p-{i:02d}.png" for i in range(count)] + ["p-grid.png"] * grid
+    assert np.asarray(Image.open(tmp_path / "p-00.png")).shape == (size, size, 3)
+    again = _write(result, args, "p", {"prompt": "p"}, ["p"] * count)  # the next set moves on, grid or not
+    assert again[0].name == "p-2-00.png"

@@ -42,13 +42,13 @@ def test_stopping_earlier_keeps_the_earlier_images(cascade):
     assert torch.equal(short.images["decoder"], long.images["decoder"])
 
 
-def test_generate_cli_writes_pngs_with_settings_and_grid(bundle, tmp_path, capsys):
+def test_generate_cli_writes_pngs_with_settings(bundle, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["generate", "--prompt", "a red circle at the top left", "--model", str(bundle), "--num-images", "1",
             "--until", "sr1024", "--steps", FAST, "--seed", "5", "--out", str(out), "--quiet"]
     assert main(args) == 0
     paths = capsys.readouterr().out.split()
-    assert len(paths) == 2 and "grid" in paths[-1]
+    assert len(paths) == 1  # one image at 1024^2: no grid, which would copy it
     with Image.open(paths[0]) as im:
         assert im.size == (1024, 1024) and im.mode == "RGB"
         assert im.text["prompt"] == "a red circle at the top left" and im.text["seed"] == "5"
@@ -108,7 +108,7 @@ def test_generate_cli_shows_a_bar_per_stage_that_reaches_its_steps(bundle, tmp_p
             "--steps", ",".join(f"{k}={v}" for k, v in steps.items()), "--out", str(tmp_path / "o")]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert len(out.split()) == 2  # stdout: the paths only
+    assert len(out.split()) == 1  # stdout: the path only (one image at 1024^2 has no grid)
     draws = _bar_draws(err)
     assert list(draws) == list(steps), err
     for stage, total in steps.items():
