@@ -94,6 +94,10 @@ def sampling_settings(args):
         settings.steps[name] = steps
     for name, w in _per_stage(args.guidance or "", float, "--guidance", SAMPLED_STAGES).items():
         settings.guidance[name] = check_guidance(w, f"--guidance {name}={w}")
+    for name, t in _per_stage(getattr(args, "t_min", "") or "", int, "--t-min", SAMPLED_STAGES).items():
+        if t < 0:  # the upper end is the stage's timesteps, checked when it samples
+            raise UserError(f"--t-min {name}={t}: must be 0 or more")
+        settings.t_min[name] = t
     if settings.aug_level is not None and not 0.0 <= settings.aug_level <= 1.0:
         raise UserError(f"--aug-level {settings.aug_level}: must be between 0 and 1")
     return settings
@@ -430,6 +434,11 @@ def _add_common(p: argparse.ArgumentParser, num_images: bool = False) -> None:
     p.add_argument("--guidance", default="", metavar="STAGE=W,...",
                    help="classifier-free guidance scale per stage, e.g. prior=4,decoder=3 (1 = none; default: "
                         "each stage's config; those are the shipped configs' values)")
+    p.add_argument("--t-min", default="", metavar="STAGE=T,...",
+                   help="timestep where sampling ends per stage, e.g. decoder=120: the last step returns the "
+                        "network's estimate of the clean image from there instead of walking to step 0 "
+                        "(default: each stage's config, 0 in most; docs/results.md, 'Where the quick decoder's "
+                        "sampling stops')")
     p.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
                    help="sampler for every stage: ddpm, ddim, dpmpp (DPM-Solver++(2M) on a log-SNR grid), "
                         "dpmpp_karras (the same on Karras et al.'s sigma grid), euler, euler_a (ancestral) or "

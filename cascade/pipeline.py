@@ -39,24 +39,29 @@ Progress = Callable[[str, int, int], None]  # progress(stage, done, total); see 
 
 @dataclass
 class Settings:
-    """How to sample, as overrides of each stage's own defaults (its config's sampler, steps and
-    guidance, and the SR configs' aug_level): per-stage steps and guidance, one sampler for every
-    stage, the SR augmentation level. What is not given here is the stage's."""
+    """How to sample, as overrides of each stage's own defaults (its config's sampler, steps, guidance and
+    t_min, and the SR configs' aug_level): per-stage steps, guidance and t_min (the timestep sampling ends
+    at), one sampler for every stage, the SR augmentation level. What is not given here is the stage's."""
 
     steps: dict[str, int] = field(default_factory=dict)
     guidance: dict[str, float] = field(default_factory=dict)
+    t_min: dict[str, int] = field(default_factory=dict)
     sampler: str | None = None
     aug_level: float | None = None
     eta: float | None = None  # DDIM's noise for every stage (None: deterministic DDIM, eta 0)
 
     def for_stage(self, name: str, stage) -> dict[str, Any]:
-        """The keyword arguments `stage.sample` gets: sampler, steps and guidance (and aug_level for an
+        """The keyword arguments `stage.sample` gets: sampler, steps, guidance and t_min (and aug_level for an
         upsampler), each the override or else the stage config's value."""
         from cascade.stage import resolve_sampling
 
         c = stage.config
         sampler, steps, guidance = resolve_sampling(c, self.sampler, self.steps.get(name), self.guidance.get(name))
-        kwargs = {"sampler": sampler, "steps": steps, "guidance": guidance}
+        t_min = self.t_min.get(name, getattr(c, "t_min", 0))
+        if not 0 <= t_min < stage.schedule.timesteps:
+            raise UserError(f"t_min {name}={t_min}: must be at least 0 and below the stage's "
+                            f"{stage.schedule.timesteps} timesteps")
+        kwargs = {"sampler": sampler, "steps": steps, "guidance": guidance, "t_min": t_min}
         if self.eta is not None:
             kwargs["eta"] = self.eta
         if name in SUPERRES_STAGES:
@@ -75,6 +80,8 @@ class Settings:
 
         text = {"steps": json.dumps(per_stage("steps")), "guidance": json.dumps(per_stage("guidance")),
                 "sampler": one_or_each(per_stage("sampler"))}
+        if any(per_stage("t_min").values()):  # where sampling ends, when some stage stops before step 0
+            text["t_min"] = json.dumps(per_stage("t_min"))
         if per_stage("eta"):
             text["eta"] = one_or_each(per_stage("eta"))
         if per_stage("aug_level"):
@@ -196,8 +203,7 @@ class Cascade:
         if getattr(stage.config, "objective", "diffusion") != "diffusion":  # a one-pass regressor (SR l1 / l2)
             total = 1
         if options.get("init") is not None:  # image to image takes only part of the steps
-            total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0),
-                                getattr(stage.config, "t_min", 0))
+            total = image_steps(stage.schedule.timesteps, total, options.get("strength", 1.0), kwargs["t_min"])
         if options.get("mask") is not None:  # RePaint's resampling walks some steps again
             total = inpaint_steps(total, options.get("jump", 1), options.get("resample", 1))
         callback = _step_callback(progress, name, total)

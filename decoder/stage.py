@@ -316,11 +316,13 @@ class Decoder(Stage):
                strength: float = 1.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                inpaint_method: str | None = None, resample: int = 1, jump: int = 1,
                regions: list | None = None, region_guidance: float = 2.0,
-               region_share: float | None = None) -> torch.Tensor:
+               region_share: float | None = None, t_min: int | None = None) -> torch.Tensor:
         """Images (B, 3, S, S) in [-1, 1] for conditioning {"clip_image": (B, D), ["clip_tokens": (B, L, Dt),
-        "clip_mask": (B, L)]}, or for an imagen decoder {"txt": B captions} (other keys are ignored). sampler, steps and guidance left as None, and threshold left out, are the
-        config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so equal noise and conditioning give
-        equal images with a deterministic sampler (DDIM with eta 0, DPM-Solver++). `callback` is called
+        "clip_mask": (B, L)]}, or for an imagen decoder {"txt": B captions} (other keys are ignored).
+        sampler, steps, guidance and t_min (the timestep sampling ends at, `cascade.diffusion`) left as
+        None, and threshold left out, are the config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so
+        equal noise and conditioning give equal images with a deterministic sampler (DDIM with eta 0,
+        DPM-Solver++). `callback` is called
         after every sampling step (see `cascade.diffusion.sample`). `negative`: what guidance steers away
         from instead of the null conditioning (see `denoiser`). `init` (B, 3, S, S) in [-1, 1]: image to
         image (`cascade.diffusion.sample_from_image`) at `strength`; x_T is drawn as without it, so
@@ -344,7 +346,7 @@ class Decoder(Stage):
         if noise is not None:
             noise = noise.to(self.device, torch.float32).expand(b, 3, s, s)
         options = dict(eta=eta, guidance=guidance, threshold=threshold, generator=generator, callback=callback,
-                       progress=progress, t_min=self.config.t_min)
+                       progress=progress, t_min=self.config.t_min if t_min is None else t_min)
         if regions is not None and any(regions):
             if mask is not None or init is not None:
                 raise UserError("per-object regions do not combine with inpainting or image to image")

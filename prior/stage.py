@@ -79,13 +79,13 @@ class PriorStage(Stage):
                guidance: float | None = None, generator: torch.Generator | None = None,
                candidates: int | None = None, x_T: torch.Tensor | None = None,
                callback: Callable[[dict], None] | None = None, eta: float = 0.0,
-               negative: dict[str, Any] | None = None) -> torch.Tensor:
+               negative: dict[str, Any] | None = None, t_min: int | None = None) -> torch.Tensor:
         """Image embeddings (B, D), L2-normalised, for conditioning {"clip_text": (B, D),
         "clip_tokens": (B, L, Dt), "clip_mask": (B, L)}.
 
-        sampler, steps, guidance and candidates left as None are the config's. With
-        `candidates` = k, k embeddings are drawn per caption and the one closest to the text embedding
-        is returned. `x_T` (B * k, D) fixes the starting noise. `callback` is called after every
+        sampler, steps, guidance, candidates and t_min (the timestep sampling ends at) left as None are the
+        config's. With `candidates` = k, k embeddings are drawn per caption and the one closest to the text
+        embedding is returned. `x_T` (B * k, D) fixes the starting noise. `callback` is called after every
         sampling step (see `cascade.diffusion.sample`); the k candidates share the steps. `eta`: DDIM's
         noise (0: deterministic); the other samplers ignore it. `negative` ({"clip_text", "clip_tokens",
         "clip_mask"} of B rows, e.g. a negative prompt's): guidance steers away from that text instead of
@@ -121,7 +121,7 @@ class PriorStage(Stage):
         z = diffusion_sample(denoise, (b * k, cfg.embed_dim), schedule=self.schedule, sampler=sampler,
                              steps=steps, eta=eta, guidance=guidance, generator=generator,
                              x_T=None if x_T is None else x_T.to(device), callback=callback, device=device,
-                             t_min=cfg.t_min)
+                             t_min=cfg.t_min if t_min is None else t_min)
         z = F.normalize(z.float(), dim=-1).view(b, k, -1)  # (B, k, D)
         best = (z * F.normalize(text, dim=-1)[:, None]).sum(-1).argmax(dim=1)  # (B,)
         return z[torch.arange(b, device=device), best]

@@ -179,12 +179,12 @@ class SuperResStage(Stage):
                noise: torch.Tensor | None = None, aug_noise: torch.Tensor | None = None, progress: bool = False,
                callback: Callable[[dict], None] | None = None, eta: float = 0.0,
                known: torch.Tensor | None = None, mask: torch.Tensor | None = None, resample: int = 1,
-               jump: int = 1) -> torch.Tensor:
+               jump: int = 1, t_min: int | None = None) -> torch.Tensor:
         """Upsample conditioning["low_res"] (B, 3, h, w) in [-1, 1] by `scale` -> (B, 3, h*scale, w*scale).
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
-        sampler, steps and guidance left as None are the config's (guidance acts only on a text-conditioned
-        upsampler). The input is corrupted at `aug_level` (default: the config's), as in training, with
+        sampler, steps, guidance and t_min (the timestep sampling ends at) left as None are the config's
+        (guidance acts only on a text-conditioned upsampler). The input is corrupted at `aug_level` (default: the config's), as in training, with
         `aug_noise` (B, 3, H, W) when given. `noise`, the starting x_T (B, 3, H, W), is drawn from
         `generator` when not given (after the augmentation noise). `threshold` defaults to
         "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
@@ -240,7 +240,7 @@ class SuperResStage(Stage):
         options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance if text is not None else None,
                        threshold=threshold, generator=generator,
                        x_T=None if noise is None else noise.to(low.device), callback=callback, progress=progress,
-                       t_min=c.t_min)
+                       t_min=c.t_min if t_min is None else t_min)
         base = bicubic_upsample(low, (size_h, size_w)) if c.residual else None
         if mask is not None:
             target = known - base if c.residual else known  # the known region in the network's x0 terms

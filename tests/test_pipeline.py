@@ -339,3 +339,35 @@ def test_eval_cli_reports_every_stage_and_the_text_to_image_score(bundle, tmp_pa
         assert Image.open(out / f"{name}-samples.png").size[0] > 64
     assert Image.open(out / "decoder-placement-g3.png").size[0] >= 9 * 64  # --limit 4: one object in 9 cells
     assert str(out / "eval.json") in capsys.readouterr().out
+
+
+def test_t_min_overrides_where_each_stage_stops_as_its_config_would(cascade, bundle, tmp_path, capsys):
+    """Settings.t_min (the CLI's --t-min) ends a stage's sampling at that timestep: the images are those of
+    the stage with t_min in its config, differ from stopping at step 0, and the PNG text records it."""
+    fast = _fast_settings()
+    base = cascade.generate(["a red circle"], seed=2, until="decoder", settings=fast)
+    early = Settings(steps=dict(fast.steps), t_min={"decoder": 300})
+    stopped = cascade.generate(["a red circle"], seed=2, until="decoder", settings=early)
+    decoder = cascade.stages["decoder"]
+    config = decoder.config
+    try:
+        decoder.config = config.model_copy(update={"t_min": 300})
+        configured = cascade.generate(["a red circle"], seed=2, until="decoder", settings=fast)
+        assert Settings().for_stage("decoder", decoder)["t_min"] == 300  # the config's, when not overridden
+    finally:
+        decoder.config = config
+    torch.testing.assert_close(stopped.final, configured.final)
+    assert not torch.equal(stopped.final, base.final)  # (by little: the untrained decoder's eps is near 0)
+    assert json.loads(early.as_text(cascade.stages)["t_min"]) == {"prior": 0, "decoder": 300, "sr256": 0, "sr1024": 0}
+    assert "t_min" not in fast.as_text(cascade.stages)  # every stage walks to step 0: nothing to record
+    with pytest.raises(UserError, match="below the stage's 1000 timesteps"):
+        Settings(t_min={"decoder": 1000}).for_stage("decoder", decoder)
+    args = ["generate", "--prompt", "a red circle", "--model", str(bundle), "--until", "decoder", "--steps", FAST,
+            "--quiet", "--out", str(tmp_path / "o")]
+    for bad, message in (("decoder=-1", "must be 0 or more"), ("decoder=x", "not a number"),
+                         ("clip=3", "STAGE=VALUE")):
+        assert main([*args, "--t-min", bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*args, "--t-min", "decoder=300"]) == 0
+    (grid,) = (tmp_path / "o").glob("*-grid.png")
+    assert json.loads(Image.open(grid).text["t_min"]) == {"prior": 0, "decoder": 300}  # the stages it loaded
