@@ -322,11 +322,10 @@ class Decoder(Stage):
         sampler, steps, guidance and t_min (the timestep sampling ends at, `cascade.diffusion`) left as
         None, and threshold left out, are the config's. `noise` (B, 3, S, S) or (1, 3, S, S) fixes x_T, so
         equal noise and conditioning give equal images with a deterministic sampler (DDIM with eta 0,
-        DPM-Solver++). `callback` is called
-        after every sampling step (see `cascade.diffusion.sample`). `negative`: what guidance steers away
-        from instead of the null conditioning (see `denoiser`). `init` (B, 3, S, S) in [-1, 1]: image to
-        image (`cascade.diffusion.sample_from_image`) at `strength`; x_T is drawn as without it, so
-        strength 1 gives the images `sample` gives without `init`.
+        DPM-Solver++). `callback` is called after every sampling step (see `cascade.diffusion.sample`).
+        `negative`: what guidance steers away from instead of the null conditioning (see `denoiser`). `init`
+        (B, 3, S, S) in [-1, 1]: image to image (`cascade.diffusion.sample_from_image`) at `strength`; x_T is
+        drawn as without it, so strength 1 gives the images `sample` gives without `init`.
 
         Inpainting: `known` (B, 3, S, S) in [-1, 1] and `mask` (B or 1, 1, S, S) in [0, 1], 1 = repaint;
         the result is `known` where the mask is 0. `inpaint_method` "replace" (any decoder: the known region

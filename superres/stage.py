@@ -184,10 +184,10 @@ class SuperResStage(Stage):
 
         Optional conditioning["clip_tokens"] (B, L, D) and ["clip_mask"] (B, L) when the config has text.
         sampler, steps, guidance and t_min (the timestep sampling ends at) left as None are the config's
-        (guidance acts only on a text-conditioned upsampler). The input is corrupted at `aug_level` (default: the config's), as in training, with
-        `aug_noise` (B, 3, H, W) when given. `noise`, the starting x_T (B, 3, H, W), is drawn from
-        `generator` when not given (after the augmentation noise). `threshold` defaults to
-        "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
+        (guidance acts only on a text-conditioned upsampler). The input is corrupted at `aug_level` (default:
+        the config's), as in training, with `aug_noise` (B, 3, H, W) when given. `noise`, the starting x_T
+        (B, 3, H, W), is drawn from `generator` when not given (after the augmentation noise). `threshold`
+        defaults to "static" (clip x0 to [-1, 1]), or none for a residual model, whose x0 lies in [-2, 2].
         `callback` is called after every sampling step (with tiles, once all tiles of the step are done).
         `eta`: DDIM's noise (0: deterministic); the other samplers ignore it.
 
