@@ -37,6 +37,12 @@ class PixelNorm(nn.Module):
         y, gain = torch.mul(x, mean_sq.add_(self.eps).rsqrt_()), self.weight[:, None, None]
         return y.mul_(gain) if y.dtype == gain.dtype else y * gain  # (a bf16 map and fp32 gain give fp32)
 
+    def normalise_(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward(x)` written over x (without autograd): for a map nothing else reads, such as a
+        concatenation made for this norm, it saves the pass that writes a new map."""
+        mean_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
+        return x.mul_(mean_sq.add_(self.eps).rsqrt_()).mul_(self.weight.to(x.dtype)[:, None, None])
+
 
 class LocalResBlock(nn.Module):
     """PixelNorm -> SiLU -> conv3x3 -> FiLM(emb) -> SiLU -> conv3x3 (zero init), plus skip.

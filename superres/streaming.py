@@ -13,10 +13,10 @@ rows, and each feature map of the forward is a `_Rows` node that
 * drops the rows every consumer has moved past.
 
 What stays alive is a band of every feature map plus, per level, the rows by which the down path runs
-ahead of the up path (the receptive field of the levels below), which the skip connection must keep:
-92 MB of buffers at 1024^2 for the tiny net in bands of 64 rows (58 MB in bands of 32), however tall the
-image (130 MB before a node that keeps only a halo got a buffer of its size, 2026-12-07). The output
-equals the whole-image forward up to float rounding (the convolutions see the same numbers in
+ahead of the up path (the receptive field of the levels below), which the skip connection must keep
+(in a ring, so they never move): 116 MB of buffers at 1024^2 for the tiny net in bands of 64 rows, the
+lower levels computing at least 32 rows per call (110 MB in bands of 32), however tall the image. The
+output equals the whole-image forward up to float rounding (the convolutions see the same numbers in
 differently shaped calls).
 
 `streamed_forward(net, ...)` takes the arguments of `EfficientUNet.forward` and a band height; the
@@ -34,6 +34,9 @@ from cascade.nn.resample import interleave_phases, phase_filters
 from superres.unet import EfficientUNet
 
 CL = torch.channels_last
+# no level computes fewer rows per call than this: in bands of 64 rows at 1024^2 the lowest level's share
+# is 16, and such thin calls cost ~6% of a step more (their fixed costs, the halo rows re-normalised)
+MIN_ROWS = 32
 
 
 class _Rows:
@@ -42,18 +45,19 @@ class _Rows:
     Subclasses compute rows [a, b) in `_compute(a, b, out)`, into `out` (a view of the buffer) when it
     is given. A consumer registers once (`reader()`) and then asks for rows with `get(a, b, reader)`; its
     requests must not move up the image. Rows above the first row that every consumer last asked for
-    are dropped. When the buffer is full, the rows still needed move to its top, so that move happens
-    once in several bands; only when they and the rows to come fill more than half of it do they move
-    to a new buffer twice their size.
+    are dropped. A node that keeps a few rows between bands moves them to the top of its buffer when it
+    is full; one that keeps many keeps them in a ring (`_make_room`).
     """
 
     def __init__(self, height: int):
         self.height = height
-        self.start = self.end = 0  # rows [start, end) are kept, at buffer rows [offset, offset + end - start)
+        self.start = self.end = 0  # rows [start, end) are kept, at buffer rows `_slot(start)` on
         self.buffer: torch.Tensor | None = None
-        self.offset = 0
+        self.offset = 0  # row r is at buffer row offset + r - start; in a ring, at r % (buffer rows)
+        self.ring = False
         self.readers: list[int] = []  # the first row each consumer last asked for
         self.band: int | None = None  # rows computed per call (set by streamed_forward)
+        self.ahead = False  # compute a whole band when asked for fewer rows (set by streamed_forward)
 
     def reader(self) -> int:
         self.readers.append(0)
@@ -62,27 +66,54 @@ class _Rows:
     def _compute(self, a: int, b: int, out: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _reserve(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        """Buffer rows for the next n rows (after dropping the rows every reader has passed)."""
+    def _slot(self, r: int) -> int:
+        return r % self.buffer.shape[-2] if self.ring else self.offset + r - self.start
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        """Kept rows [a, b): a view of the buffer, or a copy where they wrap around the end of a ring."""
+        p, size = self._slot(a), self.buffer.shape[-2]
+        if p + b - a <= size:
+            return self.buffer[..., p:p + b - a, :]
+        return torch.cat([self.buffer[..., p:, :], self.buffer[..., :p + b - a - size, :]], dim=-2)
+
+    def _make_room(self, n: int, like: torch.Tensor) -> None:
+        """Room for the next n rows, after dropping the rows every reader has passed."""
         first = min(self.readers) if self.readers else self.end
         if first > self.start:
-            self.offset += first - self.start
+            if not self.ring:
+                self.offset += first - self.start
             self.start = first
-        kept = self.end - self.start
-        if self.buffer is None or self.offset + kept + n > self.buffer.shape[-2]:
-            size = _buffer_rows(kept, n)
-            if self.buffer is not None and self.buffer.shape[-2] >= size:
-                # large enough: the kept rows move to its top (they do not overlap where they go, since a
-                # full buffer of at least `size` rows has offset > kept), and no new buffer is allocated
-                # and faulted in for every few bands
-                buffer = self.buffer
-            else:
-                shape = like.shape[:2] + (size, like.shape[-1])
-                buffer = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
-            if kept:
-                buffer[..., :kept, :] = self.buffer[..., self.offset:self.offset + kept, :]
-            self.buffer, self.offset = buffer, 0
-        return self.buffer[..., self.offset + kept:self.offset + kept + n, :]
+        kept, size = self.end - self.start, 0 if self.buffer is None else self.buffer.shape[-2]
+        if (kept + n <= size) if self.ring else (self.offset + kept + n <= size):
+            return
+        if self.ring or kept > 2 * n:
+            # a node that keeps many rows (a skip connection, read by the up path long after the down path
+            # wrote it) keeps them in a ring: they never move again, and it needs room for them, the new
+            # rows and some slack (room for two more bands: the first band pulls the receptive field of the
+            # levels below, and a ring that grows holds its old and new buffer at once), not twice what
+            # it keeps. A read that wraps around the end is a copy of those rows (a few per image)
+            self._move(self._new(max(kept + 3 * n, size + size // 4), like), ring=True)
+        elif size >= kept + n + kept:
+            # a node that keeps a few halo rows (most: a 3x3 convolution's input keeps its last two) has
+            # room for them twice and a band; they move to its top, a copy of a few rows, and they do not
+            # overlap where they go (a full buffer of this size has offset > kept)
+            self._move(self.buffer, ring=False)
+        else:
+            self._move(self._new(kept + n + kept, like), ring=False)
+
+    def _new(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        shape = like.shape[:2] + (rows, like.shape[-1])
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
+
+    def _move(self, buffer: torch.Tensor, ring: bool) -> None:
+        """The kept rows into `buffer`, from its top or, in a ring, at their slots."""
+        old, r, size = self.buffer, self.start, buffer.shape[-2]
+        while r < self.end:  # in pieces that wrap around neither buffer's end
+            p, q = self._slot(r), (r % size if ring else r - self.start)
+            m = min(self.end - r, old.shape[-2] - p, size - q)
+            buffer[..., q:q + m, :] = old[..., p:p + m, :]
+            r += m
+        self.buffer, self.offset, self.ring = buffer, 0, ring
 
     def get(self, a: int, b: int, reader: int) -> torch.Tensor:
         a, b = max(a, 0), min(b, self.height)
@@ -94,22 +125,25 @@ class _Rows:
             # the receptive field of the levels below) then does not make every node above hold as much.
             # A band and a few halo rows go in one call, not as a band and then a sliver, which would size
             # the buffer for keeping a whole band
-            e = b if not self.band or 4 * (b - self.end) <= 5 * self.band else self.end + self.band
+            if not self.band:
+                e = b
+            elif 4 * (b - self.end) <= 5 * self.band:
+                e = max(b, min(self.end + self.band, self.height)) if self.ahead else b
+            else:
+                e = self.end + self.band
             if self.buffer is None:  # the first rows tell the channels, width and dtype
                 new = self._compute(self.end, e, None)
-                self._reserve(e - self.end, new).copy_(new)
-            else:
-                self._compute(self.end, e, self._reserve(e - self.end, self.buffer))
-            self.end = e
-        return self.buffer[..., self.offset + a - self.start:self.offset + b - self.start, :]
-
-
-def _buffer_rows(kept: int, n: int) -> int:
-    """Rows of a node's buffer for `kept` rows and `n` new ones. A node that keeps a few halo rows between
-    bands (most of them: a 3x3 convolution's input keeps its last two) gets room for them twice and a band:
-    they move to the top every band, a copy of a few rows. One that keeps many (a skip connection) gets
-    twice what it needs, so the move, of most of the buffer, happens once in several bands."""
-    return kept + n + (kept + n if 4 * kept > n else kept)
+                self.buffer = self._new(e - self.end, new)
+                self.buffer[..., :e - self.end, :] = new
+                self.end = e
+                continue
+            self._make_room(e - self.end, self.buffer)
+            while self.end < e:  # in a ring, rows that reach its end are computed in two calls
+                p = self._slot(self.end)
+                m = min(e - self.end, self.buffer.shape[-2] - p)
+                self._compute(self.end, self.end + m, self.buffer[..., p:p + m, :])
+                self.end += m
+        return self._rows(a, b)
 
 
 class _Input(_Rows):
@@ -215,10 +249,6 @@ class _Map(_Rows):
         return y if out is None else out.copy_(y)
 
 
-def _cat(*rows: torch.Tensor) -> torch.Tensor:
-    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
-
-
 def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Rows:
     """A `superres.blocks.LocalResBlock` on the channel concatenation of `inputs`: two conv nodes (the
     residual sum and the skip's 1x1 convolution are the second one's `post`)."""
@@ -230,7 +260,11 @@ def _block(block: nn.Module, inputs: Sequence[_Rows], emb: torch.Tensor) -> _Row
     bias = (shift if conv1.bias is None else torch.addcmul(shift, conv1.bias.detach(), 1 + scale)).to(weight.dtype)
 
     def pre(*rows):
-        return F.silu(block.norm(_cat(*rows)), inplace=True)
+        if len(rows) == 1:  # rows of a buffer: the norm writes a new map
+            return F.silu(block.norm(rows[0]), inplace=True)
+        # an up block's input and skip: their concatenation is a new map, which the norm and SiLU overwrite
+        # (the whole-image forward cannot: its block reads the concatenation again for the 1x1 skip)
+        return F.silu(block.norm.normalise_(torch.cat(rows, dim=1)), inplace=True)
 
     def silu(h, a, b, out):
         return F.silu(h, inplace=True) if out is None else torch.ops.aten.silu.out(h, out=out)
@@ -275,11 +309,15 @@ def _matrix(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()  # the nodes' maps are written in place
 def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor,
                      aug_level: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                     *, rows: int = 32) -> torch.Tensor:
+                     *, rows: int = 32, min_rows: int | None = None) -> torch.Tensor:
     """`net(x_t, low_res_up, t, aug_level, text, text_mask)` computed `rows` output rows at a time, one
-    image of the batch after the other. For inference: no autograd graph is kept across bands."""
+    image of the batch after the other. For inference: no autograd graph is kept across bands.
+
+    Each level of the net computes its share of a band (rows / 2 per level down), but at least `min_rows`
+    rows per call: a lower level whose share is smaller computes ahead, in fewer and taller calls."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
+    min_rows = MIN_ROWS if min_rows is None else min_rows
     emb = net.embed(t, aug_level)  # (B, E)
     if text is not None and text_mask is None:
         text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
@@ -290,6 +328,8 @@ def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Te
                       None if text is None else text[one], None if text_mask is None else text_mask[one])
         for n in _nodes(node):  # a band of output rows is this many rows of each feature map
             n.band = -(-rows * n.height // node.height)
+            if n.band < min(min_rows, n.height):  # the lower levels: a whole band when asked for less
+                n.band, n.ahead = min(min_rows, n.height), True
         for a in range(0, node.height, rows):  # the output's rows go straight to `out`, unbuffered
             b = min(a + rows, node.height)
             if out is None:

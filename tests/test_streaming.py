@@ -105,6 +105,67 @@ def test_a_full_buffer_is_reused_not_allocated_again_every_few_bands():
     torch.testing.assert_close(torch.cat(bands, dim=-2), whole, atol=1e-5, rtol=1e-4)
 
 
+def test_a_skip_connection_keeps_its_rows_in_a_ring_smaller_than_the_image():
+    """A node that keeps many rows (the skip connection the up path reads long after the down path wrote
+    it) keeps them in a ring: on a tall image its buffer holds a fraction of the rows that passed through
+    it, so its writes and reads went round the ring's end (a band computed in two calls, a read that is a
+    copy), and the output is still the whole-image forward's."""
+    net = _net()
+    x, low, t, s = _inputs(1, 512, 16)
+    out = _graph(net, x, low, net.embed(t, s), None, None)
+    nodes = _nodes(out)
+    for n in nodes:
+        n.band = -(-8 * n.height // out.height)
+    with torch.no_grad():
+        bands = [out._compute(a, a + 8, None) for a in range(0, 512, 8)]
+        whole = net(x, low, t, s)
+    rings = [n for n in nodes if n.ring]
+    assert rings and all(n.buffer.shape[-2] < n.height // 2 for n in rings)
+    torch.testing.assert_close(torch.cat(bands, dim=-2), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_lower_levels_compute_at_least_min_rows_per_call(monkeypatch):
+    """In bands of 8 output rows the lowest level (a quarter of the height) is asked for 2 rows a band;
+    with min_rows=8 it computes 8 at a time, ahead of what is asked, in a quarter of the calls, and the
+    output is the same."""
+    net = _net()
+    x, low, t, s = _inputs(1, 256, 16)
+    calls = []
+    real = _Conv._compute
+    monkeypatch.setattr(_Conv, "_compute", lambda self, a, b, out: calls.append((self.height, a, b)) or real(self, a, b, out))
+    with torch.no_grad():
+        thin = streamed_forward(net, x, low, t, s, rows=8, min_rows=1)
+        thin_calls, calls[:] = list(calls), []
+        tall = streamed_forward(net, x, low, t, s, rows=8, min_rows=8)
+    torch.testing.assert_close(tall, thin, atol=1e-5, rtol=1e-4)
+    bottom = 256 // net.downsample_factor
+    n_thin = sum(1 for h, _, _ in thin_calls if h == bottom)
+    n_tall = sum(1 for h, _, _ in calls if h == bottom)
+    assert n_tall <= n_thin / 3
+    assert max(b - a for h, a, b in thin_calls if h == bottom) <= 4  # 2 rows a band (and a few for the halo)
+    # shorter calls only where the image ends, or where a band reaches the end of a ring (two calls)
+    assert len([a for h, a, b in calls if h == bottom and b - a < 8 and b < bottom]) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pixel_norm_written_over_its_input_is_the_norm(dtype):
+    """`PixelNorm.normalise_` (what streaming runs on an up block's fresh concatenation) is the norm's
+    forward, computed over x, in x's dtype and layout."""
+    from superres.blocks import PixelNorm
+
+    norm = PixelNorm(12).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 12))
+        x = torch.randn(2, 12, 5, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+        expected = norm(x)
+        y = x.clone()
+        got = norm.normalise_(y)
+    assert got.data_ptr() == y.data_ptr() and got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol)
+    assert not torch.allclose(got.float(), x.float())
+
+
 def test_rows_asked_again_after_they_were_dropped_are_an_error():
     net = _net()
     x, low, t, s = _inputs(1, 64, 32)
