@@ -15,7 +15,8 @@ rows, and each feature map of the forward is a `_Rows` node that
 What stays alive is a band of every feature map plus, per level, the rows by which the down path runs
 ahead of the up path (the receptive field of the levels below), which the skip connection must keep
 (in a ring, so they never move): 116 MB of buffers at 1024^2 for the tiny net in bands of 64 rows, the
-lower levels computing at least 32 rows per call (110 MB in bands of 32), however tall the image. The
+lower levels computing at least 32 rows per call (110 MB in bands of 32), however tall the image. Each
+buffer is allocated once, at its final size, from a plan made on a narrow copy of the image (`_plan`). The
 output equals the whole-image forward up to float rounding (the convolutions see the same numbers in
 differently shaped calls).
 
@@ -324,12 +325,18 @@ def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Te
     out = None
     for i in range(x_t.shape[0]):
         one = slice(i, i + 1)
-        node = _graph(net, x_t[one], low_res_up[one], emb[one],
-                      None if text is None else text[one], None if text_mask is None else text_mask[one])
-        for n in _nodes(node):  # a band of output rows is this many rows of each feature map
-            n.band = -(-rows * n.height // node.height)
-            if n.band < min(min_rows, n.height):  # the lower levels: a whole band when asked for less
-                n.band, n.ahead = min(min_rows, n.height), True
+        args = (x_t[one], low_res_up[one], emb[one],
+                None if text is None else text[one], None if text_mask is None else text_mask[one])
+        node = _scheduled(_graph(net, *args), rows, min_rows)
+        # every buffer at the size it would grow to, allocated before the first band's temporaries: no buffer
+        # is allocated, copied and freed again while the first band pulls the receptive field of the levels
+        # below, which leaves malloc's heap holding more than the step needs
+        width = x_t.shape[-1]
+        for n, planned in zip(_nodes(node), _plan(net, args, rows, min_rows)):
+            if planned is not None:
+                channels, buffer_rows, per_column, dtype, n.ring = planned
+                n.buffer = torch.empty((1, channels, buffer_rows, width // per_column), dtype=dtype,
+                                       device=x_t.device, memory_format=CL)
         for a in range(0, node.height, rows):  # the output's rows go straight to `out`, unbuffered
             b = min(a + rows, node.height)
             if out is None:
@@ -339,6 +346,35 @@ def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Te
             else:
                 node._compute(a, b, out[one, :, a:b, :])
     return out
+
+
+def _scheduled(node: _Rows, rows: int, min_rows: int) -> _Rows:
+    """`node` (the output) with each node's rows per call set: a band of output rows is this many rows of
+    each feature map, and at least `min_rows` (the lower levels compute ahead)."""
+    for n in _nodes(node):
+        n.band = -(-rows * n.height // node.height)
+        if n.band < min(min_rows, n.height):
+            n.band, n.ahead = min(min_rows, n.height), True
+    return node
+
+
+def _plan(net: EfficientUNet, args: tuple, rows: int, min_rows: int) -> list[tuple | None]:
+    """Each node's final buffer, in `_nodes` order: (channels, rows, image columns per buffer column, dtype,
+    ring), or None. Which rows a node keeps does not depend on the image's width, so a run of the bands on a
+    narrow copy of the image (two columns at the lowest level) tells them; cached on the net per height."""
+    x_t, _, emb, text, text_mask = args
+    key = (x_t.shape[-2], rows, min_rows, text is None, x_t.dtype, net.conv_in.weight.dtype, x_t.device)
+    plans = net.__dict__.setdefault("_streaming_plans", {})
+    if key not in plans:
+        narrow = torch.zeros(x_t.shape[:-1] + (2 * net.downsample_factor,), dtype=x_t.dtype, device=x_t.device)
+        node = _scheduled(_graph(net, narrow, narrow, emb, text, text_mask), rows, min_rows)
+        for a in range(0, node.height, rows):
+            node._compute(a, min(a + rows, node.height), None)
+        plans[key] = [None if n.buffer is None else
+                      (n.buffer.shape[1], n.buffer.shape[-2], narrow.shape[-1] // n.buffer.shape[-1], n.buffer.dtype,
+                       n.ring)
+                      for n in _nodes(node)]
+    return plans[key]
 
 
 def _nodes(out: _Rows) -> list[_Rows]:

@@ -132,6 +132,9 @@ def test_lower_levels_compute_at_least_min_rows_per_call(monkeypatch):
     x, low, t, s = _inputs(1, 256, 16)
     calls = []
     real = _Conv._compute
+    with torch.no_grad():  # the buffers' sizes are planned once per height (a run on a narrow copy) and cached
+        streamed_forward(net, x, low, t, s, rows=8, min_rows=1)
+        streamed_forward(net, x, low, t, s, rows=8, min_rows=8)
     monkeypatch.setattr(_Conv, "_compute", lambda self, a, b, out: calls.append((self.height, a, b)) or real(self, a, b, out))
     with torch.no_grad():
         thin = streamed_forward(net, x, low, t, s, rows=8, min_rows=1)
@@ -145,6 +148,27 @@ def test_lower_levels_compute_at_least_min_rows_per_call(monkeypatch):
     assert max(b - a for h, a, b in thin_calls if h == bottom) <= 4  # 2 rows a band (and a few for the halo)
     # shorter calls only where the image ends, or where a band reaches the end of a ring (two calls)
     assert len([a for h, a, b in calls if h == bottom and b - a < 8 and b < bottom]) <= 2
+
+
+def test_buffers_are_planned_on_a_narrow_copy_and_never_grow_in_the_run(monkeypatch):
+    """Which rows a node keeps does not depend on the width: a run on a narrow copy of the image gives every
+    buffer's final size (cached on the net per height), and the real run allocates each once, up front, at
+    that size: none is allocated again while the bands run, and the output is the whole image's."""
+    import superres.streaming as streaming
+
+    net = _net()
+    x, low, t, s = _inputs(1, 256, 48)
+    with torch.no_grad():
+        streamed_forward(net, x, low, t, s, rows=16)  # plans (a run two columns wide at the lowest level)
+        assert len(net.__dict__["_streaming_plans"]) == 1
+        grown = []
+        real = streaming._Rows._new
+        monkeypatch.setattr(streaming._Rows, "_new", lambda self, *a: grown.append(self) or real(self, *a))
+        streamed = streamed_forward(net, x, low, t, s, rows=16)
+        whole = net(x, low, t, s)
+    assert grown == []
+    assert len(net.__dict__["_streaming_plans"]) == 1  # the same height reuses the plan
+    torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
