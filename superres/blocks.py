@@ -31,17 +31,20 @@ class PixelNorm(nn.Module):
         if torch.is_grad_enabled():
             inv_rms = torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)  # (B, 1, H, W)
             return x * inv_rms * self.weight[:, None, None]
-        # without autograd (sampling): the mean square as one fused reduction (not a squared copy of x and
-        # its mean), and the gain applied in place, so one pass over x and one fresh map fewer
-        mean_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
-        y, gain = torch.mul(x, mean_sq.add_(self.eps).rsqrt_()), self.weight[:, None, None]
+        # without autograd (sampling): the gain applied in place, so one fresh map fewer
+        y, gain = torch.mul(x, self._inv_rms(x)), self.weight[:, None, None]
         return y.mul_(gain) if y.dtype == gain.dtype else y * gain  # (a bf16 map and fp32 gain give fp32)
 
     def normalise_(self, x: torch.Tensor) -> torch.Tensor:
         """`forward(x)` written over x (without autograd): for a map nothing else reads, such as a
         concatenation made for this norm, it saves the pass that writes a new map."""
+        return x.mul_(self._inv_rms(x)).mul_(self.weight.to(x.dtype)[:, None, None])
+
+    def _inv_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """1 / rms_c(x), (B, 1, H, W), without autograd: the mean square as one fused reduction (not a squared
+        copy of x and its mean), the rest in place on the small map."""
         mean_sq = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1])
-        return x.mul_(mean_sq.add_(self.eps).rsqrt_()).mul_(self.weight.to(x.dtype)[:, None, None])
+        return mean_sq.add_(self.eps).rsqrt_()
 
 
 class LocalResBlock(nn.Module):

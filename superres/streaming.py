@@ -77,14 +77,14 @@ class _Rows:
             return self.buffer[..., p:p + b - a, :]
         return torch.cat([self.buffer[..., p:, :], self.buffer[..., :p + b - a - size, :]], dim=-2)
 
-    def _make_room(self, n: int, like: torch.Tensor) -> None:
-        """Room for the next n rows, after dropping the rows every reader has passed."""
+    def _make_room(self, n: int) -> None:
+        """Room in the buffer for the next n rows, after dropping the rows every reader has passed."""
         first = min(self.readers) if self.readers else self.end
         if first > self.start:
             if not self.ring:
                 self.offset += first - self.start
             self.start = first
-        kept, size = self.end - self.start, 0 if self.buffer is None else self.buffer.shape[-2]
+        kept, size = self.end - self.start, self.buffer.shape[-2]
         if (kept + n <= size) if self.ring else (self.offset + kept + n <= size):
             return
         if self.ring or kept > 2 * n:
@@ -93,14 +93,14 @@ class _Rows:
             # rows and some slack (room for two more bands: the first band pulls the receptive field of the
             # levels below, and a ring that grows holds its old and new buffer at once), not twice what
             # it keeps. A read that wraps around the end is a copy of those rows (a few per image)
-            self._move(self._new(max(kept + 3 * n, size + size // 4), like), ring=True)
+            self._move(self._new(max(kept + 3 * n, size + size // 4), self.buffer), ring=True)
         elif size >= kept + n + kept:
             # a node that keeps a few halo rows (most: a 3x3 convolution's input keeps its last two) has
             # room for them twice and a band; they move to its top, a copy of a few rows, and they do not
             # overlap where they go (a full buffer of this size has offset > kept)
             self._move(self.buffer, ring=False)
         else:
-            self._move(self._new(kept + n + kept, like), ring=False)
+            self._move(self._new(kept + n + kept, self.buffer), ring=False)
 
     def _new(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         shape = like.shape[:2] + (rows, like.shape[-1])
@@ -138,7 +138,7 @@ class _Rows:
                 self.buffer[..., :e - self.end, :] = new
                 self.end = e
                 continue
-            self._make_room(e - self.end, self.buffer)
+            self._make_room(e - self.end)
             while self.end < e:  # in a ring, rows that reach its end are computed in two calls
                 p = self._slot(self.end)
                 m = min(e - self.end, self.buffer.shape[-2] - p)
@@ -310,7 +310,7 @@ def _matrix(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()  # the nodes' maps are written in place
 def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Tensor, t: torch.Tensor,
                      aug_level: torch.Tensor, text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                     *, rows: int = 32, min_rows: int | None = None) -> torch.Tensor:
+                     *, rows: int = 32, min_rows: int = MIN_ROWS) -> torch.Tensor:
     """`net(x_t, low_res_up, t, aug_level, text, text_mask)` computed `rows` output rows at a time, one
     image of the batch after the other. For inference: no autograd graph is kept across bands.
 
@@ -318,7 +318,6 @@ def streamed_forward(net: EfficientUNet, x_t: torch.Tensor, low_res_up: torch.Te
     rows per call: a lower level whose share is smaller computes ahead, in fewer and taller calls."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    min_rows = MIN_ROWS if min_rows is None else min_rows
     emb = net.embed(t, aug_level)  # (B, E)
     if text is not None and text_mask is None:
         text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
